@@ -1,0 +1,38 @@
+"""One error family for kn-lens. Every message says what was wrong and what to do."""
+from __future__ import annotations
+
+
+class KnLensError(Exception):
+    """Base class of every error kn-lens raises on purpose."""
+
+
+class UnknownModelError(KnLensError):
+    """A model name that is neither a built-in offline alias, a TransformerLens name, nor a folder."""
+
+
+class ModelWeightsUnavailableError(KnLensError):
+    """The model is known but its weights are not on this machine and cannot be downloaded."""
+
+
+class InvalidTemplateError(KnLensError, ValueError):
+    """A relation template without exactly one ``{}`` placeholder for the subject."""
+
+
+class InvalidFactError(KnLensError, ValueError):
+    """An empty subject/object, or an otherwise malformed fact."""
+
+
+class TokenizationError(KnLensError, ValueError):
+    """An answer or prompt the model's tokenizer cannot encode faithfully."""
+
+
+class DataFileError(KnLensError, FileNotFoundError):
+    """A data file that is missing or not in the expected format."""
+
+
+class NumericalError(KnLensError, FloatingPointError):
+    """NaN or infinite values where finite numbers are required."""
+
+
+class ConfigError(KnLensError, ValueError):
+    """A configuration value outside its valid range."""

