@@ -1,0 +1,125 @@
+"""Shared plumbing for experiment scripts: arguments, result files with provenance, caching.
+
+Every script: compute -> ``results/<name>_<model>.json`` (config, seed, model info, package
+versions, command) -> figure(s) drawn from the saved file. ``--plot-only`` redraws from the file.
+Result files are written atomically (temp file + rename): an interrupted run leaves nothing
+half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+FIGURES = ROOT / "figures"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="smollm2-135m (default), gemma-3-270m, or any name load_model() accepts")
+    ap.add_argument("--quick", action="store_true", help="a few facts: minutes on the default model")
+    ap.add_argument("--n-facts", type=int, default=None, help="override the number of facts")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results-dir", type=Path, default=RESULTS)
+    ap.add_argument("--figures-dir", type=Path, default=FIGURES)
+    ap.add_argument("--plot-only", action="store_true", help="redraw figures from the saved results")
+    return ap
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformer_lens", "transformers", "numpy", "scipy"):
+        try:
+            mod = __import__(pkg)
+            out[pkg] = getattr(mod, "__version__", "?")
+        except Exception:  # pragma: no cover - provenance is best effort
+            out[pkg] = "missing"
+    try:
+        from importlib.metadata import version
+
+        out["transformer_lens"] = version("transformer-lens")
+        out["kn_lens"] = version("kn-lens")
+    except Exception:
+        pass
+    try:
+        out["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                    capture_output=True, timeout=5).stdout.strip()
+    except Exception:
+        pass
+    return out
+
+
+def to_jsonable(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(x).items()}
+    if isinstance(x, dict):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, float) and (x != x):
+        return None
+    return x
+
+
+def result_path(args: argparse.Namespace, name: str) -> Path:
+    """Full runs: ``results/<name>_<model>.json`` (small; committed). Quick runs go under
+    ``results/quick/`` (ignored by git)."""
+    base = Path(args.results_dir) / ("quick" if args.quick else "")
+    return base / f"{name}_{args.model}.json"
+
+
+def save_results(args: argparse.Namespace, name: str, payload: dict, config: Any,
+                 model_info: Any = None, started: float | None = None) -> Path:
+    path = result_path(args, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "experiment": name,
+        "mode": "quick" if args.quick else "full",
+        "seed": args.seed,
+        "model": to_jsonable(model_info) if model_info is not None else args.model,
+        "config": to_jsonable(config),
+        "versions": versions(),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "seconds": None if started is None else round(time.time() - started, 1),
+        "results": to_jsonable(payload),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(f"saved {path}")
+    return path
+
+
+def load_results(args: argparse.Namespace, name: str) -> dict:
+    path = result_path(args, name)
+    if not path.exists():
+        from kn_lens.errors import DataFileError
+
+        raise DataFileError(f"{path} does not exist: run the script without --plot-only first")
+    return json.loads(path.read_text())
+
+
+def figure_path(args: argparse.Namespace, name: str) -> Path:
+    """Full runs draw into ``figures/`` (committed); quick runs into ``results/quick/figures``."""
+    folder = Path(args.results_dir) / "quick" / "figures" if args.quick else Path(args.figures_dir)
+    p = folder / f"{name}_{args.model}.png"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
