@@ -173,3 +173,59 @@ def active_hook_count(model) -> int:
         total += len(hp._forward_hooks) + len(hp._backward_hooks) + len(
             getattr(hp, "_forward_pre_hooks", {}))
     return total
+
+
+# --------------------------------------------------------------------------- names used by edit.delta
+# (appended for kn_lens.edit: weight deltas applied through hooks)
+
+
+def mlp_pre_linear(layer: int) -> str:
+    """Gated MLPs: the up projection ``x @ W_in`` (``hook_pre`` is the gate ``x @ W_gate``)."""
+    return f"blocks.{layer}.mlp.hook_pre_linear"
+
+
+def ln1_normalized(layer: int) -> str:
+    """Normalised attention input (before the LN weight, which fold_ln folds into W_Q/W_K/W_V)."""
+    return f"blocks.{layer}.ln1.hook_normalized"
+
+
+def ln2_normalized(layer: int) -> str:
+    """Normalised MLP input (before the LN weight, which fold_ln folds into W_in/W_gate)."""
+    return f"blocks.{layer}.ln2.hook_normalized"
+
+
+def ln1_post_scale(layer: int) -> str:
+    """Models that normalise block outputs (Gemma): the scale of the attention output's norm."""
+    return f"blocks.{layer}.ln1_post.hook_scale"
+
+
+def ln1_post_normalized(layer: int) -> str:
+    return f"blocks.{layer}.ln1_post.hook_normalized"
+
+
+def ln2_post_scale(layer: int) -> str:
+    """Models that normalise block outputs (Gemma): the scale of the MLP output's norm."""
+    return f"blocks.{layer}.ln2_post.hook_scale"
+
+
+def ln2_post_normalized(layer: int) -> str:
+    return f"blocks.{layer}.ln2_post.hook_normalized"
+
+
+def attn_q(layer: int) -> str:
+    """Queries before rotary: ``[batch, pos, head, d_head]``."""
+    return f"blocks.{layer}.attn.hook_q"
+
+
+def attn_k(layer: int) -> str:
+    """Keys before rotary: ``[batch, pos, kv_head, d_head]`` (kv heads for grouped-query attention)."""
+    return f"blocks.{layer}.attn.hook_k"
+
+
+def attn_v(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_v"
+
+
+def attn_z(layer: int) -> str:
+    """Per-head attention result that W_O reads: ``[batch, pos, head, d_head]``."""
+    return f"blocks.{layer}.attn.hook_z"
