@@ -1,0 +1,18 @@
+"""Figures (matplotlib, Agg, PNG files from plain data) and circuitsvis views."""
+from kn_lens.viz.attention import attention_view, synapse_view
+from kn_lens.viz.figures import (
+    plot_activation_heatmaps,
+    plot_cs_histogram,
+    plot_cumulative_share,
+    plot_grouped_bars,
+    plot_layer_distribution,
+    plot_score_heatmap,
+    plot_synapse_effects,
+    plot_table,
+)
+
+__all__ = [
+    "attention_view", "synapse_view", "plot_activation_heatmaps", "plot_cs_histogram",
+    "plot_cumulative_share", "plot_grouped_bars", "plot_layer_distribution", "plot_score_heatmap",
+    "plot_synapse_effects", "plot_table",
+]

@@ -1,0 +1,104 @@
+"""Every figure function writes a small, non-empty PNG from synthetic data; views return HTML."""
+import numpy as np
+import pytest
+import torch
+
+from kn_lens import viz
+from kn_lens.errors import NumericalError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG
+    assert 3_000 < len(data) < 300_000, len(data)
+    # width/height from the IHDR chunk: readable, not huge
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert 300 <= w <= 2000 and 100 <= h <= 2000
+
+
+def _smooth_map(rng, layers=30, d=1536):
+    base = rng.normal(size=(layers, d)) * 0.05
+    base[rng.integers(0, layers, 12), rng.integers(0, d, 12)] += 3.0
+    return base
+
+
+def test_activation_heatmaps(tmp_path):
+    rng = np.random.default_rng(0)
+    m = _smooth_map(rng)
+    maps = {"none": m, "suppressed": m * 0.5, "enhanced": torch.tensor(m * 1.5)}
+    p = viz.plot_activation_heatmaps(maps, tmp_path / "sub" / "act.png", title="Eiffel Tower",
+                                     kns=[[3, 10], [20, 1000]])
+    _check_png(p)
+    with pytest.raises(ValueError):
+        viz.plot_activation_heatmaps({"a": m, "b": m[:2]}, tmp_path / "bad.png")
+
+
+def test_score_heatmap(tmp_path):
+    rng = np.random.default_rng(1)
+    s = np.abs(_smooth_map(rng, 18, 2048))
+    _check_png(viz.plot_score_heatmap(s, tmp_path / "scores.png", title="IG", highlight=[[5, 7]]))
+    bad = s.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(NumericalError):
+        viz.plot_score_heatmap(bad, tmp_path / "nan.png")
+    assert not (tmp_path / "nan.png").exists()
+
+
+def test_layer_distribution(tmp_path):
+    counts = {"IG": [0, 1, 5, 9, 3] + [0] * 25, "FiNE": list(range(30))}
+    _check_png(viz.plot_layer_distribution(counts, tmp_path / "layers.png"))
+    _check_png(viz.plot_layer_distribution([1, 2, 3, 0, 1, 2], tmp_path / "layers1.png",
+                                           normalize=False))
+
+
+def test_cumulative_share(tmp_path):
+    rng = np.random.default_rng(2)
+    ie = {"SmolLM2": rng.pareto(1.5, 30 * 1536), "uniform": rng.random(5000)}
+    _check_png(viz.plot_cumulative_share(ie, tmp_path / "cum.png", mark=0.01))
+    with pytest.raises(NumericalError):
+        viz.plot_cumulative_share(np.zeros(10), tmp_path / "zero.png")
+
+
+def test_cs_histogram(tmp_path):
+    rng = np.random.default_rng(3)
+    cs = {"IG": rng.beta(1, 5, 200), "AtP": rng.beta(2, 4, 200)}
+    _check_png(viz.plot_cs_histogram(cs, tmp_path / "cs.png",
+                                     thresholds={"static": 0.1, "Otsu": 0.146}))
+    _check_png(viz.plot_cs_histogram(rng.random(50), tmp_path / "cs1.png"))
+
+
+def test_grouped_bars_and_synapse_effects(tmp_path):
+    data = {"Self": {"Enh": 0.4, "Sup": 0.6, "Avg": 0.5},
+            "Irrelevant": {"Enh": 0.05, "Sup": float("nan"), "Avg": 0.02}}
+    err = {"Self": {"Enh": 0.1, "Sup": 0.1, "Avg": 0.1}}
+    _check_png(viz.plot_grouped_bars(data, tmp_path / "bars.png", errors=err, ylabel="ΔProb"))
+    row = {"self_suppress": 0.5, "self_enhance": 0.2, "irrelevant_suppress": 0.1,
+           "irrelevant_enhance": -0.05, "self_avg": 0.35, "irrelevant_avg": 0.025}
+    _check_png(viz.plot_synapse_effects({"delta_value": row, "delta_prob": row},
+                                        tmp_path / "syn.png", title="SmolLM2"))
+    with pytest.raises(ValueError):
+        viz.plot_synapse_effects({"delta_value": row}, tmp_path / "bad.png")
+
+
+def test_table(tmp_path):
+    rows = [["K_I", 0.55, 0.47, 12], ["K_II", 0.5, float("nan"), 30]]
+    _check_png(viz.plot_table(rows, ["set", "Rel", "Gen", "n"], tmp_path / "t.png", title="erasure"))
+    with pytest.raises(ValueError):
+        viz.plot_table([[1, 2]], ["a"], tmp_path / "bad.png")
+
+
+def test_synapse_view():
+    tokens = ["The", " capital", " of", " France"]
+    pats = torch.softmax(torch.randn(3, 2, 4, 4), -1)
+    mask = torch.zeros(3, 2, 4, dtype=torch.bool)
+    mask[:, :, 0] = True
+    html = viz.synapse_view(tokens, pats, mask)
+    assert hasattr(html, "_repr_html_") and len(str(html)) > 100
+    html2 = viz.synapse_view(tokens, pats, layer=1)
+    assert " capital" in str(html2) or "capital" in str(html2)
+    with pytest.raises(ValueError):
+        viz.synapse_view(tokens, pats, layer=5)
+    with pytest.raises(ValueError):
+        viz.attention_view(tokens[:3], pats[0])
