@@ -15,9 +15,11 @@ of the two. Suppression multiplies activations by 0 and enhancement by 2, as in 
 (whose settings QL follows).
 
 Positions: Dai et al.'s reference implementation (EleutherAI ``knowledge-neurons``, ``Patch``)
-scales the neurons only at the position that predicts the answer (the [MASK] / last prompt token),
-which is the default here (``positions="last"``); ``"answer"`` scales at every answer-predicting
-position of a teacher-forced multi-token answer and ``"all"`` at every position.
+scales the neurons only at the position that predicts the answer (the [MASK] / last prompt token).
+The default here, ``positions="answer"``, scales at every answer-predicting position of the
+teacher-forced answer: for a single-token answer that is exactly Dai et al.'s position, and for a
+multi-token answer it matches where ``kn_lens.locate`` scores neurons (KNE eq. 4, per answer
+token). ``"last"`` scales only at the last prompt token; ``"all"`` at every position.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ SET_KINDS = ("self", "union", "intersection", "refine")
 class MappingConfig:
     suppress_factor: float = 0.0  # QL §3.1 "suppress" (Dai et al. 2022: set activation to 0)
     enhance_factor: float = 2.0  # QL §3.1 "enhance" (Dai et al. 2022: double the activation)
-    positions: Literal["last", "answer", "all"] = "last"  # Dai et al. patch at the answer position
+    positions: Literal["answer", "last", "all"] = "answer"  # Dai et al.: the answer-predicting position
     refine_min_count: int = 2  # QL eq. 3 "refine": Σ 1[n ∈ N_j] > 1
     kinds: tuple[str, ...] = SET_KINDS
 
