@@ -9,7 +9,8 @@
   (Table 1), overlap between semantically similar relations.
 - :mod:`~kn_lens.analysis.fine` — FiNE: layer distribution (Fig. 4), neuron top tokens (Table 6).
 """
-from kn_lens.analysis.cas import (CASConfig, CASResult, cas_neurons, cas_neurons_by_fact,
+from kn_lens.analysis.cas import (CASConfig, CASResult, CompareConfig, SelectionComparison,
+                                  cas_neurons, cas_neurons_by_fact,
                                   compare_kn_selections, consistency_aware_score)
 from kn_lens.analysis.consistency import (ConsistencyConfig, ConsistencyResult, FactConsistency,
                                           GroupRow, KNSelection, consistency_analysis, cs1, cs2,
@@ -26,7 +27,7 @@ from kn_lens.analysis.tnf_da import (IEConcentration, RelationOverlapResult, Rep
                                      targeted_neurons)
 
 __all__ = [
-    "CASConfig", "CASResult", "cas_neurons", "cas_neurons_by_fact", "compare_kn_selections",
+    "CASConfig", "CASResult", "CompareConfig", "SelectionComparison", "cas_neurons", "cas_neurons_by_fact", "compare_kn_selections",
     "consistency_aware_score",
     "ConsistencyConfig", "ConsistencyResult", "FactConsistency", "GroupRow", "KNSelection",
     "consistency_analysis", "cs1", "cs2", "kn_sets_from_scores", "otsu_threshold", "select_kns",

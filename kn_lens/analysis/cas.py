@@ -22,10 +22,10 @@ from torch import Tensor
 
 from kn_lens.errors import ConfigError, InvalidFactError, NumericalError
 from kn_lens.facts import Fact
-from kn_lens.neurons import NeuronScores, NeuronSet, freeze_layers
+from kn_lens.neurons import NeuronScores, NeuronSet, freeze_layers, union
 
 __all__ = ["CASConfig", "CASResult", "consistency_aware_score", "cas_neurons",
-           "cas_neurons_by_fact", "compare_kn_selections", "SelectionComparison"]
+           "cas_neurons_by_fact", "compare_kn_selections", "CompareConfig", "SelectionComparison"]
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class SelectionComparison:
     config: dict
 
     def table(self) -> list[dict]:
-        return [dict(r) for r in self.rows]
+        return [{k: _clean(v, 3) for k, v in r.items()} for r in self.rows]
 
     def to_markdown(self) -> str:
         from kn_lens.analysis.consistency import markdown_table
@@ -116,8 +116,160 @@ class SelectionComparison:
         return markdown_table(self.table())
 
     def to_dict(self) -> dict:
-        return {"config": self.config, "rows": list(self.rows), "per_edit": list(self.per_edit)}
+        return {"config": self.config,
+                "rows": [{k: _clean(v) for k, v in r.items()} for r in self.rows],
+                "per_edit": [{k: _clean(v) for k, v in r.items()} for r in self.per_edit]}
 
 
-def compare_kn_selections(*args, **kwargs) -> SelectionComparison:  # pragma: no cover - replaced below
-    raise NotImplementedError
+def _clean(v, nd: int | None = None):
+    """NaN -> None (valid JSON, empty markdown cell); floats rounded to ``nd`` when given."""
+    if isinstance(v, float):
+        if v != v:
+            return None
+        return round(v, nd) if nd is not None else v
+    return v
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    selections: tuple[str, ...] = ("N_i", "N_g", "CAS")  # QL Table 3 rows: local, global, ours
+    operations: tuple[str, ...] = ("erasure", "update")  # QL eq. 2
+    edit_queries: Literal["all", "first"] = "all"  # edit each q_i in turn, or only q_1
+    n_locality: int = 8  # out-of-scope queries (other facts' first template) when none are given
+    seed: int = 0  # picks the out-of-scope facts and default new objects
+
+    def __post_init__(self) -> None:
+        bad = [x for x in self.selections if x not in ("N_i", "N_g", "CAS")]
+        if bad:
+            raise ConfigError(f"unknown selections {bad}; choose from N_i, N_g, CAS")
+        bad = [x for x in self.operations if x not in ("erasure", "update")]
+        if bad:
+            raise ConfigError(f"unknown operations {bad}; choose from erasure, update")
+        if self.edit_queries not in ("all", "first"):
+            raise ConfigError("edit_queries must be 'all' or 'first'")
+
+
+def _default_new_objects(model, facts: Sequence[Fact], seed: int) -> dict[Fact, str]:
+    """For each fact, the object of another fact of the same relation (else of any fact) whose first
+    token differs from the fact's own (eq. 2 edits with first-token embeddings)."""
+    from kn_lens.edit.kn import token_of
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    objs_by_rel: dict[str, list[str]] = {}
+    for f in facts:
+        objs_by_rel.setdefault(f.relation, [])
+        if f.object not in objs_by_rel[f.relation]:
+            objs_by_rel[f.relation].append(f.object)
+    all_objs = sorted({f.object for f in facts})
+    for f in facts:
+        own = token_of(model, f.object)
+        for pool in (objs_by_rel[f.relation], all_objs):
+            cands = [o for o in pool if o != f.object and token_of(model, o) != own]
+            if cands:
+                out[f] = cands[int(torch.randint(len(cands), (1,), generator=g))]
+                break
+        else:
+            raise InvalidFactError(f"no new object with a different first token for {f.key()!r}; "
+                                   "pass new_objects")
+    return out
+
+
+def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronScores]], *,
+                          selection=None, cas_config: CASConfig = CASConfig(),
+                          config: CompareConfig = CompareConfig(),
+                          groups: Mapping[Fact, str] | None = None,
+                          new_objects: Mapping[Fact, str] | None = None,
+                          locality: Sequence | None = None, reference: Tensor | None = None,
+                          edit_config=None) -> SelectionComparison:
+    """QL Table 3: erase / update a fact through three KN selections and measure the edits.
+
+    For every fact (its neighbour queries' ``NeuronScores``, each carrying its query) and every
+    edited query q_i: N_i = the query's own KNs (``selection``, Dai et al.'s 0.2 x max by
+    default), N_g = the union over the fact's queries, CAS = :func:`cas_neurons` of the fact's
+    scores. Each set is erased or updated with ``kn_lens.edit.kn`` (QL eq. 2) and judged with
+    ``kn_lens.evaluate.evaluate_edit``: reliability on q_i, generalisation on the other queries,
+    locality on ``locality`` queries (default: the first query of up to ``n_locality`` other
+    facts), dPPL on ``reference`` token slices when given. Update targets ``new_objects[fact]``
+    (default: another object of the same relation with a different first token).
+
+    Rows are means per (operation, selection, group), group "all" plus each label in ``groups``
+    (e.g. ``ConsistencyResult.labels["static"]``). Edits whose set is empty are skipped and counted.
+    """
+    from kn_lens.analysis.consistency import KNSelection, select_kns
+    from kn_lens.edit import kn as kn_edit
+    from kn_lens.evaluate import evaluate_edit, retarget
+
+    selection = selection or KNSelection()
+    facts = list(scores_by_fact)
+    if not facts:
+        raise InvalidFactError("compare_kn_selections needs at least one fact")
+    for f in facts:
+        if len(scores_by_fact[f]) < 2 or any(s.query is None for s in scores_by_fact[f]):
+            raise InvalidFactError(f"fact {f.key()!r} needs >= 2 NeuronScores, each with its query")
+    if "update" in config.operations and new_objects is None:
+        new_objects = _default_new_objects(model, facts, config.seed)
+    g = torch.Generator().manual_seed(config.seed)
+    ekw = {} if edit_config is None else {"config": edit_config}
+    per_edit = []
+    for f in facts:
+        scores = list(scores_by_fact[f])
+        queries = [s.query for s in scores]
+        local = [select_kns(s, selection) for s in scores]
+        sets = {"N_g": union(local), "CAS": cas_neurons(scores, config=cas_config)}
+        if locality is None:
+            others = [o for o in facts if o != f]
+            perm = torch.randperm(len(others), generator=g)[:config.n_locality].tolist()
+            loc = [scores_by_fact[others[j]][0].query for j in perm]
+        else:
+            loc = [q for q in locality if q.fact != f]
+        targets = range(len(queries)) if config.edit_queries == "all" else range(1)
+        for i in targets:
+            neighbours = [q for j, q in enumerate(queries) if j != i]
+            for sel in config.selections:
+                ns = local[i] if sel == "N_i" else sets[sel]
+                for op in config.operations:
+                    rec = {"fact": f.key(), "query_index": i, "selection": sel, "operation": op,
+                           "group": None if groups is None else groups.get(f), "n_neurons": len(ns)}
+                    if not len(ns):
+                        rec["skipped"] = True
+                        per_edit.append(rec)
+                        continue
+                    if op == "erasure":
+                        edit = kn_edit.erase(model, ns)
+                        m = evaluate_edit(model, edit, edited=[queries[i]], generalisation=neighbours,
+                                          locality=loc, mode="erasure", reference=reference)
+                    else:
+                        new = new_objects[f]
+                        edit = kn_edit.update(model, ns, queries[i], new, **ekw)
+                        m = evaluate_edit(model, edit, edited=[retarget(model, queries[i], new)],
+                                          generalisation=[retarget(model, q, new) for q in neighbours],
+                                          locality=loc, mode="update", reference=reference)
+                    rec.update(m.summary())
+                    rec["skipped"] = False
+                    per_edit.append(rec)
+    rows = []
+    group_names = ["all"] + sorted({r["group"] for r in per_edit if r["group"] is not None})
+    for op in config.operations:
+        for grp in group_names:
+            for sel in config.selections:
+                rs = [r for r in per_edit if r["operation"] == op and r["selection"] == sel
+                      and (grp == "all" or r["group"] == grp)]
+                done = [r for r in rs if not r["skipped"]]
+                row = {"operation": op, "group": grp, "selection": sel, "n": len(done),
+                       "skipped": len(rs) - len(done),
+                       "mean |set|": _mean([r["n_neurons"] for r in rs])}
+                for key, col in (("reliability", "Rel"), ("generalisation", "Gen"),
+                                 ("locality", "Loc"), ("average", "Avg"), ("dppl", "dPPL")):
+                    row[col] = _mean([r[key] for r in done if r.get(key) is not None])
+                rows.append(row)
+    cfg = {"compare": asdict(config), "cas": asdict(cas_config), "selection": asdict(selection),
+           "n_facts": len(facts), "reference": reference is not None}
+    return SelectionComparison(tuple(rows), tuple(per_edit), cfg)
+
+
+def _mean(xs) -> float:
+    import math
+
+    xs = [float(x) for x in xs if x is not None and not math.isnan(float(x))]
+    return sum(xs) / len(xs) if xs else float("nan")
