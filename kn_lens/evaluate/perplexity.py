@@ -1,0 +1,105 @@
+"""Perplexity on reference prose, and QL's relative change dPPL = (PPL_after - PPL_before) / PPL_before.
+
+QL (Sec. 2.2) samples five WikiText-2 entries per measurement; kn-lens samples ``n_slices``
+non-overlapping windows of ``slice_len`` tokens from Jane Austen's novels
+(:mod:`kn_lens.evaluate.reference`, installed separately), deterministically from a seed.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Int
+from torch import Tensor
+
+from kn_lens.errors import ConfigError, DataFileError, NumericalError
+from kn_lens.evaluate.reference import reference_text
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+DEFAULT_BOOKS = ("prideprejudice", "persuasion")
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenise(tokenizer, books: tuple[str, ...]) -> Tensor:
+    text = reference_text(books)
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def reference_tokens(model: "HookedTransformer", books: Sequence[str] = DEFAULT_BOOKS
+                     ) -> Int[Tensor, "n"]:
+    """The reference text tokenised by the model's tokenizer (no BOS)."""
+    return _tokenise(model.tokenizer, tuple(books))
+
+
+def reference_slices(model: "HookedTransformer", n_slices: int = 8, slice_len: int = 128,
+                     seed: int = 0, *, books: Sequence[str] = DEFAULT_BOOKS,
+                     tokens: Tensor | None = None) -> Int[Tensor, "n_slices slice_len"]:
+    """``n_slices`` non-overlapping windows of the reference text, chosen by ``seed``.
+
+    Each row is ``slice_len`` tokens; for models that use BOS the row is BOS followed by
+    ``slice_len - 1`` text tokens. ``tokens`` replaces the reference text (e.g. your own corpus).
+    """
+    if n_slices < 1 or slice_len < 2:
+        raise ConfigError(f"need n_slices >= 1 and slice_len >= 2 (got {n_slices}, {slice_len})")
+    ids = reference_tokens(model, books) if tokens is None else torch.as_tensor(tokens).flatten()
+    bos = bool(model.cfg.default_prepend_bos)
+    width = slice_len - 1 if bos else slice_len
+    n_windows = ids.numel() // width
+    if n_windows < n_slices:
+        raise DataFileError(f"the reference text has {ids.numel()} tokens: too few for {n_slices} "
+                            f"windows of {width}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(n_windows, generator=g)[:n_slices].sort().values * width
+    rows = torch.stack([ids[s:s + width] for s in starts.tolist()])
+    if bos:
+        bos_id = model.tokenizer.bos_token_id
+        if bos_id is None:
+            raise ConfigError("the model prepends BOS but its tokenizer has no bos_token_id")
+        rows = torch.cat([torch.full((n_slices, 1), bos_id, dtype=torch.long), rows], dim=1)
+    return rows
+
+
+@torch.no_grad()
+def token_nll(model: "HookedTransformer", token_slices: Tensor | Sequence[Tensor], *,
+              fwd_hooks: list | None = None, batch_size: int = 4) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (nats) over all rows, and the number of tokens."""
+    rows = list(token_slices) if not isinstance(token_slices, Tensor) else list(token_slices)
+    if not rows:
+        raise ConfigError("no token slices to score")
+    total, count = 0.0, 0
+    device = model.cfg.device
+    with model.hooks(fwd_hooks=fwd_hooks or []):
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            lengths = {int(r.numel()) for r in chunk}
+            groups = [torch.stack([r for r in chunk if r.numel() == n]) for n in sorted(lengths)]
+            for toks in groups:
+                toks = toks.to(device)
+                logits = model(toks)
+                nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), toks[:, 1:].flatten(),
+                                      reduction="sum")
+                total += float(nll)
+                count += toks[:, 1:].numel()
+    if not math.isfinite(total):
+        raise NumericalError("perplexity: non-finite log-likelihood (the model or edit produced NaN/inf)")
+    return total, count
+
+
+def perplexity(model: "HookedTransformer", token_slices: Tensor | Sequence[Tensor], *,
+               fwd_hooks: list | None = None, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) over every predicted token of every slice (token-weighted)."""
+    total, count = token_nll(model, token_slices, fwd_hooks=fwd_hooks, batch_size=batch_size)
+    return math.exp(total / count)
+
+
+def relative_ppl_change(before: float, after: float) -> float:
+    """QL: dPPL = (PPL_a - PPL_b) / PPL_b."""
+    if before <= 0 or not math.isfinite(before):
+        raise NumericalError(f"invalid perplexity before the edit: {before}")
+    return (after - before) / before
