@@ -1,0 +1,316 @@
+"""Integrated-gradients knowledge-neuron attribution (Dai et al. 2022; KNE eq. 4-5; QL App. A.4).
+
+For every layer ``l`` on its own, the activations of that layer's FFN neurons (``hook_post``: what
+``W_out`` reads) *at the answer-predicting position only* are moved along a straight path from a
+baseline ``b`` to their real value ``w``; everything else in the network runs as usual. The
+attribution of neuron ``i`` is ``(w_i - b_i) x mean_k dP/dw_i (b + k/m (w - b))``, ``k = 1..m``
+(right Riemann sum, KNE eq. 5 / QL eq. 10), where ``P`` is the softmax probability of the answer
+token. Baselines:
+
+- ``"zero"`` (Dai et al.): ``b = 0``.
+- ``"eos"`` (Chen et al.'s AMIG, QL eq. 16-17): ``b`` = the same layer's activations at the same
+  position when the model reads a *baseline prompt* of the same length made of end-of-sequence
+  tokens (``q'_ik = <eos>``; a BOS the model always prepends is kept in place). QL eq. 18's
+  extra per-word aggregation and normalisation is not applied: scores stay on the probability
+  scale so that completeness holds.
+
+Multi-token answers (KNE eq. 4): each answer token ``a_j`` is predicted teacher-forced at its own
+position ``p_j``; the neurons at ``p_j`` are integrated against ``P(a_j | prompt, a_<j)``. The
+per-token maps are kept in ``NeuronScores.per_token`` and summed into ``scores``.
+
+Two implementations give the same numbers:
+
+- :func:`integrated_gradients_plain` is the textbook one: for each layer and answer token, a full
+  forward over the whole input with a hook that overwrites layer ``l`` at ``p_j``, then a backward.
+- :func:`integrated_gradients` (fast, the default) uses what a scaled neuron cannot change. One
+  clean forward records every block's input residual and every attention layer's keys and values.
+  Scaling layer ``l`` at ``p_j`` leaves everything before layer ``l``'s MLP and every position
+  ``< p_j`` unchanged, and ``P(a_j)`` is read at ``p_j``; so only the single position ``p_j`` is
+  recomputed from block ``l`` on (``start_at_layer=l``), its attention reading the cached keys and
+  values of earlier positions through a frozen TransformerLens key-value cache (so rotary
+  positions, GQA, local attention and soft-capping are TransformerLens' own code). The ``m`` steps
+  are one batch. The backward runs through that one position only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from kn_lens import hooks
+from kn_lens.errors import ConfigError, InvalidFactError
+from kn_lens.facts import Query
+from kn_lens.models import model_info
+from kn_lens.neurons import NeuronScores
+
+Baseline = Literal["zero", "eos"]
+
+
+@dataclass(frozen=True)
+class IGConfig:
+    """Settings of integrated gradients."""
+
+    steps: int = 20  # m, Riemann steps: Dai et al. 2022 / KNE eq. 5 / QL eq. 10 use m = 20
+    baseline: Baseline = "zero"  # "zero": Dai et al.; "eos": Chen et al. AMIG (QL eq. 16-17)
+    chunk: int = 64  # most path points per forward; bounds memory, never changes the result
+    layers: tuple[int, ...] | None = None  # score only these layers (others stay 0); None = all
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"IGConfig.steps must be a positive integer, got {self.steps!r}")
+        if self.baseline not in ("zero", "eos"):
+            raise ConfigError(f"IGConfig.baseline must be 'zero' or 'eos', got {self.baseline!r}")
+        if not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ConfigError(f"IGConfig.chunk must be a positive integer, got {self.chunk!r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+            if not self.layers:
+                raise ConfigError("IGConfig.layers is empty; pass None for all layers")
+
+
+def method_name(config: IGConfig) -> str:
+    return "ig" if config.baseline == "zero" else "ig_eos"
+
+
+# --------------------------------------------------------------------------- shared preparation
+
+
+def _check_query(model, query: Query) -> None:
+    if not isinstance(query, Query):
+        raise InvalidFactError(f"expected a Query, got {type(query).__name__}; build one with "
+                               "make_query() or query_from_prompt()")
+    if query.n_answer == 0 or query.n_prompt == 0:
+        raise InvalidFactError(f"query {query.prompt!r} has an empty prompt or answer")
+    n_ctx = model.cfg.n_ctx
+    if len(query.input_ids) > n_ctx:
+        raise InvalidFactError(f"query {query.prompt!r} has {len(query.input_ids)} tokens, more "
+                               f"than the model's context ({n_ctx})")
+
+
+def _layers(model, config: IGConfig) -> list[int]:
+    n = model.cfg.n_layers
+    if config.layers is None:
+        return list(range(n))
+    bad = [x for x in config.layers if not 0 <= x < n]
+    if bad:
+        raise ConfigError(f"IGConfig.layers {bad} out of range for a model with {n} layers")
+    return sorted(set(config.layers))
+
+
+def baseline_tokens(model, query: Query) -> list[int]:
+    """The AMIG baseline prompt: the query's input with every token replaced by EOS (a BOS the
+    model always prepends stays in place)."""
+    eos = getattr(model.tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ConfigError("the 'eos' IG baseline needs a tokenizer with an eos_token_id")
+    toks = [int(eos)] * len(query.input_ids)
+    bos = getattr(model.tokenizer, "bos_token_id", None)
+    if model.cfg.default_prepend_bos and bos is not None and query.input_ids[0] == bos:
+        toks[0] = int(bos)
+    return toks
+
+
+@torch.no_grad()
+def _post_acts(model, tokens: list[int]) -> Float[Tensor, "layer pos d_mlp"]:
+    store: dict = {}
+    names = [hooks.mlp_post(l) for l in range(model.cfg.n_layers)]
+    fwd = [h for n in names for h in hooks.cache_hook(n, store)]
+    t = torch.tensor([tokens], dtype=torch.long, device=model.cfg.device)
+    with model.hooks(fwd_hooks=fwd):
+        model(t, return_type=None)
+    return torch.stack([store[n][0] for n in names])
+
+
+def _baseline_acts(model, query: Query, config: IGConfig,
+                   clean_post: Float[Tensor, "layer pos d_mlp"]) -> Float[Tensor, "layer pos d_mlp"]:
+    if config.baseline == "zero":
+        return torch.zeros_like(clean_post)
+    return _post_acts(model, baseline_tokens(model, query))
+
+
+def _path(w: Tensor, b: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """Path points b + k/m (w - b), k = 1..m, as [m, d_mlp], and the difference w - b."""
+    alphas = torch.arange(1, steps + 1, dtype=w.dtype, device=w.device) / steps
+    return b[None] + alphas[:, None] * (w - b)[None], (w - b)
+
+
+def _result(model, query: Query, config: IGConfig, per_token: Tensor, extras: dict) -> NeuronScores:
+    per_token = per_token.detach().float().cpu()
+    return NeuronScores(scores=per_token.sum(0), method=method_name(config), query=query,
+                        config=config, model=model_info(model), per_token=per_token, extras=extras)
+
+
+def _answer_prob(logits: Float[Tensor, "rows d_vocab"], token: int) -> Float[Tensor, "rows"]:
+    return torch.softmax(logits.float(), dim=-1)[:, token]
+
+
+# --------------------------------------------------------------------------- fast
+
+
+@torch.no_grad()
+def _clean_run(model, tokens: list[int]):
+    """One clean forward: every block's input residual, every mlp_post, every layer's keys/values."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    n = model.cfg.n_layers
+    store: dict = {}
+    fwd = []
+    for l in range(n):
+        fwd += hooks.cache_hook(hooks.resid_pre(l), store)
+        fwd += hooks.cache_hook(hooks.mlp_post(l), store)
+    t = torch.tensor([tokens], dtype=torch.long, device=model.cfg.device)
+    kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+    # An explicit all-ones mask: otherwise TransformerLens guesses padding from pad/BOS ids.
+    with model.hooks(fwd_hooks=fwd):
+        logits = model(t, past_kv_cache=kv, attention_mask=torch.ones_like(t))
+    resid = [store[hooks.resid_pre(l)][0] for l in range(n)]  # each [pos, d_model]
+    post = torch.stack([store[hooks.mlp_post(l)][0] for l in range(n)])
+    keys = [e.past_keys for e in kv.entries]  # [1, pos, kv_heads, d_head]
+    values = [e.past_values for e in kv.entries]
+    return logits[0], resid, post, keys, values
+
+
+def _frozen_cache(model, keys, values, upto: int, rows: int):
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    entries = [
+        TransformerLensKeyValueCacheEntry(
+            past_keys=k[:, :upto].expand(rows, -1, -1, -1),
+            past_values=v[:, :upto].expand(rows, -1, -1, -1), frozen=True)
+        for k, v in zip(keys, values)
+    ]
+    mask = torch.ones(rows, upto, dtype=torch.int, device=keys[0].device)
+    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
+
+
+def _grad_fast(model, layer: int, resid_in: Float[Tensor, "d_model"], points: Tensor, caches: dict,
+               keys, values, pos: int, token: int) -> Float[Tensor, "rows d_mlp"]:
+    """d P(token) / d mlp_post[layer] at each path point, recomputing position ``pos`` only."""
+    rows = points.shape[0]
+    if rows not in caches:
+        caches[rows] = _frozen_cache(model, keys, values, pos, rows)
+    leaf = points.detach().clone().requires_grad_(True)
+
+    def replace(act: Tensor, hook) -> Tensor:
+        return leaf[:, None, :].to(act.dtype)
+
+    x = resid_in[None, None, :].expand(rows, 1, -1)
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(hooks.mlp_post(layer), replace)]):
+        logits = model(x, start_at_layer=layer, past_kv_cache=caches[rows])
+        prob = _answer_prob(logits[:, -1], token)
+        (grad,) = torch.autograd.grad(prob.sum(), leaf)
+    return grad
+
+
+def integrated_gradients(model, query: Query, *, config: IGConfig | None = None) -> NeuronScores:
+    """Integrated-gradients attribution of every FFN neuron to ``P(answer)`` (fast, exact).
+
+    Returns ``NeuronScores`` with ``scores [layer, d_mlp]`` (summed over answer tokens) and
+    ``per_token [answer, layer, d_mlp]``. ``extras`` holds ``p_clean`` (P(a_j) per answer token)
+    and the method's implementation name.
+    """
+    config = IGConfig() if config is None else config
+    _check_query(model, query)
+    layers = _layers(model, config)
+    tokens = list(query.input_ids)
+    clean_logits, resid, post, keys, values = _clean_run(model, tokens)
+    base = _baseline_acts(model, query, config, post)
+    L, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+    per_token = torch.zeros(query.n_answer, L, d_mlp)
+    p_clean = []
+    for j, (pos, tok) in enumerate(zip(query.answer_positions, query.answer_ids)):
+        p_clean.append(float(_answer_prob(clean_logits[pos][None], tok)))
+        caches: dict = {}
+        for l in layers:
+            points, diff = _path(post[l, pos], base[l, pos], config.steps)
+            gsum = torch.zeros(d_mlp, dtype=torch.float32, device=points.device)
+            for s in range(0, config.steps, config.chunk):
+                g = _grad_fast(model, l, resid[l][pos], points[s:s + config.chunk], caches,
+                               keys, values, pos, tok)
+                gsum += g.float().sum(0)
+            per_token[j, l] = (diff.float() * gsum / config.steps).cpu()
+    return _result(model, query, config, per_token,
+                   {"p_clean": p_clean, "implementation": "fast"})
+
+
+# --------------------------------------------------------------------------- plain reference
+
+
+def _grad_plain(model, layer: int, tokens: list[int], points: Tensor, pos: int,
+                token: int) -> Float[Tensor, "rows d_mlp"]:
+    rows = points.shape[0]
+    leaf = points.detach().clone().requires_grad_(True)
+
+    def replace(act: Tensor, hook) -> Tensor:
+        act = act.clone()
+        act[:, pos] = leaf.to(act.dtype)
+        return act
+
+    t = torch.tensor([tokens] * rows, dtype=torch.long, device=model.cfg.device)
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(hooks.mlp_post(layer), replace)]):
+        logits = model(t)
+        prob = _answer_prob(logits[:, pos], token)
+        (grad,) = torch.autograd.grad(prob.sum(), leaf)
+    return grad
+
+
+def integrated_gradients_plain(model, query: Query, *, config: IGConfig | None = None
+                               ) -> NeuronScores:
+    """The straightforward per-layer IG (full forward + backward for every layer and answer
+    token): the reference the fast implementation is tested and benchmarked against."""
+    config = IGConfig() if config is None else config
+    _check_query(model, query)
+    layers = _layers(model, config)
+    tokens = list(query.input_ids)
+    post = _post_acts(model, tokens)
+    base = _baseline_acts(model, query, config, post)
+    L, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+    per_token = torch.zeros(query.n_answer, L, d_mlp)
+    for j, (pos, tok) in enumerate(zip(query.answer_positions, query.answer_ids)):
+        for l in layers:
+            points, diff = _path(post[l, pos], base[l, pos], config.steps)
+            gsum = torch.zeros(d_mlp, dtype=torch.float32, device=points.device)
+            for s in range(0, config.steps, config.chunk):
+                gsum += _grad_plain(model, l, tokens, points[s:s + config.chunk], pos,
+                                    tok).float().sum(0)
+            per_token[j, l] = (diff.float() * gsum / config.steps).cpu()
+    return _result(model, query, config, per_token, {"implementation": "plain"})
+
+
+def integrated_gradients_eos(model, query: Query, *, config: IGConfig | None = None
+                             ) -> NeuronScores:
+    """IG with Chen et al.'s end-of-sequence baseline (AMIG; registered as ``"ig_eos"``)."""
+    if config is None:
+        config = IGConfig(baseline="eos")
+    elif config.baseline != "eos":
+        raise ConfigError("integrated_gradients_eos needs IGConfig(baseline='eos'); use "
+                          "integrated_gradients for the zero baseline")
+    return integrated_gradients(model, query, config=config)
+
+
+def path_endpoint_probs(model, query: Query, layer: int, *, config: IGConfig | None = None,
+                        answer_index: int = 0) -> tuple[float, float]:
+    """P(a_j) with layer ``layer``'s neurons at the answer position at their real value and at the
+    baseline: IG completeness says the layer's attributions sum to the difference."""
+    config = IGConfig() if config is None else config
+    tokens = list(query.input_ids)
+    post = _post_acts(model, tokens)
+    base = _baseline_acts(model, query, config, post)
+    pos, tok = query.answer_positions[answer_index], query.answer_ids[answer_index]
+    out = []
+    for value in (post[layer, pos], base[layer, pos]):
+        def put(act: Tensor, hook, value=value) -> Tensor:
+            act = act.clone()
+            act[:, pos] = value.to(act.dtype)
+            return act
+
+        with torch.no_grad(), model.hooks(fwd_hooks=[(hooks.mlp_post(layer), put)]):
+            logits = model(torch.tensor([tokens], device=model.cfg.device))
+        out.append(float(_answer_prob(logits[:, pos], tok)[0]))
+    return out[0], out[1]
