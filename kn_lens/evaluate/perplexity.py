@@ -86,6 +86,8 @@ def token_nll(model: "HookedTransformer", token_slices: Tensor | Sequence[Tensor
                                       reduction="sum")
                 total += float(nll)
                 count += toks[:, 1:].numel()
+    if count == 0:
+        raise ConfigError("token slices need at least two tokens each (nothing to predict)")
     if not math.isfinite(total):
         raise NumericalError("perplexity: non-finite log-likelihood (the model or edit produced NaN/inf)")
     return total, count
