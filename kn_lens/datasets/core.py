@@ -26,6 +26,7 @@ class Dataset:
     relations: Mapping[str, Relation]
     facts: tuple[Fact, ...]
     name: str = "dataset"
+    info: Mapping[str, object] = field(default_factory=dict, compare=False)  # loader notes/provenance
     _index: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -98,7 +99,7 @@ class Dataset:
 
     def subset(self, facts: Iterable[Fact], name: str | None = None) -> "Dataset":
         """A dataset with the same relations and only the given facts."""
-        return Dataset(self.relations, tuple(facts), name or self.name)
+        return Dataset(self.relations, tuple(facts), name or self.name, self.info)
 
     def filter(self, *, relations: Iterable[str] | None = None, limit_per_relation: int | None = None
                ) -> "Dataset":
@@ -110,7 +111,8 @@ class Dataset:
             if rid in keep:
                 fs = self.facts_of(rid)
                 out.extend(fs if limit_per_relation is None else fs[:limit_per_relation])
-        return Dataset({r: self.relations[r] for r in self.relations if r in keep}, out, self.name)
+        return Dataset({r: self.relations[r] for r in self.relations if r in keep}, out, self.name,
+                       self.info)
 
     def summary(self) -> dict[str, int]:
         return {rid: len(self.facts_of(rid)) for rid in self.relations}

@@ -1,0 +1,78 @@
+"""Which built-in facts does each model know? -> results/known_facts_<model>.json + a markdown table.
+
+A fact is known when the answer's first token is top-1 (``--max-rank 0``) on at least 60 % of its
+relation's templates (``--min-share 0.6``). The saved file holds every fact x template rank and
+teacher-forced log P(answer), the config, model info and package versions; the table is printed
+from the saved file (``--plot-only`` prints it without recomputing).
+
+    python experiments/known_facts.py --model smollm2-135m
+    python experiments/known_facts.py --model all --quick
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import _common  # noqa: E402
+
+NAME = "known_facts"
+MODELS = ("smollm2-135m", "gemma-3-270m")
+
+
+def compute(args) -> None:
+    import torch
+
+    from kn_lens.datasets import builtin_dataset, known_facts
+    from kn_lens.datasets.known import KnownFactsConfig
+    from kn_lens.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ds = builtin_dataset()
+    per_rel = 8 if args.quick else args.n_facts
+    if per_rel is not None:
+        ds = ds.filter(limit_per_relation=per_rel)
+    started = time.time()
+    model = load_model(args.model)
+    cfg = KnownFactsConfig(max_rank=args.max_rank, min_share=args.min_share,
+                           batch_size=args.batch_size)
+    res = known_facts(model, ds.facts, ds, config=cfg)
+    print(f"{args.model}: {res.n_known}/{len(res)} facts known ({res.seconds:.0f} s scoring, "
+          f"{sum(len(r) for r in res.ranks)} queries)")
+    _common.save_results(args, NAME, res.to_dict(), cfg, res.model, started)
+
+
+def table(args) -> str:
+    from kn_lens.datasets.known import KnownFacts
+
+    doc = _common.load_results(args, NAME)
+    res = KnownFacts.from_dict(doc["results"])
+    c = res.config
+    head = (f"**{args.model}** ({doc['mode']} run): {res.n_known} of {len(res)} facts known "
+            f"(answer's first token ranked <= {c.max_rank} on >= {c.min_share:.0%} of templates)\n")
+    return head + "\n" + res.to_markdown()
+
+
+def main() -> None:
+    ap = _common.parser(__doc__.splitlines()[0])
+    ap.add_argument("--max-rank", type=int, default=0)
+    ap.add_argument("--min-share", type=float, default=0.6)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0 = torch default); 1 is fastest on a busy machine")
+    args = ap.parse_args()
+    models = MODELS if args.model == "all" else (args.model,)
+    for m in models:
+        args.model = m
+        if not args.plot_only:
+            compute(args)
+        print(table(args))
+        print()
+
+
+if __name__ == "__main__":
+    main()
