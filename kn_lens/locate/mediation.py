@@ -95,7 +95,7 @@ class MediationConfig:
     restore_positions: RestorePositions = "last"  # answer-predicting position (as KN/IG score)
     gamma: float = 20.0  # TNF-DA eq. 7: search only the top gamma % of neurons by DNI
     seed: int = 0  # seeds the torch.Generator the noise samples are drawn from
-    chunk: int = 256  # neurons per batched restoration; bounds memory, never changes the result
+    chunk: int = 512  # neurons per batched restoration; bounds memory, never changes the result
     dni_eps: float = 1e-8  # floor on |h| in DNI = |h - h*| / |h| (TNF-DA eq. 6)
 
     def __post_init__(self) -> None:
@@ -245,9 +245,10 @@ def _answer_logprob(model, resid_final: Float[Tensor, "batch answer d_model"],
 
     x = model.ln_final(resid_final) if model.cfg.normalization_type is not None else resid_final
     logits = apply_softcap(model.unembed(x), model.cfg.output_logits_soft_cap)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    idx = answer_ids.to(logp.device).view(1, -1, 1).expand(logp.shape[0], -1, 1)
-    return logp.gather(-1, idx).squeeze(-1).sum(-1)
+    logits = logits.float()
+    idx = answer_ids.to(logits.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)
+    picked = logits.gather(-1, idx).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)).sum(-1)
 
 
 def _new_entry(model, past_keys=None, past_values=None, frozen=False):
