@@ -120,3 +120,22 @@ def test_real_erasing_kns_lowers_answer_probability(default_model):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in snapshot.items())
     assert H.active_hook_count(model) == 0
     assert abs(float(answer_probs(model, [q])[0]) - p_before) < 1e-6
+
+
+@pytest.mark.real_model
+def test_real_kn_update_flips_answer(default_model):
+    from kn_lens.evaluate import evaluate_edit, retarget
+
+    model = default_model
+    fact = Fact("Eiffel Tower", "located_in", "Paris")
+    q = make_query(model, fact, "The {} is located in the city of")
+    neighbour = make_query(model, fact, "The {} can be found in the city of")
+    other = make_query(model, Fact("Microsoft", "x", "Windows"), "{} is best known for the operating system")
+    edit = update(model, _simple_kns(model, q, 20), q, "London")
+    r = evaluate_edit(model, edit, edited=[retarget(model, q, "London")],
+                      generalisation=[retarget(model, neighbour, "London")], locality=[other],
+                      mode="update")
+    print(r.summary(), [(o.p_before, o.p_after, o.top1_after) for o in r.edited + r.neighbours])
+    assert r.edited[0].top1_before == " Paris" and r.edited[0].top1_after == " London"
+    assert r.reliability == 1.0 and r.edited[0].p_after > 0.5 > r.edited[0].p_before
+    assert H.active_hook_count(model) == 0
