@@ -158,6 +158,9 @@ def test_compose_and_scale(gpt2_tiny):
     assert rows.values[:, 0].tolist() == [1.0, 3.0, 2.0]  # deltas on the same row add
     assert c.touched_neurons() == a.touched_neurons() | b.touched_neurons()
     assert Neuron(0, 3) in c.touched_neurons()
+    # two deltas on one parameter inside one Edit are merged the same way
+    merged = Edit((w_out_rows(1, [2], torch.ones(1, d)), w_out_rows(1, [2, 3], torch.ones(2, d))))
+    assert len(merged) == 1 and merged.deltas[0].values[:, 0].tolist() == [2.0, 1.0]
     # composition == applying both
     toks = _tokens(gpt2_tiny)
     with torch.no_grad():

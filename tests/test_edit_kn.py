@@ -6,7 +6,7 @@ from kn_lens import hooks as H
 from kn_lens.edit import KNEditConfig, answer_embedding, erase, kn_sets, token_of, update
 from kn_lens.errors import ConfigError, InvalidFactError
 from kn_lens.facts import Fact, answer_probs, make_query
-from kn_lens.neurons import Neuron, NeuronScores, NeuronSet, top_k
+from kn_lens.neurons import NeuronScores, NeuronSet, top_k
 from kn_lens.models import model_info
 
 KNS = NeuronSet([(0, 3), (1, 5), (1, 9), (2, 0)])

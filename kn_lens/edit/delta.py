@@ -362,8 +362,8 @@ def _merge(deltas: tuple[WeightDelta, ...]) -> tuple[WeightDelta, ...]:
         if len(ds) == 1:
             out.append(ds[0])
             continue
-        dtype = torch.promote_types(*[d.values.dtype for d in ds[:2]]) if len(ds) > 1 else ds[0].values.dtype
-        for d in ds[2:]:
+        dtype = ds[0].values.dtype
+        for d in ds[1:]:
             dtype = torch.promote_types(dtype, d.values.dtype)
         index = torch.cat([d.index for d in ds])
         values = torch.cat([d.values.to(dtype) for d in ds], dim=dim)
