@@ -334,8 +334,11 @@ class Edit:
         except KeyError as exc:
             raise DataFileError(f"{folder}: manifest and tensors disagree (missing {exc})") from exc
         info = manifest.get("model")
-        return cls(deltas, manifest.get("description", ""), manifest.get("method", ""),
-                   None if info is None else ModelInfo(**info), manifest.get("config", {}))
+        if info is not None:  # tolerate manifests written by other kn-lens versions
+            known = {f.name for f in dataclasses.fields(ModelInfo)}
+            info = ModelInfo(**{k: v for k, v in info.items() if k in known})
+        return cls(deltas, manifest.get("description", ""), manifest.get("method", ""), info,
+                   manifest.get("config", {}))
 
 
 def compose(edits: Iterable[Edit], description: str | None = None) -> Edit:

@@ -201,5 +201,7 @@ def evaluate_edit(model: "HookedTransformer", edit: Edit, *, edited: Sequence[Qu
     loc = _mean([o.unchanged for o in oos]) if oos else float("nan")
     defined = [x for x in (rel, gen, loc) if not math.isnan(x)]
     dppl = None if ppl_b is None else relative_ppl_change(ppl_b, ppl_a)
+    n_ref = None if reference is None else sum(int(r.numel()) - 1 for r in reference)
     return EditMetrics(mode, rel, gen, loc, _mean(defined), dppl, ppl_b, ppl_a, ed, nb, oos,
-                       edit.n_params, edit.description, via, model_info(model))
+                       edit.n_params, edit.description, via, model_info(model),
+                       {"reference_tokens_scored": n_ref})
