@@ -68,8 +68,6 @@ def contribution_scores(model, query: Query, *, config: ContributionConfig | Non
     config = ContributionConfig() if config is None else config
     _check_query(model, query)
     n = model.cfg.n_layers
-    if config.freeze_last >= n:
-        raise ConfigError(f"cannot freeze the last {config.freeze_last} of {n} layers")
     store: dict = {}
     fwd = [h for l in range(n) for h in hooks.cache_hook(hooks.mlp_post(l), store)]
     tokens = torch.tensor([query.input_ids], dtype=torch.long, device=model.cfg.device)
