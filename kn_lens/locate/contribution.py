@@ -52,9 +52,8 @@ class ContributionConfig:
 
 def unembed_directions(model, answer_ids: tuple[int, ...]) -> Float[Tensor, "layer answer d_mlp"]:
     """(W_U W_out^l)[t, :] for every layer and answer token: each neuron's direct logit weight."""
-    w_out = torch.stack([b.mlp.W_out for b in model.blocks])  # [layer, d_mlp, d_model]
-    w_u = model.W_U[:, list(answer_ids)]  # [d_model, answer]
-    return torch.einsum("lmd,da->lam", w_out.float(), w_u.float())
+    w_u = model.W_U[:, list(answer_ids)].float()  # [d_model, answer]
+    return torch.stack([(b.mlp.W_out.float() @ w_u).T for b in model.blocks])
 
 
 @torch.no_grad()

@@ -244,7 +244,7 @@ def _answer_logprob(model, resid_final: Float[Tensor, "batch answer d_model"],
     from transformer_lens.utils import apply_softcap
 
     x = model.ln_final(resid_final) if model.cfg.normalization_type is not None else resid_final
-    logits = apply_softcap(model.unembed(x), model.cfg.output_logits_soft_cap)
+    logits = apply_softcap(torch.nn.functional.linear(x, model.W_U.T, model.b_U), model.cfg.output_logits_soft_cap)
     logits = logits.float()
     idx = answer_ids.to(logits.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)
     picked = logits.gather(-1, idx).squeeze(-1)
@@ -299,6 +299,90 @@ def _cached_run(model, query: Query, noise: Tensor | None) -> _Run:
                 [e.past_values for e in entries], float(lp[0]))
 
 
+# Set to False to always use TransformerLens' own blocks with a frozen key/value cache (slower:
+# every batch item copies, rotates and repeats the shared prefix keys); tests compare both.
+_USE_SHARED_PREFIX_ATTENTION = True
+
+_POST_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def _shared_prefix_ok(model) -> bool:
+    """Whether :func:`_block_shared_prefix` reproduces this model's blocks exactly: plain
+    pre-norm blocks with standard/rotary positions and ordinary (grouped-query) softmax attention.
+    Anything unusual falls back to TransformerLens' blocks with a key/value cache."""
+    from transformer_lens.components import Attention, GroupedQueryAttention, TransformerBlock
+
+    cfg = model.cfg
+    flags_off = ("parallel_attn_mlp", "use_normalization_before_and_after", "use_split_qkv_input",
+                 "use_attn_in", "use_local_attn", "use_qk_norm", "use_logn_attn",
+                 "use_attention_sinks", "load_in_4bit", "use_dynamic_ntk_rope", "attn_only")
+    if not _USE_SHARED_PREFIX_ATTENTION or any(getattr(cfg, f, False) for f in flags_off):
+        return False
+    if cfg.positional_embedding_type not in ("standard", "rotary") or cfg.attention_dir != "causal":
+        return False
+    if getattr(cfg, "clip_qkv", None) is not None or cfg.original_architecture in _POST_NORM:
+        return False
+    return all(type(b) is TransformerBlock and type(b.attn) in (Attention, GroupedQueryAttention)
+               and not getattr(b.attn, "q_norm", None) and not getattr(b.attn, "k_norm", None)
+               and getattr(b.attn, "attn_type", "global") == "global" for b in model.blocks)
+
+
+def _block_shared_prefix(block, x: Float[Tensor, "batch suffix d_model"],
+                         past_k: Float[Tensor, "prefix kv_head d_head"],
+                         past_v: Float[Tensor, "prefix kv_head d_head"], p0: int
+                         ) -> Float[Tensor, "batch suffix d_model"]:
+    """One pre-norm block on the suffix positions ``p0..`` of a batch whose prefix (positions
+    ``< p0``) is shared by every batch item: the prefix keys/values (pre-rotary, as TransformerLens
+    caches them) are attended to without copying them per item. Hook points inside the MLP fire
+    as usual (the restoration hook lives on ``hook_post``)."""
+    from transformer_lens.utils import apply_softcap
+
+    attn, cfg = block.attn, block.cfg
+    b, s, _ = x.shape
+    h_in = block.ln1(x)
+    q, k, v = attn.calculate_qkv_matrices(h_in, h_in, h_in)  # k, v: kv heads (pre-rotary)
+    pk = past_k[None]
+    if cfg.positional_embedding_type == "rotary":
+        q = attn.apply_rotary(q, p0)
+        k = attn.apply_rotary(k, p0)
+        if p0:
+            pk = attn.apply_rotary(pk, 0)
+    n_q, n_kv, dh = q.shape[2], k.shape[2], q.shape[3]
+    g = n_q // n_kv
+    qg = q.reshape(b, s, n_kv, g, dh)
+    sc_new = torch.einsum("bsngd,btnd->bngst", qg, k) / attn.attn_scale
+    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+    parts = [sc_new]
+    if p0:
+        parts.insert(0, torch.einsum("bsngd,pnd->bngsp", qg, pk[0]) / attn.attn_scale)
+    scores = torch.cat(parts, dim=-1)
+    scores = apply_softcap(scores, cfg.attn_scores_soft_cap)
+    mask = torch.cat([torch.ones(s, p0, dtype=torch.bool, device=x.device), causal], dim=-1)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    pattern = torch.softmax(scores, dim=-1).to(v.dtype)
+    z = torch.einsum("bngst,btnd->bsngd", pattern[..., p0:], v)
+    if p0:
+        z = z + torch.einsum("bngsp,pnd->bsngd", pattern[..., :p0], past_v)
+    w_o = attn.W_O.reshape(n_q * dh, -1)
+    attn_out = z.reshape(b, s, n_q * dh) @ w_o + attn.b_O
+    resid_mid = x + attn_out
+    mlp_out = _mlp_forward(block.mlp, block.ln2(resid_mid))
+    return resid_mid + mlp_out
+
+
+def _mlp_forward(mlp, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    """TransformerLens' gated MLP without its per-call ``W.T.contiguous()`` weight copies (same
+    hook points, same arithmetic); any other MLP runs as is."""
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    if type(mlp) is not GatedMLP or mlp.cfg.is_layer_norm_activation():
+        return mlp(x)
+    pre_act = mlp.hook_pre(x @ mlp.W_gate)
+    pre_linear = mlp.hook_pre_linear(x @ mlp.W_in)
+    post = mlp.hook_post(mlp.act_fn(pre_act) * pre_linear + mlp.b_in)
+    return torch.nn.functional.linear(post, mlp.W_out.T, mlp.b_out)
+
+
 @torch.inference_mode()
 def _restored_logprobs(model, query: Query, run: _Run, clean_post: Tensor, layer: int,
                        idx: Tensor, restore: tuple[int, ...]) -> Float[Tensor, "batch"]:
@@ -319,17 +403,22 @@ def _restored_logprobs(model, query: Query, run: _Run, clean_post: Tensor, layer
         act[bidx, rel[None, :], cols] = vals.to(act.dtype)
         return act
 
-    entries = []
-    for i in range(layer, model.cfg.n_layers):
-        if p0 == 0:
-            entries.append(None)
-        else:
-            k = run.keys[i][:, :p0].expand(b, -1, -1, -1)
-            v = run.values[i][:, :p0].expand(b, -1, -1, -1)
-            entries.append(_new_entry(model, k, v, frozen=True))
     with model.hooks(fwd_hooks=[(hooks.mlp_post(layer), restore_fn)]):
-        for j, i in enumerate(range(layer, model.cfg.n_layers)):
-            resid = model.blocks[i](resid, past_kv_cache_entry=entries[j])
+        if _shared_prefix_ok(model):
+            for i in range(layer, model.cfg.n_layers):
+                resid = _block_shared_prefix(model.blocks[i], resid, run.keys[i][0, :p0],
+                                             run.values[i][0, :p0], p0)
+        else:
+            entries = []
+            for i in range(layer, model.cfg.n_layers):
+                if p0 == 0:
+                    entries.append(None)
+                else:
+                    k = run.keys[i][:, :p0].expand(b, -1, -1, -1)
+                    v = run.values[i][:, :p0].expand(b, -1, -1, -1)
+                    entries.append(_new_entry(model, k, v, frozen=True))
+            for j, i in enumerate(range(layer, model.cfg.n_layers)):
+                resid = model.blocks[i](resid, past_kv_cache_entry=entries[j])
     ans_rel = [p - p0 for p in query.answer_positions]
     assert min(ans_rel) >= 0 and max(ans_rel) < n - p0
     return _answer_logprob(model, resid[:, ans_rel], torch.tensor(query.answer_ids))
