@@ -176,7 +176,7 @@ LANGUAGES = {
 FUND_CODES = {"CHE", "CHW", "USN", "USS", "BOV", "CLF", "UYI", "CUC"}
 
 CURRENCIES = {
-    "EUR": "euro", "USD": "United States dollar", "XCD": "East Caribbean dollar",
+    "EUR": "euro", "USD": "US dollar", "XCD": "East Caribbean dollar",
     "AUD": "Australian dollar", "XOF": "CFA franc", "XAF": "CFA franc", "NZD": "New Zealand dollar",
     "GBP": "pound sterling", "DKK": "Danish krone", "XPF": "CFP franc", "INR": "Indian rupee",
     "CHF": "Swiss franc", "NOK": "Norwegian krone", "DZD": "Algerian dinar",
