@@ -22,15 +22,22 @@ def _query(model, obj="Paris", subject="France"):
 # ----------------------------------------------------------------------------- exactness
 
 
-@pytest.mark.parametrize("model_name,restore,corrupt,obj", [
-    ("gpt2_tiny", "last", "subject", "Paris"),
-    ("llama_tiny", "last", "subject", "Paris"),
-    ("gpt2_tiny", "all", "all", "Paris"),
-    ("llama_tiny", "last", "all", "Guido van Rossum"),  # multi-token answer, teacher-forced
-    ("llama_tiny", "all", "subject", "Guido van Rossum"),
+@pytest.mark.parametrize("model_name,restore,corrupt,obj,shared_prefix", [
+    ("gpt2_tiny", "last", "subject", "Paris", True),
+    ("llama_tiny", "last", "subject", "Paris", True),
+    ("gpt2_tiny", "all", "all", "Paris", True),
+    ("llama_tiny", "last", "all", "Guido van Rossum", True),  # multi-token answer
+    ("llama_tiny", "all", "subject", "Guido van Rossum", True),
+    ("gpt2_tiny", "last", "subject", "Guido van Rossum", False),
+    ("llama_tiny", "last", "subject", "Paris", False),
 ])
-def test_fast_equals_plain(request, model_name, restore, corrupt, obj):
+def test_fast_equals_plain(request, monkeypatch, model_name, restore, corrupt, obj,
+                           shared_prefix):
+    """Both fast paths (own shared-prefix attention; TransformerLens blocks with a frozen KV
+    cache) equal one hooked full forward pass per neuron."""
+    monkeypatch.setattr(med, "_USE_SHARED_PREFIX_ATTENTION", shared_prefix)
     model = request.getfixturevalue(model_name)
+    assert med._shared_prefix_ok(model) == shared_prefix
     q = _query(model, obj)
     cfg = MediationConfig(n_noise=1, gamma=5.0, restore_positions=restore, corrupt=corrupt,
                           chunk=3)
@@ -184,7 +191,7 @@ def test_subject_positions_cover_the_subject(tiny_model):
 
 def test_no_hooks_left_after_an_error(llama_tiny, monkeypatch):
     q = _query(llama_tiny)
-    mlp = llama_tiny.blocks[1].mlp
+    mlp = llama_tiny.blocks[1].ln2  # called by every path
     orig = mlp.forward
 
     def failing(x, *a, **k):  # fails only in the batched restoration runs
