@@ -61,7 +61,7 @@ class IGConfig:
 
     steps: int = 20  # m, Riemann steps: Dai et al. 2022 / KNE eq. 5 / QL eq. 10 use m = 20
     baseline: Baseline = "zero"  # "zero": Dai et al.; "eos": Chen et al. AMIG (QL eq. 16-17)
-    chunk: int = 128  # most rows (path points x layers) per forward: bounds memory and trades
+    chunk: int = 200  # most rows (path points x layers) per forward: bounds memory and trades
     # compute for fewer calls; never changes the result beyond float rounding
     layers: tuple[int, ...] | None = None  # score only these layers (others stay 0); None = all
 
@@ -194,6 +194,17 @@ def _frozen_cache(model, keys, values, upto: int, rows: int):
     return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
 
 
+def _unembed(model, resid: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows d_vocab"]:
+    """ln_final + unembed + soft-cap as HookedTransformer.forward does, without its per-call copy
+    of the whole unembedding matrix (``W_U.T.contiguous()``)."""
+    from transformer_lens.utilities import apply_softcap
+
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid[:, None, :])[:, 0]
+    logits = resid @ model.W_U + model.b_U
+    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+
+
 def _pack(layers: list[int], steps: int, chunk: int) -> list[list[tuple[int, int, int]]]:
     """Group (layer, first step, last step) pieces into forwards of at most ``chunk`` rows."""
     piece = min(steps, chunk)
@@ -245,8 +256,9 @@ def _grad_fast(model, items: list[tuple[int, Tensor]], resid: list[Tensor], cach
         fwd.append((hooks.mlp_post(layer), replace))
     x = resid[start][pos][None, None, :].expand(rows, 1, -1)
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
-        logits = model(x, start_at_layer=start, past_kv_cache=caches[rows])
-        prob = _answer_prob(logits[:, -1], token)
+        resid_out = model(x, start_at_layer=start, stop_at_layer=model.cfg.n_layers,
+                          past_kv_cache=caches[rows])
+        prob = _answer_prob(_unembed(model, resid_out[:, -1]), token)
         grads = torch.autograd.grad(prob.sum(), leaves)
     return list(grads)
 
