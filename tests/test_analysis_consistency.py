@@ -99,6 +99,9 @@ def test_consistency_analysis_static_and_otsu():
     assert md.startswith("| scope |") and "overall" in md
     d = res.to_dict()
     assert len(d["facts"]) == 5 and d["config"]["static_threshold"] == 0.1
+    assert {x["fact"]["subject"]: x["label_static"] for x in d["facts"]}["e"] == "K_II"
+    import json
+    json.dumps(d)  # JSON-serialisable
 
 
 def test_threshold_on_cs1_option_and_undefined_facts():

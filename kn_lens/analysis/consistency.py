@@ -296,7 +296,10 @@ class ConsistencyResult:
             "facts": [{"fact": asdict(fc.fact), "set_sizes": list(fc.set_sizes),
                        "union": fc.union_size, "intersection": fc.intersection_size,
                        "shared": fc.shared_size, "cs1": _nan_none(fc.cs1),
-                       "cs2": _nan_none(fc.cs2)} for fc in self.facts],
+                       "cs2": _nan_none(fc.cs2),
+                       "label_static": self.labels.get("static", {}).get(fc.fact),
+                       "label_otsu": self.labels.get("otsu", {}).get(fc.fact)}
+                      for fc in self.facts],
             "rows": [{k: _nan_none(v) for k, v in asdict(r).items()} for r in self.rows],
         }
 
