@@ -66,9 +66,8 @@ class KnownFacts:
     """Per-query ranks/probabilities and the known/unknown verdict per fact.
 
     ``ranks[i][t]`` / ``log_probs[i][t]`` belong to ``facts[i]`` rendered with template ``t`` of its
-    relation (``templates[facts[i].relation][t]``). A query that could not be tokenised has rank
-    -1 and log-prob -inf and counts as failed; facts with no scorable query are listed in
-    ``skipped`` with the reason.
+    relation (``templates[facts[i].relation][t]``). Facts the model's tokenizer cannot encode
+    (answer or prompt) are left out of ``facts`` and listed in ``skipped`` with the reason.
     """
 
     facts: tuple[Fact, ...]
