@@ -25,4 +25,16 @@ __all__ = [
     "ContributionConfig", "contribution_scores", "select_contribution_neurons",
     "IGConfig", "integrated_gradients", "integrated_gradients_eos", "integrated_gradients_plain",
     "METHODS", "available_methods", "get_method", "locate", "register_method",
+    "causal_mediation", "attribution_patching", "MediationConfig", "AtPConfig",
 ]
+
+_MEDIATION = ("causal_mediation", "attribution_patching", "MediationConfig", "AtPConfig")
+
+
+def __getattr__(name: str):
+    """The mediation locators live in ``kn_lens.locate.mediation``; imported on first use."""
+    if name in _MEDIATION:
+        import importlib
+
+        return getattr(importlib.import_module("kn_lens.locate.mediation"), name)
+    raise AttributeError(f"module 'kn_lens.locate' has no attribute {name!r}")
