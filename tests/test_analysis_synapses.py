@@ -235,3 +235,14 @@ def test_real_model_own_synapses_matter(default_model):
     assert p > 0.3
     assert p_sup < 0.5 * p
     assert hooks.active_hook_count(m) == 0
+
+
+def test_ignore_first_on_model(gpt2_tiny):
+    q = _queries(gpt2_tiny)[0]
+    s = knowledge_synapses(gpt2_tiny, q)
+    s0 = knowledge_synapses(gpt2_tiny, q, config=SynapseConfig(ignore_first=True))
+    assert s0.tau == pytest.approx(s.tau)  # position 0 still counts in eq. 5
+    assert not s0.mask[..., 0].any()
+    assert torch.equal(s0.mask[..., 1:], s.mask[..., 1:])
+    p = predominance_score(gpt2_tiny, _queries(gpt2_tiny)[:2], ignore_first=True)
+    assert all(pos > 0 for pos in p.most_attended_position)
