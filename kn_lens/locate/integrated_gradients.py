@@ -37,8 +37,6 @@ Two implementations give the same numbers:
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Literal
 
