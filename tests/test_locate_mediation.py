@@ -251,21 +251,66 @@ def test_result_metadata(gpt2_tiny):
 # ----------------------------------------------------------------------------- real model
 
 
-@pytest.mark.real_model
-def test_top_mediation_neurons_matter_more_than_random(default_model):
-    from kn_lens.neurons import random_like, top_fraction
-
+@pytest.fixture(scope="module")
+def eiffel_mediation(default_model):
     m = default_model
     q = make_query(m, Fact("Eiffel Tower", "loc", "Paris"), "The {} is located in the city of")
-    res = causal_mediation(m, q, config=MediationConfig(n_noise=1, gamma=5.0, seed=0))
+    cfg = MediationConfig(n_noise=1, gamma=5.0, seed=0)
+    return q, cfg, causal_mediation(m, q, config=cfg)
+
+
+def _random_sets(top, model, n=3):
+    from kn_lens.neurons import random_like
+
+    gen = torch.Generator().manual_seed(0)
+    return [random_like(top, model.cfg.n_layers, model.cfg.d_mlp, generator=gen, exclude=top)
+            for _ in range(n)]
+
+
+@pytest.mark.real_model
+def test_restoring_top_mediation_neurons_recovers_more_than_random(default_model,
+                                                                   eiffel_mediation):
+    """What mediation measures: restoring the top 0.1 % neurons (jointly, at the restored
+    position, same noise) in the corrupted run recovers far more probability than restoring as
+    many random neurons."""
+    from kn_lens.neurons import top_fraction
+
+    m = default_model
+    q, cfg, res = eiffel_mediation
+    noise, _, _ = med.noise_samples(m, q, cfg)
+    _, clean = m.run_with_cache(q.tokens())
+    noisy = hooks.add_to(hooks.embed(), noise[0][None])
+    p_corr = float(answer_probs(m, [q], fwd_hooks=noisy)[0])
+
+    def restore(neurons):
+        fwd = list(noisy)
+        for layer in sorted({n.layer for n in neurons}):
+            idx = torch.tensor([n.index for n in neurons if n.layer == layer])
+            fwd += hooks.patch_activations(hooks.mlp_post(layer), clean[hooks.mlp_post(layer)],
+                                           index=idx, positions=[q.last_position])
+        return float(answer_probs(m, [q], fwd_hooks=fwd)[0]) - p_corr
+
+    top = top_fraction(res, 0.001)
+    gain_top = restore(top)
+    gains = [restore(r) for r in _random_sets(top, m)]
+    assert gain_top > 0.02
+    assert gain_top > 2 * max(max(gains), 1e-4), (gain_top, gains)
+
+
+@pytest.mark.real_model
+@pytest.mark.xfail(strict=False, reason=(
+    "measured: on SmolLM2-135M zeroing the top 0.1 % mediation neurons (46) lowers P(Paris) "
+    "0.70 -> 0.68 while 46 random neurons move it by -0.12..+0.05; IE (restoring into a "
+    "corrupted run) is not an ablation effect in the clean run"))
+def test_zeroing_top_mediation_neurons_hurts_more_than_random(default_model, eiffel_mediation):
+    from kn_lens.neurons import top_fraction
+
+    m = default_model
+    q, _, res = eiffel_mediation
     top = top_fraction(res, 0.001)
     p0 = float(answer_probs(m, [q])[0])
     p_top = float(answer_probs(m, [q], fwd_hooks=hooks.scale_neurons(top, 0.0))[0])
-    gen = torch.Generator().manual_seed(0)
-    drops = []
-    for _ in range(3):
-        rnd = random_like(top, m.cfg.n_layers, m.cfg.d_mlp, generator=gen, exclude=top)
-        p_rnd = float(answer_probs(m, [q], fwd_hooks=hooks.scale_neurons(rnd, 0.0))[0])
-        drops.append(p0 - p_rnd)
+    drops = [p0 - float(answer_probs(m, [q], fwd_hooks=hooks.scale_neurons(r, 0.0))[0])
+             for r in _random_sets(top, m)]
     drop_rnd = max(sum(drops) / len(drops), 1e-6)
     assert p0 - p_top > 2 * drop_rnd, (p0, p_top, drops)

@@ -49,8 +49,18 @@ each restoration restarts at block l on the positions from the first restored po
 positions (TransformerLens' own key/value cache entries, so rotary offsets and grouped-query
 attention are handled as in generation), with many neurons of one layer in one batch (batch
 dim = neurons). Only the answer positions are unembedded (with the full softmax normaliser).
-The result equals one full forward per neuron (:func:`causal_mediation_plain`, the reference)
-up to float rounding; ``chunk`` bounds memory and never changes the result.
+For plain pre-norm blocks (GPT-2, LLaMA/SmolLM2-style: rotary, grouped-query attention) the
+suffix attention is computed here, with the shared prefix keys/values used once for the whole
+batch instead of being copied, rotated and repeated per batch item; any other architecture
+(post-norms, parallel attention, local attention, q/k norms, ...) runs TransformerLens' own
+blocks with a frozen key/value cache. Both equal one full hooked forward pass per neuron
+(:func:`causal_mediation_plain`, the reference, used by the tests) up to float rounding
+(~1e-6 relative); ``chunk`` bounds memory and never changes the result. On SmolLM2-135M with
+gamma = 20 % (9,216 neurons) the cost is ~30 s of CPU time per noise sample on one core.
+
+Note what the scores are: the effect of *restoring* a neuron in the corrupted run. A neuron can
+carry much of the clean signal that the noise destroyed (high IE) while the clean run, which has
+other routes to the answer, barely notices when it is zeroed: IE is not an ablation effect.
 
 **Attribution patching** (:func:`attribution_patching`) estimates every neuron's IE to first order
 from one corrupted forward+backward per noise sample:
