@@ -31,6 +31,7 @@ def test_activation_heatmaps(tmp_path):
     p = viz.plot_activation_heatmaps(maps, tmp_path / "sub" / "act.png", title="Eiffel Tower",
                                      kns=[[3, 10], [20, 1000]])
     _check_png(p)
+    _check_png(viz.plot_activation_heatmaps(maps, tmp_path / "clipped.png", clip_quantile=0.99))
     with pytest.raises(ValueError):
         viz.plot_activation_heatmaps({"a": m, "b": m[:2]}, tmp_path / "bad.png")
 

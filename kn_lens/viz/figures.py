@@ -112,11 +112,14 @@ def _mark(ax, neurons: Sequence[Sequence[int]] | None, label: str = "KNs") -> No
 
 def plot_activation_heatmaps(maps: Mapping[str, Any], path: str | Path, *, title: str = "",
                              kns: Sequence[Sequence[int]] | None = None, cmap: str | None = None,
-                             max_columns: int = 384, dpi: int = DPI) -> Path:
+                             max_columns: int = 384, clip_quantile: float | None = None,
+                             dpi: int = DPI) -> Path:
     """Neuron activations (layer x neuron index), one panel per condition (e.g. "none",
     "suppressed", "enhanced": QL Fig. 1 / 7 / 10), on one shared colour scale. ``kns`` (a list of
     ``[layer, index]``) are circled in every panel. Wide maps are shown with the neuron axis pooled
-    to at most ``max_columns`` bins (each bin shows its largest-magnitude value)."""
+    to at most ``max_columns`` bins (each bin shows its largest-magnitude value). ``clip_quantile``
+    (e.g. 0.999) limits the colour scale to that quantile of |activation| so a few huge last-layer
+    values do not wash out the rest (the colour bar says so); None uses the full range."""
     if not maps:
         raise ValueError("no activation maps to plot")
     arrays = {k: _array(v, 2, f"map {k!r}") for k, v in maps.items()}
@@ -125,6 +128,14 @@ def plot_activation_heatmaps(maps: Mapping[str, Any], path: str | Path, *, title
         raise ValueError(f"activation maps differ in shape: {sorted(shapes)}")
     vmin = min(float(a.min()) for a in arrays.values())
     vmax = max(float(a.max()) for a in arrays.values())
+    label = "activation (mlp.hook_post)"
+    if clip_quantile is not None:
+        if not 0 < clip_quantile <= 1:
+            raise ConfigError(f"clip_quantile must be in (0, 1], got {clip_quantile!r}")
+        lim = float(np.quantile(np.abs(np.concatenate([a.ravel() for a in arrays.values()])),
+                                clip_quantile))
+        vmin, vmax = max(vmin, -lim), min(vmax, lim)
+        label += f", clipped at |a| <= {lim:.3g} ({clip_quantile:.1%} quantile)"
     if vmin == vmax:
         vmax = vmin + 1e-12
     n = len(arrays)
@@ -134,7 +145,7 @@ def plot_activation_heatmaps(maps: Mapping[str, Any], path: str | Path, *, title
         im = _heat(ax, a, vmin, vmax, cmap, max_columns)
         ax.set_title(name, fontsize=10)
         _mark(ax, kns)
-    _colorbar(fig, im, axes[:, 0].tolist(), "activation (mlp.hook_post)")
+    _colorbar(fig, im, axes[:, 0].tolist(), label)
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path, dpi)
