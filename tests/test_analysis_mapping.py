@@ -123,3 +123,47 @@ def test_bad_inputs(model):
         query_kn_mapping(model, {FACT: qs}, {FACT: [S()] * 2})
     with pytest.raises(ConfigError):
         MappingConfig(positions="first")
+
+
+@pytest.mark.real_model
+def test_real_model_own_kns_matter_more_than_random(default_model):
+    """On SmolLM2, suppressing a query's own KNs (FiNE contribution top-5, any locator works)
+    lowers P(answer) more than suppressing as many random neurons, and enhancing them raises it."""
+    from kn_lens.locate.contribution import contribution_scores, select_contribution_neurons
+    from kn_lens.neurons import random_like
+
+    m = default_model
+    rel = Relation("landmark_city", "landmark city",
+                   ("{} is located in the city of", "It is well known that {} is located in the city of"))
+    fact = Fact("The Eiffel Tower", "landmark_city", "Paris")
+    qs = queries_for_fact(m, fact, rel)
+    own = [select_contribution_neurons(contribution_scores(m, q)) for q in qs]
+    g = torch.Generator().manual_seed(0)
+    rnd = [random_like(s, m.cfg.n_layers, m.cfg.d_mlp, generator=g, exclude=s) for s in own]
+    cfg = MappingConfig(kinds=("self",))
+    a = query_kn_mapping(m, {fact: qs}, {fact: own}, config=cfg).get("self")
+    b = query_kn_mapping(m, {fact: qs}, {fact: rnd}, config=cfg).get("self")
+    assert a.sup > 0.1 and a.sup > b.sup + 0.05
+    assert a.enh > 0
+
+
+def test_batched_equals_one_by_one_with_scale_neurons(model):
+    qs = _queries(model)
+    g = torch.Generator().manual_seed(1)
+    sets = []
+    for _ in qs:
+        idx = torch.randperm(model.cfg.n_layers * model.cfg.d_mlp, generator=g)[:12].tolist()
+        sets.append(NeuronSet((i // model.cfg.d_mlp, i % model.cfg.d_mlp) for i in idx))
+    sets[2] = sets[2] | NeuronSet(list(sets[0])[:4]) | NeuronSet(list(sets[1])[:4])
+    for pos in ("answer", "all"):
+        a = query_kn_mapping(model, {FACT: qs}, {FACT: sets},
+                             config=MappingConfig(positions=pos, batched=True))
+        b = query_kn_mapping(model, {FACT: qs}, {FACT: sets},
+                             config=MappingConfig(positions=pos, batched=False))
+        for ra, rb in zip(a.queries, b.queries):
+            assert ra.p_before == pytest.approx(rb.p_before, rel=1e-5)
+            assert ra.sizes == rb.sizes
+            for k in ra.rel_suppress:
+                assert ra.rel_suppress[k] == pytest.approx(rb.rel_suppress[k], rel=1e-4, abs=2e-5)
+                assert ra.rel_enhance[k] == pytest.approx(rb.rel_enhance[k], rel=1e-4, abs=2e-5)
+    assert hooks.active_hook_count(model) == 0

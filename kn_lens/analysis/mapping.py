@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from kn_lens import hooks
 from kn_lens.errors import ConfigError, InvalidFactError
@@ -49,6 +50,8 @@ class MappingConfig:
     positions: Literal["answer", "last", "all"] = "answer"  # Dai et al.: the answer-predicting position
     refine_min_count: int = 2  # QL eq. 3 "refine": Σ 1[n ∈ N_j] > 1
     kinds: tuple[str, ...] = SET_KINDS
+    batched: bool = True  # all variants of a query in one forward (same numbers as one by one
+    #                       with hooks.scale_neurons, up to float rounding; tested)
 
     def __post_init__(self) -> None:
         if self.positions not in ("last", "answer", "all"):
@@ -161,6 +164,49 @@ def _prob(model, query: Query, neurons: NeuronSet | None, factor: float, mode: s
     return float(answer_probs(model, [query], fwd_hooks=fwd)[0])
 
 
+def _row_scaling_hooks(variants: Sequence[tuple[NeuronSet, float]], n_rows: int, positions,
+                       d_mlp: int) -> list:
+    """Per-row neuron scaling: row r + 1 scales ``variants[r]`` neurons by its factor (row 0 is the
+    clean run). One hook per layer that any variant touches."""
+    per_layer: dict[int, torch.Tensor] = {}
+    for r, (ns, factor) in enumerate(variants):
+        for n in ns:
+            mult = per_layer.setdefault(n.layer, torch.ones(n_rows, d_mlp))
+            mult[r + 1, n.index] = factor
+    pos = slice(None) if positions is None else (
+        [positions] if isinstance(positions, int) else list(positions))
+    out = []
+    for layer, mult in sorted(per_layer.items()):
+        def fn(act, hook, mult=mult):
+            act = act.clone()
+            m = mult.to(act.device, act.dtype)[:, None, :]
+            act[:, pos] = act[:, pos] * m
+            return act
+
+        out.append((hooks.mlp_post(layer), fn))
+    return out
+
+
+def _query_probs(model, q: Query, cand: dict, config: MappingConfig) -> tuple[float, dict, dict]:
+    """P before and P after each (kind, factor) variant for one query."""
+    pos = _positions(q, config.positions)
+    kinds = [k for k in config.kinds if len(cand[k])]
+    factors = (config.suppress_factor, config.enhance_factor)
+    variants = [(cand[k], f) for k in kinds for f in factors]
+    if config.batched:
+        fwd = _row_scaling_hooks(variants, len(variants) + 1, pos, model.cfg.d_mlp)
+        probs = answer_probs(model, [q] * (len(variants) + 1), fwd_hooks=fwd,
+                             batch_size=len(variants) + 1).tolist()
+    else:
+        probs = [_prob(model, q, None, 1.0, config.positions)]
+        probs += [_prob(model, q, ns, f, config.positions) for ns, f in variants]
+    p_b = probs[0]
+    sup, enh = {}, {}
+    for i, k in enumerate(kinds):
+        sup[k], enh[k] = probs[1 + 2 * i], probs[2 + 2 * i]
+    return p_b, sup, enh
+
+
 def query_kn_mapping(model, queries: Mapping[Fact, Sequence[Query]],
                      kn_sets: Mapping[Fact, Sequence[NeuronSet]], *,
                      config: MappingConfig = MappingConfig(),
@@ -185,19 +231,18 @@ def query_kn_mapping(model, queries: Mapping[Fact, Sequence[Query]],
             raise InvalidFactError(f"fact {fact.key()!r}: {len(qs)} queries but {len(sets)} KN sets")
         group = None if groups is None else groups.get(fact)
         for i, q in enumerate(qs):
-            p_b = _prob(model, q, None, 1.0, config.positions)
+            cand = neighbour_sets(sets, i, refine_min_count=config.refine_min_count)
+            p_b, p_sup, p_enh = _query_probs(model, q, cand, config)
             if not p_b > 0:
                 raise InvalidFactError(f"P(answer) is 0 for {q.prompt!r}: relative change undefined")
-            cand = neighbour_sets(sets, i, refine_min_count=config.refine_min_count)
             sizes, sup, enh = {}, {}, {}
             for kind in config.kinds:
-                ns = cand[kind]
-                sizes[kind] = len(ns)
-                if not len(ns):
+                sizes[kind] = len(cand[kind])
+                if kind not in p_sup:  # empty set: a no-op
                     sup[kind] = enh[kind] = 0.0
                     continue
-                sup[kind] = (_prob(model, q, ns, config.suppress_factor, config.positions) - p_b) / p_b
-                enh[kind] = (_prob(model, q, ns, config.enhance_factor, config.positions) - p_b) / p_b
+                sup[kind] = (p_sup[kind] - p_b) / p_b
+                enh[kind] = (p_enh[kind] - p_b) / p_b
             records.append(QueryMapping(fact, i, q.prompt, p_b, sizes, sup, enh, group))
     summary = []
     group_names = ["all"] + sorted({r.group for r in records if r.group is not None})
