@@ -434,7 +434,9 @@ def _pick_irrelevant(queries: Sequence[Query], seed: int | None) -> list[Query]:
     rng = random.Random(seed)
     out = []
     for q in queries:
-        pool = [o for o in queries if o.fact.key() != q.fact.key()]
+        # an "irrelevant fact" (QL 3.2.2): another relation when there is one, else another fact
+        pool = [o for o in queries if o.fact.relation != q.fact.relation]
+        pool = pool or [o for o in queries if o.fact.key() != q.fact.key()]
         if not pool:
             raise InvalidFactError(
                 "no irrelevant query: pass queries of at least two different facts, or `irrelevant=`")
@@ -451,7 +453,8 @@ def synapse_manipulation(model: "HookedTransformer", queries: Sequence[Query],
 
     ``kns[i]`` are the knowledge neurons of ``queries[i]`` (any locator). ``irrelevant[i]`` is the
     query whose synapses act as S_ir for ``queries[i]``; by default one is drawn at random (with
-    ``seed``) among the given queries of a different fact (QL: "randomly select").
+    ``seed``) among the given queries of another relation (of another fact when all share one
+    relation) (QL: "randomly select ... an irrelevant fact").
     """
     queries = list(queries)
     if not queries:
