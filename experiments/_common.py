@@ -123,3 +123,75 @@ def figure_path(args: argparse.Namespace, name: str) -> Path:
     p = folder / f"{name}_{args.model}.png"
     p.parent.mkdir(parents=True, exist_ok=True)
     return p
+
+
+# --------------------------------------------------------------------------- models and facts
+
+TINY_MODELS = ("tiny-gpt2", "tiny-llama")  # random models from kn_lens.testing (tests only)
+
+
+def load_experiment_model(name: str, seed: int = 0):
+    """``load_model(name)``, or a tiny random model for ``tiny-gpt2`` / ``tiny-llama`` (tests:
+    they know no facts, so pair them with ``--no-known-filter``)."""
+    if name in TINY_MODELS:
+        from kn_lens import testing
+
+        return getattr(testing, name.replace("-", "_"))(seed=seed)
+    from kn_lens.models import load_model
+
+    return load_model(name)
+
+
+def add_fact_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    ap.add_argument("--no-known-filter", action="store_true",
+                    help="use dataset facts without checking the model knows them (tiny test models)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0 = torch default); 1 is fastest on a busy machine")
+    return ap
+
+
+def choose_facts(args: argparse.Namespace, model, ds, n: int, *, n_relations: int | None = None,
+                 min_per_relation: int = 2) -> list[tuple[Any, int]]:
+    """``n`` (fact, template index) pairs, balanced over relations (round robin, seeded).
+
+    Known facts (answer top-1 on >= 60 % of templates) come from the full
+    ``results/known_facts_<model>.json`` when it exists, else are scored here on a candidate pool;
+    each fact's template is its best-ranked one. With ``--no-known-filter`` every dataset fact is
+    a candidate and template 0 is used. Relations with fewer than ``min_per_relation`` candidates
+    are left out; ``n_relations`` keeps the relations with the most candidates (ties by id).
+    """
+    import random
+
+    from kn_lens.datasets import known_facts
+    from kn_lens.datasets.known import KnownFacts
+
+    if args.no_known_filter:
+        pool = [(f, 0) for f in ds.facts]
+    else:
+        path = Path(args.results_dir) / f"known_facts_{args.model}.json"
+        if path.exists():
+            res = KnownFacts.from_dict(json.loads(path.read_text())["results"])
+        else:
+            per_rel = max(8, 3 * n // max(1, len(ds.relations)))
+            res = known_facts(model, ds.filter(limit_per_relation=per_rel).facts, ds)
+        pool = [(f, res.best_template(i)) for i, f in enumerate(res.facts) if res.known[i]]
+    by_rel: dict[str, list] = {}
+    for f, t in pool:
+        by_rel.setdefault(f.relation, []).append((f, t))
+    rels = sorted((r for r in by_rel if len(by_rel[r]) >= min_per_relation),
+                  key=lambda r: (-len(by_rel[r]), r))
+    if n_relations is not None:
+        rels = rels[:n_relations]
+    rng = random.Random(args.seed)
+    for r in rels:
+        rng.shuffle(by_rel[r])
+    out: list = []
+    i = 0
+    while len(out) < n and any(i < len(by_rel[r]) for r in rels):
+        out += [by_rel[r][i] for r in rels if i < len(by_rel[r])][: n - len(out)]
+        i += 1
+    if not out:
+        from kn_lens.errors import InvalidFactError
+
+        raise InvalidFactError(f"no facts to study for {args.model} (known-facts filter left none)")
+    return out
