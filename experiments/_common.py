@@ -145,7 +145,7 @@ def load_experiment_model(name: str, seed: int = 0):
 def add_fact_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--no-known-filter", action="store_true",
                     help="use dataset facts without checking the model knows them (tiny test models)")
-    ap.add_argument("--threads", type=int, default=0,
+    ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (0 = torch default); 1 is fastest on a busy machine")
     return ap
 
