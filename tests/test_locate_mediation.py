@@ -315,3 +315,17 @@ def test_zeroing_top_mediation_neurons_hurts_more_than_random(default_model, eif
              for r in _random_sets(top, m)]
     drop_rnd = max(sum(drops) / len(drops), 1e-6)
     assert p0 - p_top > 2 * drop_rnd, (p0, p_top, drops)
+
+
+def test_prune_options(gpt2_tiny):
+    q = make_query(gpt2_tiny, Fact("France", "capital", "Paris"), "The capital of {} is")
+    full = causal_mediation(gpt2_tiny, q, config=MediationConfig(n_noise=1, gamma=100))
+    none = causal_mediation(gpt2_tiny, q, config=MediationConfig(n_noise=1, prune="none", gamma=5))
+    assert torch.allclose(full.scores, none.scores)
+    atp = causal_mediation(gpt2_tiny, q, config=MediationConfig(n_noise=1, prune="atp", gamma=10))
+    searched = atp.extras["searched"]
+    assert int(searched.sum()) == round(0.10 * searched.numel())
+    # exact IE on the searched neurons equals the unpruned IE there
+    assert torch.allclose(atp.scores[searched], full.scores[searched], atol=1e-6)
+    with pytest.raises(ConfigError):
+        MediationConfig(prune="nope")
