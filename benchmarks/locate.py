@@ -1,0 +1,186 @@
+"""Speed, memory and agreement of every locator on a real model, in one run.
+
+    python benchmarks/locate.py                      # speed/memory table (default model)
+    python benchmarks/locate.py --behaviour 50       # + the ablation table over 50 known facts
+
+Prints (markdown):
+1. per method: seconds per query (mean over ``--queries`` single-token queries) and peak resident
+   memory of the process during the method;
+2. plain per-layer IG next to the fast IG, their ratio and max relative difference;
+3. attribution patching vs exact mediation (DNI-pruned, gamma = 20 %): Spearman over the searched
+   neurons and overlap of the top 1 %;
+4. with ``--behaviour N``: over N known facts, the drop of P(answer) when zeroing each method's top
+   0.1 % neurons vs as many random neurons (3 draws per fact).
+Timings depend on the machine and its load; the thread count is printed with them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import threading
+import time
+
+import psutil
+import torch
+
+from kn_lens import hooks
+from kn_lens.datasets import builtin_dataset, known_facts
+from kn_lens.facts import answer_probs, make_query
+from kn_lens.locate import IGConfig, integrated_gradients_plain, locate
+from kn_lens.locate.mediation import AtPConfig, MediationConfig, mediation_agreement
+from kn_lens.models import load_model
+from kn_lens.neurons import random_like, top_fraction
+
+SPEED_METHODS = {
+    "contribution": None,
+    "ig": IGConfig(steps=20),
+    "ig_eos": IGConfig(steps=20, baseline="eos"),
+    "atp": AtPConfig(n_noise=1),
+    "mediation": MediationConfig(n_noise=1, gamma=20.0),  # DNI-pruned, TNF-DA eq. 6-7
+    "mediation (prune=atp)": MediationConfig(n_noise=1, gamma=20.0, prune="atp"),
+}
+BEHAVIOUR_METHODS = {
+    "contribution": None,
+    "ig": IGConfig(steps=20),
+    "atp": AtPConfig(n_noise=1),
+    "mediation (prune=atp, 5 %)": MediationConfig(n_noise=1, gamma=5.0, prune="atp"),
+    "mediation (DNI, 5 %)": MediationConfig(n_noise=1, gamma=5.0),
+}
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self):
+        self._proc, self._stop, self.peak = psutil.Process(os.getpid()), False, 0
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def _method(name: str) -> str:
+    return name.split(" ")[0]
+
+
+def known_queries(model, n: int, seed: int):
+    ds = builtin_dataset()
+    rng = random.Random(seed)
+    facts = list(ds.facts)
+    rng.shuffle(facts)
+    out = []
+    for s in range(0, len(facts), 200):
+        kf = known_facts(model, facts[s:s + 200], ds)
+        for i, f in enumerate(kf.facts):
+            if kf.known[i]:
+                t = kf.best_template(i)
+                q = make_query(model, f, ds.relations[f.relation].templates[t], template_index=t)
+                if q.n_answer == 1:
+                    out.append(q)
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+def speed(model, queries, plain_queries: int) -> None:
+    print(f"\n### Speed and memory ({len(queries)} single-token queries, "
+          f"torch threads {torch.get_num_threads()})\n")
+    print("| method | s / query | peak RSS (GiB) |")
+    print("|---|---:|---:|")
+    results = {}
+    for name, cfg in SPEED_METHODS.items():
+        locate(model, queries[:1], method=_method(name), config=cfg, progress=False)  # warm-up
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            results[name] = locate(model, queries, method=_method(name), config=cfg, progress=False)
+            dt = (time.perf_counter() - t0) / len(queries)
+        print(f"| {name} | {dt:.2f} | {mem.peak / 2**30:.2f} |", flush=True)
+
+    print("\n### Fast vs plain integrated gradients (m = 20, all layers)\n")
+    print("| query | plain (s) | fast (s) | speed-up | max rel. diff |")
+    print("|---|---:|---:|---:|---:|")
+    for q, fast in zip(queries[:plain_queries], results["ig"]):
+        t0 = time.perf_counter()
+        (f2,) = locate(model, [q], method="ig", config=SPEED_METHODS["ig"], progress=False)
+        tf = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plain = integrated_gradients_plain(model, q, config=SPEED_METHODS["ig"])
+        tp = time.perf_counter() - t0
+        rel = float((f2.scores - plain.scores).abs().max() / plain.scores.abs().max())
+        print(f"| {q.prompt}{q.answer} | {tp:.1f} | {tf:.1f} | {tp / tf:.1f}x | {rel:.1e} |",
+              flush=True)
+
+    print("\n### Attribution patching vs exact mediation (DNI-pruned, gamma = 20 %, 1 noise sample)\n")
+    print("| query | Spearman (searched neurons) | top-1 % overlap | searched |")
+    print("|---|---:|---:|---:|")
+    for q, atp, exact in zip(queries, results["atp"], results["mediation"]):
+        ag = mediation_agreement(exact, atp)
+        print(f"| {q.prompt}{q.answer} | {ag.spearman:.4f} | {ag.top_overlap:.3f} | "
+              f"{ag.n_searched} |")
+
+
+def behaviour(model, queries, seed: int) -> None:
+    L, d = model.cfg.n_layers, model.cfg.d_mlp
+    k = round(0.001 * L * d)
+    print(f"\n### Zeroing the top 0.1 % ({k}) neurons vs {k} random neurons, {len(queries)} known "
+          "facts\n")
+    print("| method | mean P before | mean drop (top) | mean drop (random) | ratio | facts where "
+          "top > 2x random | s / query |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    p0 = answer_probs(model, queries).tolist()
+    for name, cfg in BEHAVIOUR_METHODS.items():
+        gen = torch.Generator().manual_seed(seed)
+        t0 = time.perf_counter()
+        scores = locate(model, queries, method=_method(name), config=cfg, progress=False)
+        dt = (time.perf_counter() - t0) / len(queries)
+        top_d, rnd_d, wins = [], [], 0
+        for q, s, base in zip(queries, scores, p0):
+            top = top_fraction(s, 0.001)
+            dt_ = base - float(answer_probs(model, [q], fwd_hooks=hooks.scale_neurons(top, 0.0))[0])
+            rd = [base - float(answer_probs(model, [q], fwd_hooks=hooks.scale_neurons(
+                random_like(top, L, d, generator=gen, exclude=top), 0.0))[0]) for _ in range(3)]
+            top_d.append(dt_)
+            rnd_d.append(statistics.mean(rd))
+            wins += dt_ > 2 * max(statistics.mean(rd), 0.0)
+        mt, mr = statistics.mean(top_d), statistics.mean(rnd_d)
+        print(f"| {name} | {statistics.mean(p0):.3f} | {mt:.3f} | {mr:.4f} | "
+              f"{mt / mr if mr > 0 else float('inf'):.0f}x | {wins}/{len(queries)} | {dt:.1f} |",
+              flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--queries", type=int, default=3, help="queries for the speed table")
+    ap.add_argument("--plain-queries", type=int, default=1)
+    ap.add_argument("--behaviour", type=int, default=0, help="facts for the ablation table")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    info = model.kn_info
+    print(f"model {info.name}: {info.n_layers} layers x {info.d_mlp} neurons; cpu count "
+          f"{os.cpu_count()}; load average {os.getloadavg()[0]:.1f}")
+    queries = known_queries(model, max(args.queries, args.behaviour), args.seed)
+    if not args.skip_speed:
+        speed(model, queries[: args.queries], args.plain_queries)
+    if args.behaviour:
+        behaviour(model, queries[: args.behaviour], args.seed)
+
+
+if __name__ == "__main__":
+    main()
