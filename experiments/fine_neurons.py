@@ -1,0 +1,142 @@
+"""FiNE localisation analyses: layer distribution of the located neurons (Fig. 4) and the top
+tokens of neurons through W_U W_out (Table 6).
+
+Per known fact (one query: its best template), contribution scores (FiNE eq. 3) and FiNE's
+selection: the top k = 5 neurons per answer token, the last l_f = 3 layers frozen, united over
+tokens. Fig. 4 counts unique neurons over all facts (and, for comparison, with repeats). Table 6:
+(a) the paper's format for one example fact, its top-3 neurons with contribution score and top-5
+tokens; (b) the neurons selected for the most facts, with their top-5 tokens.
+
+    python experiments/fine_neurons.py --quick
+    python experiments/fine_neurons.py                # full: 200 facts
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import _common  # noqa: E402
+
+NAME = "fine_neurons"
+
+
+def compute(args) -> None:
+    import torch
+
+    from kn_lens.analysis import layer_distribution, neuron_top_tokens
+    from kn_lens.datasets import builtin_dataset
+    from kn_lens.facts import make_query
+    from kn_lens.locate import ContributionConfig, locate, select_contribution_neurons
+    from kn_lens.models import model_info
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    n = args.n_facts or (30 if args.quick else 200)
+    ds = builtin_dataset()
+    model = _common.load_experiment_model(args.model, args.seed)
+    chosen = _common.choose_facts(args, model, ds, n)
+    queries = [make_query(model, f, ds.relation(f.relation).templates[t], template_index=t)
+               for f, t in chosen]
+    cfg = ContributionConfig(k=args.k, freeze_last=args.freeze_last)
+    t0 = time.time()
+    scores = locate(model, queries, "contribution", config=cfg)
+    secs = time.time() - t0
+    sets = [select_contribution_neurons(s, cfg) for s in scores]
+    L = model.cfg.n_layers
+    uniq = layer_distribution(sets, L, unique=True)
+    rep = layer_distribution(sets, L, unique=False)
+    counts = Counter(nn for s in sets for nn in s)
+    frequent = counts.most_common(args.n_frequent)
+    freq_rows = []
+    for nt, (nn, c) in zip(neuron_top_tokens(model, [nn for nn, _ in frequent], k=5), frequent):
+        freq_rows.append({"neuron": [nn.layer, nn.index], "n_facts": c, "tokens": list(nt.tokens),
+                          "logits": list(nt.logits)})
+    # the paper's Table 6 layout for one example fact: its top-3 selected neurons by score
+    example = []
+    for (f, _), q, s, kn in list(zip(chosen, queries, scores, sets))[: args.n_examples]:
+        rows = neuron_top_tokens(model, list(kn), k=5, scores=s)[:3]
+        example.append({"prompt": q.prompt, "answer": q.answer, "subject": f.subject,
+                        "relation": f.relation,
+                        "neurons": [{"neuron": [r.neuron.layer, r.neuron.index], "score": r.score,
+                                     "tokens": list(r.tokens)} for r in rows]})
+    facts = [{"subject": f.subject, "relation": f.relation, "object": f.object, "template": t,
+              "prompt": q.prompt, "answer": q.answer, "n_answer_tokens": len(q.answer_ids),
+              "neurons": [[nn.layer, nn.index] for nn in sorted(kn, key=lambda x: (x.layer, x.index))]}
+             for (f, t), q, kn in zip(chosen, queries, sets)]
+    sizes = [len(s) for s in sets]
+    payload = {
+        "n_facts": len(facts), "n_layers": L, "facts": facts,
+        "layer_distribution_unique": uniq.to_dict(), "layer_distribution_repeats": rep.to_dict(),
+        "mean_layer_unique": uniq.mean_layer(), "mean_layer_repeats": rep.mean_layer(),
+        "mean_neurons_per_fact": sum(sizes) / len(sizes), "n_unique_neurons": uniq.total,
+        "frequent_neurons": freq_rows, "examples": example,
+        "seconds_per_fact": secs / len(queries), "known_filter": not args.no_known_filter,
+    }
+    _common.save_results(args, NAME, payload, {"contribution": cfg, "n_facts_requested": n},
+                         model_info(model), started)
+
+
+def report(args) -> None:
+    from kn_lens.analysis.consistency import markdown_table
+    from kn_lens.viz import plot_layer_distribution, plot_table
+
+    doc = _common.load_results(args, NAME)
+    r = doc["results"]
+    c = doc["config"]["contribution"]
+    u, p = r["layer_distribution_unique"], r["layer_distribution_repeats"]
+    L = r["n_layers"]
+    print(f"## FiNE neurons: {args.model} ({doc['mode']}, {r['n_facts']} facts; top-{c['k']} per "
+          f"answer token, last {c['freeze_last']} layers frozen)\n")
+    print(f"{r['mean_neurons_per_fact']:.1f} neurons per fact, {r['n_unique_neurons']} unique; mean "
+          f"layer {r['mean_layer_unique']:.1f} (unique) / {r['mean_layer_repeats']:.1f} (with repeats) "
+          f"of 0..{L - 1}; {r['seconds_per_fact']:.2f} s/fact.\n")
+    top_half = sum(u["counts"][L // 2:]) / max(1, u["total"])
+    print(f"Share of unique neurons in the upper half of the layers: {top_half:.1%}\n")
+    print(markdown_table([{"layer": l, "unique": cu, "share": round(su, 3), "with repeats": cp}
+                          for l, (cu, su, cp) in enumerate(zip(u["counts"], u["shares"], p["counts"]))
+                          if cu or cp]))
+    plot_layer_distribution({"unique neurons": u["counts"], "with repeats": p["counts"]},
+                            _common.figure_path(args, "fine_fig4"),
+                            title=f"FiNE Fig. 4: layers of located neurons ({args.model}, "
+                                  f"{r['n_facts']} facts)")
+    print("\n### Table 6 (example facts: top-3 neurons by contribution score, top-5 tokens)\n")
+    rows = []
+    for e in r["examples"]:
+        for nn in e["neurons"]:
+            rows.append({"query": f"{e['prompt']} →{e['answer']}",
+                         "neuron": f"L{nn['neuron'][0]}.U{nn['neuron'][1]}",
+                         "score": round(nn["score"], 3), "top-5 tokens": _toks(nn["tokens"])})
+    print(markdown_table(rows))
+    print("\n### Most frequently selected neurons and their top-5 tokens (W_out[l][i] @ W_U)\n")
+    frows = [{"neuron": f"L{x['neuron'][0]}.U{x['neuron'][1]}", "facts": x["n_facts"],
+              "top-5 tokens": _toks(x["tokens"])} for x in r["frequent_neurons"]]
+    print(markdown_table(frows))
+    plot_table([[x["neuron"], x["facts"], x["top-5 tokens"]] for x in frows],
+               ["neuron", "facts", "top-5 tokens"], _common.figure_path(args, "fine_table6"),
+               title=f"FiNE Table 6 style: most frequent neurons ({args.model})")
+
+
+def _toks(tokens) -> str:
+    return ", ".join(repr(t) for t in tokens).replace("|", "\\|")
+
+
+def main(argv=None) -> None:
+    ap = _common.add_fact_args(_common.parser(__doc__.splitlines()[0]))
+    ap.add_argument("--k", type=int, default=5, help="FiNE App. C: top-k per answer token")
+    ap.add_argument("--freeze-last", type=int, default=3, help="FiNE §4.3: frozen last layers")
+    ap.add_argument("--n-frequent", type=int, default=10)
+    ap.add_argument("--n-examples", type=int, default=2)
+    args = ap.parse_args(argv)
+    if not args.plot_only:
+        compute(args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Query Localization §3.2 (Dynamic KN Selection): the predominance score P (Fig. 5), suppressing /
+enhancing knowledge synapses of the query itself vs of an irrelevant query (Fig. 6), and neuron
+activation heatmaps with synapses untouched / suppressed / enhanced (Fig. 7 / 10).
+
+Per known fact, every template of its relation is a neighbour query (QL's k queries). KNs are
+located on every query (``--locator contribution``: FiNE top-5 per answer token, last 3 layers
+frozen; ``--locator ig``: integrated gradients, > 0.2 x max, Dai et al.), the facts are split into
+K_I / K_II by CS2 (QL eq. 1, static threshold 0.1, QL App. Table 4) from those KN sets, and P
+(QL eq. 4: most attended key token, counted over the k queries) is computed per fact. The
+suppress (x0) / enhance (x2) test runs on each fact's best template with that query's KNs; the
+irrelevant synapses come from a query of another relation (seeded). ΔValue / ΔProb are signed as
+in the paper (+ = change in the expected direction).
+
+    python experiments/ql_synapses.py --quick            # contribution KNs
+    python experiments/ql_synapses.py                    # full: 200 facts, IG KNs
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import _common  # noqa: E402
+
+NAME = "ql_synapses"
+CONDITIONS = ("self_enhance", "self_suppress", "self_avg",
+              "irrelevant_enhance", "irrelevant_suppress", "irrelevant_avg")
+
+
+def _selection(args):
+    from kn_lens.analysis import KNSelection
+
+    if args.locator == "contribution":  # FiNE App. C / §4.3
+        return KNSelection(rule="top_k_per_token", k=5, freeze_last=args.freeze_last)
+    return KNSelection(rule="threshold_relative", ratio=0.2)  # Dai et al. (QL App. A.4)
+
+
+def compute(args) -> None:
+    import torch
+
+    from kn_lens.analysis import ConsistencyConfig, consistency_analysis, select_kns
+    from kn_lens.analysis.synapses import (SynapseManipulationConfig, SynapseManipulationResult,
+                                           activation_maps, knowledge_synapses,
+                                           predominance_score, synapse_manipulation)
+    from kn_lens.datasets import builtin_dataset
+    from kn_lens.facts import queries_for_fact
+    from kn_lens.locate import locate
+    from kn_lens.models import model_info
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    n = args.n_facts or (8 if args.quick else 200)
+    ds = builtin_dataset()
+    model = _common.load_experiment_model(args.model, args.seed)
+    chosen = _common.choose_facts(args, model, ds, n, n_relations=4 if args.quick else None)
+    per_fact = [queries_for_fact(model, f, ds.relation(f.relation)) for f, _ in chosen]
+    flat = [q for qs in per_fact for q in qs]
+    t0 = time.time()
+    scores = locate(model, flat, args.locator)
+    locate_seconds = time.time() - t0
+    sel = _selection(args)
+    sets = [select_kns(s, sel) for s in scores]
+    kn_by_fact, i = {}, 0
+    for (f, _), qs in zip(chosen, per_fact):
+        kn_by_fact[f] = sets[i: i + len(qs)]
+        i += len(qs)
+    cons = consistency_analysis(kn_by_fact, config=ConsistencyConfig(), method=args.locator,
+                                model=model_info(model))
+    labels = cons.labels.get("static", {})
+
+    facts, mains, main_kns = [], [], []
+    for (f, t), qs in zip(chosen, per_fact):
+        pred = predominance_score(model, qs)
+        pred0 = predominance_score(model, qs, ignore_first=True)
+        fc = next(x for x in cons.facts if x.fact == f)
+        facts.append({"subject": f.subject, "relation": f.relation, "object": f.object,
+                      "template": t, "k": len(qs), "label": labels.get(f),
+                      "cs2": None if math.isnan(fc.cs2) else fc.cs2,
+                      "P": pred.score, "most_attended": list(pred.most_attended_text),
+                      "P_ignore_first": pred0.score,
+                      "most_attended_ignore_first": list(pred0.most_attended_text),
+                      "kn_sizes": [len(s) for s in kn_by_fact[f]]})
+        mains.append(qs[t])
+        main_kns.append(kn_by_fact[f][t])
+    mcfg = SynapseManipulationConfig()
+    t0 = time.time()
+    res = synapse_manipulation(model, mains, main_kns, config=mcfg, seed=args.seed)
+    manip_seconds = time.time() - t0
+    summaries = {"all": res.summary()}
+    for g in ("K_I", "K_II"):
+        eff = tuple(e for e, fd in zip(res.effects, facts) if fd["label"] == g)
+        if eff:
+            summaries[g] = SynapseManipulationResult(eff, res.config, res.model, res.seed).summary()
+    # Fig. 7 / 10: one query's activation maps
+    q0, kn0 = mains[args.example], main_kns[args.example]
+    syn0 = knowledge_synapses(model, q0, config=mcfg.synapses)
+    maps = activation_maps(model, q0, synapses=syn0, config=mcfg)
+    payload = {
+        "n_facts": len(facts), "locator": args.locator, "facts": facts,
+        "consistency_rows": cons.to_dict()["rows"],
+        "summary": summaries, "effects": [e.to_dict() for e in res.effects],
+        "heatmap": {"prompt": q0.prompt, "answer": q0.answer, "n_synapses": len(syn0),
+                    "synapses_per_position": syn0.per_position(), "tokens": list(syn0.tokens),
+                    "kns": [[x.layer, x.index] for x in kn0],
+                    "maps": {k: [[round(float(v), 4) for v in row] for row in m.tolist()]
+                             for k, m in maps.maps.items()}},
+        "seconds": {"locate_per_query": locate_seconds / len(flat),
+                    "manipulation_per_query": manip_seconds / len(mains)},
+        "known_filter": not args.no_known_filter,
+    }
+    config = {"locator": args.locator, "selection": sel, "manipulation": mcfg,
+              "consistency": ConsistencyConfig(), "n_facts_requested": n,
+              "p_axis": "key", "example": args.example}
+    _common.save_results(args, NAME, payload, config, model_info(model), started)
+
+
+def report(args) -> None:
+    import numpy as np
+
+    from kn_lens.analysis.consistency import markdown_table
+    from kn_lens.viz import plot_activation_heatmaps, plot_cs_histogram, plot_synapse_effects
+
+    doc = _common.load_results(args, NAME)
+    r = doc["results"]
+    facts = r["facts"]
+    print(f"## QL synapses: {args.model} ({doc['mode']}, {r['n_facts']} facts, KNs from "
+          f"{r['locator']}, static CS2 threshold 0.1)\n")
+    groups = {g: [f for f in facts if f["label"] == g] for g in ("K_I", "K_II")}
+    groups = {g: v for g, v in groups.items() if v}
+    split = len(groups) == 2
+    if not split:
+        print("K_I/K_II split degenerate here (one group empty or CS undefined): P over all facts.\n")
+    rows = []
+    for g, fs in ({"all": facts} | groups).items():
+        p = np.array([f["P"] for f in fs])
+        p0 = np.array([f["P_ignore_first"] for f in fs])
+        rows.append({"facts": g, "n": len(fs), "mean P": round(float(p.mean()), 3),
+                     "P = 1": f"{float((p == 1).mean()):.0%}",
+                     "mean P (key 0 ignored)": round(float(p0.mean()), 3)})
+    print(markdown_table(rows))
+    from collections import Counter
+    top = Counter(t for f in facts for t in f["most_attended"]).most_common(5)
+    top0 = Counter(t for f in facts for t in f["most_attended_ignore_first"]).most_common(5)
+    print(f"\nmost attended tokens t_i: {top}; with key 0 ignored: {top0}\n")
+    hist = ({g: [f["P"] for f in fs] for g, fs in groups.items()} if split
+            else {"all facts": [f["P"] for f in facts]})
+    plot_cs_histogram(hist, _common.figure_path(args, "ql_fig5"), bins=12,
+                      xlabel="predominance score P (QL eq. 4)",
+                      title=f"QL Fig. 5: P ({args.model}, {r['n_facts']} facts)")
+    print("### Fig. 6: signed relative change (mean over queries; NaNs skipped)\n")
+    trows = []
+    for g, s in r["summary"].items():
+        for metric in ("delta_value", "delta_prob"):
+            row = {"facts": g, "metric": metric}
+            for c in CONDITIONS:
+                v = s[metric].get(c)
+                row[c] = None if v is None or not math.isfinite(v) else round(v, 3)
+            trows.append(row)
+    print(markdown_table(trows))
+    for g, s in r["summary"].items():
+        suffix = "" if g == "all" else f"_{g}"
+        s = {m: {c: float("nan") if v is None else v for c, v in row.items()} for m, row in s.items()}
+        plot_synapse_effects(s, _common.figure_path(args, f"ql_fig6{suffix}"),
+                             title=f"QL Fig. 6 ({args.model}, {g}, KNs: {r['locator']})")
+    h = r["heatmap"]
+    print(f"\nHeatmap query: {h['prompt']!r} -> {h['answer']!r}, {h['n_synapses']} synapses, "
+          f"per position {list(zip(h['tokens'], h['synapses_per_position']))}")
+    kn = h["kns"]
+    maps = {k: np.array(v) for k, v in h["maps"].items()}
+    vals = {k: float(np.mean([m[a][b] for a, b in kn])) for k, m in maps.items()}
+    print("KN mean activation: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
+    plot_activation_heatmaps(maps, _common.figure_path(args, "ql_fig7_10"), kns=kn,
+                             clip_quantile=0.999,
+                             title=f"QL Fig. 7/10: {h['prompt']}{h['answer']} ({args.model})")
+
+
+def main(argv=None) -> None:
+    ap = _common.add_fact_args(_common.parser(__doc__.splitlines()[0]))
+    ap.add_argument("--locator", choices=["contribution", "ig"], default=None,
+                    help="KN locator (default: contribution with --quick, ig otherwise)")
+    ap.add_argument("--freeze-last", type=int, default=3, help="contribution KNs: frozen last layers")
+    ap.add_argument("--example", type=int, default=0, help="fact index for the heatmaps")
+    args = ap.parse_args(argv)
+    if args.locator is None:
+        args.locator = "contribution" if args.quick else "ig"
+    if not args.plot_only:
+        compute(args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
