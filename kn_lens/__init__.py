@@ -7,6 +7,13 @@ from kn_lens.facts import (EditRequest, Fact, LabelledPrompt, Prediction, Query,
                            query_from_prompt)
 from kn_lens.models import DEFAULT_MODEL, ModelInfo, load_model, model_info, prepare_model
 from kn_lens.neurons import Neuron, NeuronScores, NeuronSet
+from kn_lens.locate import (METHODS, ContributionConfig, IGConfig, agreement, available_methods,
+                            contribution_scores, integrated_gradients, locate)
+from kn_lens.locate.mediation import (AtPConfig, MediationConfig, attribution_patching,
+                                      causal_mediation)
+from kn_lens.edit import Edit, KNEditConfig, WeightDelta, compose
+from kn_lens.evaluate import EditMetrics, evaluate_edit, perplexity, reference_slices
+from kn_lens.datasets import Dataset, build_edit_requests, builtin_dataset, known_facts
 
 __version__ = "0.1.0"
 
@@ -17,4 +24,10 @@ __all__ = [
     "answer_probs", "make_query", "predict", "queries_for_fact", "query_from_prompt",
     "DEFAULT_MODEL", "ModelInfo", "load_model", "model_info", "prepare_model",
     "Neuron", "NeuronScores", "NeuronSet",
+    "METHODS", "ContributionConfig", "IGConfig", "agreement", "available_methods",
+    "contribution_scores", "integrated_gradients", "locate",
+    "AtPConfig", "MediationConfig", "attribution_patching", "causal_mediation",
+    "Edit", "KNEditConfig", "WeightDelta", "compose",
+    "EditMetrics", "evaluate_edit", "perplexity", "reference_slices",
+    "Dataset", "build_edit_requests", "builtin_dataset", "known_facts",
 ]

@@ -56,6 +56,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_locate(args: argparse.Namespace) -> int:
+    from kn_lens.facts import query_from_prompt
+    from kn_lens.locate import available_methods, locate
+    from kn_lens.models import load_model
+    from kn_lens.neurons import top_k
+
+    model = load_model(args.model)
+    q = query_from_prompt(model, args.prompt, args.answer)
+    methods = available_methods() if args.method == "all" else args.method.split(",")
+    for method in methods:
+        if method == "ig_plain":
+            continue
+        t0 = time.perf_counter()
+        (s,) = locate(model, [q], method=method, progress=False)
+        top = top_k(s, args.k)
+        vals = ", ".join(f"{n} {float(s.scores[n.layer, n.index]):.3g}"
+                         for n in sorted(top, key=lambda n: -float(s.scores[n.layer, n.index])))
+        print(f"{method:13s} {time.perf_counter() - t0:6.1f} s  top-{args.k}: {vals}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kn-lens",
@@ -80,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-facts", type=int, default=8)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_demo)
+
+    lo = sub.add_parser("locate", help="score every FFN neuron for a prompt and answer")
+    lo.add_argument("prompt")
+    lo.add_argument("answer", help="the expected continuation, without leading space")
+    lo.add_argument("--method", default="contribution",
+                    help="ig, ig_eos, contribution, mediation, atp, a comma list, or all")
+    lo.add_argument("--model", default=None)
+    lo.add_argument("-k", type=int, default=10)
+    lo.set_defaults(func=_cmd_locate)
 
     pr = sub.add_parser("predict", help="top next tokens after a prompt")
     pr.add_argument("prompt")
