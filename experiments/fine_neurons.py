@@ -28,7 +28,7 @@ NAME = "fine_neurons"
 def compute(args) -> None:
     import torch
 
-    from kn_lens.analysis import layer_distribution, neuron_top_tokens
+    from kn_lens.analysis import layer_distribution, neuron_top_tokens, neuron_vocab_logits
     from kn_lens.datasets import builtin_dataset
     from kn_lens.facts import make_query
     from kn_lens.locate import ContributionConfig, locate, select_contribution_neurons
@@ -53,18 +53,45 @@ def compute(args) -> None:
     rep = layer_distribution(sets, L, unique=False)
     counts = Counter(nn for s in sets for nn in s)
     frequent = counts.most_common(args.n_frequent)
+
+    # Gated (SiLU) MLPs have signed activations: a neuron with a negative activation writes
+    # -W_out[l][i], so its tokens "as written" are the top tokens of sign(act) x W_out[l][i] @ W_U.
+    def sign_of(sc, nn) -> float:
+        tok = sc.per_token[:, nn.layer, nn.index]
+        t = int(tok.abs().argmax())
+        d = float(neuron_vocab_logits(model, nn)[sc.query.answer_ids[t]])
+        return 1.0 if (float(tok[t]) >= 0) == (d >= 0) else -1.0
+
+    def signed_tokens(nn, sign: float, answer_id: int | None = None):
+        lg = sign * neuron_vocab_logits(model, nn).float()
+        ids = lg.topk(5).indices.tolist()
+        rank = None if answer_id is None else int((lg > lg[answer_id]).sum())
+        return [model.tokenizer.decode([i]) for i in ids], rank
+
+    signs: dict = {}
+    for sc, kn in zip(scores, sets):
+        for nn in kn:
+            signs.setdefault(nn, []).append(sign_of(sc, nn))
     freq_rows = []
     for nt, (nn, c) in zip(neuron_top_tokens(model, [nn for nn, _ in frequent], k=5), frequent):
+        n_neg = sum(1 for x in signs[nn] if x < 0)
+        major = -1.0 if n_neg > c / 2 else 1.0
         freq_rows.append({"neuron": [nn.layer, nn.index], "n_facts": c, "tokens": list(nt.tokens),
-                          "logits": list(nt.logits)})
+                          "logits": list(nt.logits), "n_negative_activation": n_neg,
+                          "signed_tokens": signed_tokens(nn, major)[0]})
     # the paper's Table 6 layout for one example fact: its top-3 selected neurons by score
     example = []
     for (f, _), q, s, kn in list(zip(chosen, queries, scores, sets))[: args.n_examples]:
         rows = neuron_top_tokens(model, list(kn), k=5, scores=s)[:3]
+        ex_rows = []
+        for r in rows:
+            sg = sign_of(s, r.neuron)
+            st, rank = signed_tokens(r.neuron, sg, q.answer_ids[0])
+            ex_rows.append({"neuron": [r.neuron.layer, r.neuron.index], "score": r.score,
+                            "tokens": list(r.tokens), "activation_sign": sg,
+                            "signed_tokens": st, "answer_rank_signed": rank})
         example.append({"prompt": q.prompt, "answer": q.answer, "subject": f.subject,
-                        "relation": f.relation,
-                        "neurons": [{"neuron": [r.neuron.layer, r.neuron.index], "score": r.score,
-                                     "tokens": list(r.tokens)} for r in rows]})
+                        "relation": f.relation, "neurons": ex_rows})
     facts = [{"subject": f.subject, "relation": f.relation, "object": f.object, "template": t,
               "prompt": q.prompt, "answer": q.answer, "n_answer_tokens": len(q.answer_ids),
               "neurons": [[nn.layer, nn.index] for nn in sorted(kn, key=lambda x: (x.layer, x.index))]}
@@ -111,14 +138,20 @@ def report(args) -> None:
         for nn in e["neurons"]:
             rows.append({"query": f"{e['prompt']} →{e['answer']}",
                          "neuron": f"L{nn['neuron'][0]}.U{nn['neuron'][1]}",
-                         "score": round(nn["score"], 3), "top-5 tokens": _toks(nn["tokens"])})
+                         "score": round(nn["score"], 3), "act": "+" if nn["activation_sign"] > 0 else "-",
+                         "top-5 tokens (sign x W_out W_U)": _toks(nn["signed_tokens"]),
+                         "answer rank": nn["answer_rank_signed"],
+                         "top-5 tokens (W_out W_U)": _toks(nn["tokens"])})
     print(markdown_table(rows))
-    print("\n### Most frequently selected neurons and their top-5 tokens (W_out[l][i] @ W_U)\n")
+    print("\n### Most frequently selected neurons and their top-5 tokens (W_out[l][i] @ W_U; "
+          "sign-adjusted by the neuron's majority activation sign where selected)\n")
     frows = [{"neuron": f"L{x['neuron'][0]}.U{x['neuron'][1]}", "facts": x["n_facts"],
-              "top-5 tokens": _toks(x["tokens"])} for x in r["frequent_neurons"]]
+              "act < 0": x["n_negative_activation"],
+              "top-5 tokens (majority sign x W_out W_U)": _toks(x["signed_tokens"]),
+              "top-5 tokens (W_out W_U)": _toks(x["tokens"])} for x in r["frequent_neurons"]]
     print(markdown_table(frows))
-    plot_table([[x["neuron"], x["facts"], x["top-5 tokens"]] for x in frows],
-               ["neuron", "facts", "top-5 tokens"], _common.figure_path(args, "fine_table6"),
+    plot_table([[x["neuron"], x["facts"], x["top-5 tokens (majority sign x W_out W_U)"]] for x in frows],
+               ["neuron", "facts", "top-5 tokens (sign-adjusted)"], _common.figure_path(args, "fine_table6"),
                title=f"FiNE Table 6 style: most frequent neurons ({args.model})")
 
 
