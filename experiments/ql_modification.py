@@ -1,0 +1,143 @@
+"""QL Tables 2 and 3: erase / update known facts through their KNs — N_i (the edited query's own
+KNs) vs N_g (union over the fact's queries) vs CAS (consistency-aware score, QL eq. 7), K_I vs K_II.
+
+Per fact (scores cached by ``locate_facts.py`` for ``--method``, IG by default), each selection is
+erased / updated with ``kn_lens.edit`` (QL eq. 2) and judged with ``kn_lens.evaluate``:
+Rel on the edited query, Gen on the fact's other templates, Loc on ``--n-locality`` known facts
+outside the sample (first template; other subjects, mostly other relations), dPPL = relative
+perplexity change on ``--ppl-slices`` reference slices (fixed seed). The driver is
+``kn_lens.analysis.compare_kn_selections``. Table 2 = N_i/N_g rows split by K_I/K_II (static
+threshold on CS2); Table 3 = N_i/N_g/CAS over all facts.
+
+    python experiments/ql_modification.py --quick          # edits q_1 of each fact
+    python experiments/ql_modification.py                   # edits every q_i (QL)
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+import _common  # noqa: E402
+import locate_facts  # noqa: E402
+
+NAME = "ql_modification"
+METRICS = ("Rel", "Gen", "Loc", "Avg", "dPPL")
+
+
+def pick_new_objects(model, ds, facts, seed: int) -> dict:
+    """Update targets (QL eq. 2): per fact, a seeded choice among the dataset's other objects of the
+    same relation whose first token differs from the true answer's (else among all objects)."""
+    import random
+
+    from kn_lens.edit.kn import token_of
+    from kn_lens.errors import InvalidFactError
+
+    rng = random.Random(seed)
+    every = sorted({f.object for f in ds.facts})
+    out = {}
+    for f in facts:
+        own = token_of(model, f.object)
+        for pool in (ds.objects_of(f.relation), every):
+            cands = [o for o in pool if o != f.object and token_of(model, o) != own]
+            if cands:
+                out[f] = rng.choice(cands)
+                break
+        else:
+            raise InvalidFactError(f"no update target with a different first token for {f.key()!r}")
+    return out
+
+
+def compute(args) -> None:
+    from kn_lens.analysis import CompareConfig, compare_kn_selections
+    from kn_lens.evaluate import reference_slices
+    from kn_lens.facts import make_query
+    from kn_lens.models import model_info
+    from ql_consistency import consistency_by_method
+
+    started = time.time()
+    args.methods = [args.method]
+    model, ds, facts, scores, timing = locate_facts.prepare(args)
+    cons = consistency_by_method(scores, model)[args.method]
+    labels = cons.labels[args.threshold]
+    # locality: known facts outside the sample (same seeded shuffle, the next n_locality facts)
+    more = locate_facts.select_facts(model, ds, len(facts) + args.n_locality, args.seed,
+                                     all_facts=args.all_facts,
+                                     known_path=Path(args.results_dir) / f"known_facts_{args.model}.json")
+    loc_facts = [f for f in more if f not in set(facts)][:args.n_locality]
+    locality = [make_query(model, f, ds.relation_of(f).templates[0]) for f in loc_facts]
+    n_slices = args.ppl_slices if args.ppl_slices is not None else (4 if args.quick else 8)
+    slice_len = 64 if args.quick else 128
+    reference = reference_slices(model, n_slices, slice_len, seed=args.seed) if n_slices else None
+    new_objects = pick_new_objects(model, ds, facts, args.seed)
+    cfg = CompareConfig(edit_queries="first" if args.quick else "all", seed=args.seed)
+    t0 = time.perf_counter()
+    comp = compare_kn_selections(model, scores[args.method],
+                                 selection=locate_facts.kn_selection(args.method, model.cfg.n_layers),
+                                 config=cfg, groups=labels, locality=locality, reference=reference,
+                                 new_objects=new_objects)
+    edit_seconds = time.perf_counter() - t0
+    payload = {"facts": [locate_facts.fact_dict(f) for f in facts], "method": args.method,
+               "threshold": args.threshold, "seconds_per_query": timing,
+               "edit_seconds_per_fact": edit_seconds / len(facts),
+               "n_k1": sum(g == "K_I" for g in labels.values()),
+               "n_k2": sum(g == "K_II" for g in labels.values()),
+               "new_objects": {f.key(): o for f, o in new_objects.items()},
+               "locality_facts": [locate_facts.fact_dict(f) for f in loc_facts],
+               "comparison": comp.to_dict(),
+               "table2": [r for r in comp.table() if r["group"] != "all" and r["selection"] != "CAS"],
+               "table3": [r for r in comp.table() if r["group"] == "all"]}
+    config = {"locator": locate_facts.method_config(args.method, args),
+              "selection": locate_facts.kn_selection(args.method, model.cfg.n_layers),
+              "compare": cfg, "reference": {"n_slices": n_slices, "slice_len": slice_len,
+                                            "seed": args.seed},
+              "n_locality": args.n_locality, "n_facts": locate_facts.n_facts(args),
+              "all_facts": args.all_facts}
+    _common.save_results(args, NAME, payload, config, model_info(model), started)
+
+
+def report(args) -> None:
+    from kn_lens.analysis.consistency import markdown_table
+    from kn_lens.viz import plot_grouped_bars, plot_table
+
+    doc = _common.load_results(args, NAME)
+    r = doc["results"]
+    print(f"**{args.model}** ({doc['mode']}), locator {r['method']}, {len(r['facts'])} facts "
+          f"(K_I {r['n_k1']}, K_II {r['n_k2']}, {r['threshold']} threshold), "
+          f"{doc['config']['compare']['edit_queries']} query/queries edited per fact\n")
+    print("QL Table 2 (N_i vs N_g, K_I vs K_II):\n")
+    print(markdown_table(r["table2"]) or "(no K_I/K_II groups)")
+    print("\nQL Table 3 (all facts: N_i vs N_g vs CAS):\n")
+    print(markdown_table(r["table3"]))
+    data: dict = {}
+    for row in r["table2"] or r["table3"]:
+        key = f"{row['operation'][:5]} {row['selection']}"
+        data.setdefault(key, {})[f"{row['group']} Avg"] = row["Avg"] if row["Avg"] is not None else float("nan")
+    p1 = plot_grouped_bars(data, _common.figure_path(args, NAME + "_groups"), ylabel="Avg (Rel, Gen, Loc)",
+                           title=f"KN edits, K_I vs K_II ({r['method']}, {args.model})")
+    rows = [[row["operation"], row["selection"], row["n"],
+             *[float("nan") if row[m] is None else row[m] for m in METRICS]] for row in r["table3"]]
+    p2 = plot_table(rows, ["operation", "KNs", "n", *METRICS], _common.figure_path(args, NAME + "_table3"),
+                    title=f"N_i vs N_g vs CAS ({r['method']}, {args.model})")
+    print(f"\nfigures {p1} {p2}")
+
+
+def main() -> None:
+    ap = _common.parser(__doc__.splitlines()[0])
+    locate_facts.add_arguments(ap)
+    ap.add_argument("--method", default="ig", help="locator whose KNs are edited")
+    ap.add_argument("--threshold", choices=("static", "otsu"), default="static")
+    ap.add_argument("--n-locality", type=int, default=8, help="out-of-scope facts for Loc")
+    ap.add_argument("--ppl-slices", type=int, default=None,
+                    help="reference slices for dPPL (default 4 x 64 tokens quick, 8 x 128 full; 0 = off)")
+    args = ap.parse_args()
+    if not args.plot_only:
+        compute(args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
