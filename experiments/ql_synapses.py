@@ -43,7 +43,8 @@ def compute(args) -> None:
     import torch
 
     from kn_lens.analysis import ConsistencyConfig, consistency_analysis, select_kns
-    from kn_lens.analysis.synapses import (SynapseManipulationConfig, SynapseManipulationResult,
+    from kn_lens.analysis.synapses import (SynapseConfig, SynapseManipulationConfig,
+                                           SynapseManipulationResult,
                                            activation_maps, knowledge_synapses,
                                            predominance_score, synapse_manipulation)
     from kn_lens.datasets import builtin_dataset
@@ -87,15 +88,23 @@ def compute(args) -> None:
                       "kn_sizes": [len(s) for s in kn_by_fact[f]]})
         mains.append(qs[t])
         main_kns.append(kn_by_fact[f][t])
+    # "paper": eq. 5-6 as printed; "ignore_first": key 0 (the attention sink, BOS or the first
+    # word) removed from S and S_ir -- on SmolLM2 almost every eq. 6 synapse sits there.
+    variants = {"paper": SynapseConfig(), "ignore_first": SynapseConfig(ignore_first=True)}
+    summaries, effects, manip_seconds = {}, {}, {}
+    for vname, scfg in variants.items():
+        vcfg = SynapseManipulationConfig(synapses=scfg)
+        t0 = time.time()
+        res = synapse_manipulation(model, mains, main_kns, config=vcfg, seed=args.seed)
+        manip_seconds[vname] = (time.time() - t0) / len(mains)
+        summaries[vname] = {"all": res.summary()}
+        for g in ("K_I", "K_II"):
+            eff = tuple(e for e, fd in zip(res.effects, facts) if fd["label"] == g)
+            if eff:
+                summaries[vname][g] = SynapseManipulationResult(
+                    eff, res.config, res.model, res.seed).summary()
+        effects[vname] = [e.to_dict() for e in res.effects]
     mcfg = SynapseManipulationConfig()
-    t0 = time.time()
-    res = synapse_manipulation(model, mains, main_kns, config=mcfg, seed=args.seed)
-    manip_seconds = time.time() - t0
-    summaries = {"all": res.summary()}
-    for g in ("K_I", "K_II"):
-        eff = tuple(e for e, fd in zip(res.effects, facts) if fd["label"] == g)
-        if eff:
-            summaries[g] = SynapseManipulationResult(eff, res.config, res.model, res.seed).summary()
     # Fig. 7 / 10: one query's activation maps
     q0, kn0 = mains[args.example], main_kns[args.example]
     syn0 = knowledge_synapses(model, q0, config=mcfg.synapses)
@@ -103,17 +112,18 @@ def compute(args) -> None:
     payload = {
         "n_facts": len(facts), "locator": args.locator, "facts": facts,
         "consistency_rows": cons.to_dict()["rows"],
-        "summary": summaries, "effects": [e.to_dict() for e in res.effects],
+        "summary": summaries, "effects": effects,
         "heatmap": {"prompt": q0.prompt, "answer": q0.answer, "n_synapses": len(syn0),
                     "synapses_per_position": syn0.per_position(), "tokens": list(syn0.tokens),
                     "kns": [[x.layer, x.index] for x in kn0],
                     "maps": {k: [[round(float(v), 4) for v in row] for row in m.tolist()]
                              for k, m in maps.maps.items()}},
         "seconds": {"locate_per_query": locate_seconds / len(flat),
-                    "manipulation_per_query": manip_seconds / len(mains)},
+                    "manipulation_per_query": manip_seconds},
         "known_filter": not args.no_known_filter,
     }
     config = {"locator": args.locator, "selection": sel, "manipulation": mcfg,
+              "synapse_variants": variants,
               "consistency": ConsistencyConfig(), "n_facts_requested": n,
               "p_axis": "key", "example": args.example}
     _common.save_results(args, NAME, payload, config, model_info(model), started)
@@ -154,19 +164,29 @@ def report(args) -> None:
                       title=f"QL Fig. 5: P ({args.model}, {r['n_facts']} facts)")
     print("### Fig. 6: signed relative change (mean over queries; NaNs skipped)\n")
     trows = []
-    for g, s in r["summary"].items():
-        for metric in ("delta_value", "delta_prob"):
-            row = {"facts": g, "metric": metric}
-            for c in CONDITIONS:
-                v = s[metric].get(c)
-                row[c] = None if v is None or not math.isfinite(v) else round(v, 3)
-            trows.append(row)
+    for v, by_group in r["summary"].items():
+        for g, s in by_group.items():
+            for metric in ("delta_value", "delta_prob"):
+                row = {"synapses": v, "facts": g, "metric": metric}
+                for c in CONDITIONS:
+                    x = s[metric].get(c)
+                    row[c] = None if x is None or not math.isfinite(x) else round(x, 3)
+                trows.append(row)
     print(markdown_table(trows))
-    for g, s in r["summary"].items():
-        suffix = "" if g == "all" else f"_{g}"
-        s = {m: {c: float("nan") if v is None else v for c, v in row.items()} for m, row in s.items()}
-        plot_synapse_effects(s, _common.figure_path(args, f"ql_fig6{suffix}"),
-                             title=f"QL Fig. 6 ({args.model}, {g}, KNs: {r['locator']})")
+    for v, by_group in r["summary"].items():
+        for g, s in by_group.items():
+            suffix = ("" if v == "paper" else f"_{v}") + ("" if g == "all" else f"_{g}")
+            s = {m: {c: float("nan") if x is None else x for c, x in row.items()}
+                 for m, row in s.items()}
+            plot_synapse_effects(s, _common.figure_path(args, f"ql_fig6{suffix}"),
+                                 title=f"QL Fig. 6 ({args.model}, {g}, synapses: {v}, "
+                                       f"KNs: {r['locator']})")
+    for v, effs in r["effects"].items():
+        vb = np.array([e["value_before"] for e in effs])
+        print(f"\n{v}: mean synapses per query {np.mean([e['n_synapses'] for e in effs]):.1f} "
+              f"(irrelevant applied {np.mean([e['n_irrelevant_synapses'] for e in effs]):.1f}); "
+              f"KN mean activation before < 0 for {int((vb < 0).sum())}/{len(vb)} queries "
+              "(then the signed relative change reads inverted: see kn_lens.analysis.synapses)")
     h = r["heatmap"]
     print(f"\nHeatmap query: {h['prompt']!r} -> {h['answer']!r}, {h['n_synapses']} synapses, "
           f"per position {list(zip(h['tokens'], h['synapses_per_position']))}")

@@ -108,10 +108,12 @@ def test_ql_synapses_quick(tmp_path):
     for f in r["facts"]:
         assert f["k"] >= 2 and 1 / f["k"] - 1e-9 <= f["P"] <= 1
         assert f["label"] in ("K_I", "K_II", None)
-    s = r["summary"]["all"]
+    assert set(r["summary"]) == {"paper", "ignore_first"}
+    s = r["summary"]["paper"]["all"]
     assert set(s) == {"delta_value", "delta_prob"}
     assert math.isfinite(s["delta_value"]["self_suppress"])
-    assert len(r["effects"]) == 4
+    assert len(r["effects"]["paper"]) == len(r["effects"]["ignore_first"]) == 4
+    assert sum(e["n_synapses"] for e in r["effects"]["paper"]) >= 1
     h = r["heatmap"]
     assert set(h["maps"]) == {"none", "suppressed", "enhanced"}
     assert len(h["maps"]["none"]) == 3 and h["n_synapses"] >= 1
