@@ -116,8 +116,7 @@ def compute(args) -> None:
         "heatmap": {"prompt": q0.prompt, "answer": q0.answer, "n_synapses": len(syn0),
                     "synapses_per_position": syn0.per_position(), "tokens": list(syn0.tokens),
                     "kns": [[x.layer, x.index] for x in kn0],
-                    "maps": {k: [[round(float(v), 4) for v in row] for row in m.tolist()]
-                             for k, m in maps.maps.items()}},
+                    "maps_file": _maps_path(args).name, "maps_dtype": "float16"},
         "seconds": {"locate_per_query": locate_seconds / len(flat),
                     "manipulation_per_query": manip_seconds},
         "known_filter": not args.no_known_filter,
@@ -126,7 +125,32 @@ def compute(args) -> None:
               "synapse_variants": variants,
               "consistency": ConsistencyConfig(), "n_facts_requested": n,
               "p_axis": "key", "example": args.example}
+    _save_maps(args, {k: m.numpy() for k, m in maps.maps.items()})
     _common.save_results(args, NAME, payload, config, model_info(model), started)
+
+
+def _maps_path(args) -> Path:
+    """The Fig. 7/10 activation maps (3 x layer x d_mlp) live next to the JSON, as float16 npz
+    (a JSON of them would be ~2 MB)."""
+    return _common.result_path(args, NAME).with_suffix(".maps.npz")
+
+
+def _save_maps(args, maps: dict) -> None:
+    import os
+    import tempfile
+
+    import numpy as np
+
+    path = _maps_path(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, **{k: v.astype(np.float16) for k, v in maps.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def report(args) -> None:
@@ -191,7 +215,8 @@ def report(args) -> None:
     print(f"\nHeatmap query: {h['prompt']!r} -> {h['answer']!r}, {h['n_synapses']} synapses, "
           f"per position {list(zip(h['tokens'], h['synapses_per_position']))}")
     kn = h["kns"]
-    maps = {k: np.array(v) for k, v in h["maps"].items()}
+    with np.load(_maps_path(args)) as z:
+        maps = {k: z[k].astype(np.float32) for k in ("none", "suppressed", "enhanced")}
     vals = {k: float(np.mean([m[a][b] for a, b in kn])) for k, m in maps.items()}
     print("KN mean activation: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
     plot_activation_heatmaps(maps, _common.figure_path(args, "ql_fig7_10"), kns=kn,
