@@ -99,6 +99,21 @@ def compute(args) -> None:
     _common.save_results(args, NAME, payload, config, model_info(model), started)
 
 
+def with_median_dppl(rows: list[dict], per_edit: list[dict]) -> list[dict]:
+    """Add the median dPPL of each row's edits: the mean is dominated by a few edits that break
+    the model (dPPL up to 1e19 for KN updates on SmolLM2-135M in the quick run)."""
+    import statistics
+
+    out = []
+    for row in rows:
+        xs = [e["dppl"] for e in per_edit if not e.get("skipped") and e.get("dppl") is not None
+              and e["operation"] == row["operation"] and e["selection"] == row["selection"]
+              and (row["group"] == "all" or e["group"] == row["group"])]
+        out.append({**row, "dPPL": None if row["dPPL"] is None else float(f"{row['dPPL']:.3g}"),
+                    "dPPL median": round(statistics.median(xs), 3) if xs else None})
+    return out
+
+
 def report(args) -> None:
     from kn_lens.analysis.consistency import markdown_table
     from kn_lens.viz import plot_grouped_bars, plot_table
@@ -109,9 +124,10 @@ def report(args) -> None:
           f"(K_I {r['n_k1']}, K_II {r['n_k2']}, {r['threshold']} threshold), "
           f"{doc['config']['compare']['edit_queries']} query/queries edited per fact\n")
     print("QL Table 2 (N_i vs N_g, K_I vs K_II):\n")
-    print(markdown_table(r["table2"]) or "(no K_I/K_II groups)")
+    per_edit = r["comparison"]["per_edit"]
+    print(markdown_table(with_median_dppl(r["table2"], per_edit)) or "(no K_I/K_II groups)")
     print("\nQL Table 3 (all facts: N_i vs N_g vs CAS):\n")
-    print(markdown_table(r["table3"]))
+    print(markdown_table(with_median_dppl(r["table3"], per_edit)))
     data: dict = {}
     for row in r["table2"] or r["table3"]:
         key = f"{row['operation'][:5]} {row['selection']}"
@@ -119,8 +135,9 @@ def report(args) -> None:
     p1 = plot_grouped_bars(data, _common.figure_path(args, NAME + "_groups"), ylabel="Avg (Rel, Gen, Loc)",
                            title=f"KN edits, K_I vs K_II ({r['method']}, {args.model})")
     rows = [[row["operation"], row["selection"], row["n"],
-             *[float("nan") if row[m] is None else row[m] for m in METRICS]] for row in r["table3"]]
-    p2 = plot_table(rows, ["operation", "KNs", "n", *METRICS], _common.figure_path(args, NAME + "_table3"),
+             *[float("nan") if row[m] is None else row[m] for m in (*METRICS, "dPPL median")]]
+            for row in with_median_dppl(r["table3"], per_edit)]
+    p2 = plot_table(rows, ["operation", "KNs", "n", *METRICS, "dPPL median"], _common.figure_path(args, NAME + "_table3"),
                     title=f"N_i vs N_g vs CAS ({r['method']}, {args.model})")
     print(f"\nfigures {p1} {p2}")
 
