@@ -73,7 +73,8 @@ def compute(args) -> None:
     slice_len = 64 if args.quick else 128
     reference = reference_slices(model, n_slices, slice_len, seed=args.seed) if n_slices else None
     new_objects = pick_new_objects(model, ds, facts, args.seed)
-    cfg = CompareConfig(edit_queries="first" if args.quick else "all", seed=args.seed)
+    edit_queries = args.edit_queries or ("first" if args.quick else "all")
+    cfg = CompareConfig(edit_queries=edit_queries, seed=args.seed)
     t0 = time.perf_counter()
     comp = compare_kn_selections(model, scores[args.method],
                                  selection=locate_facts.kn_selection(args.method, model.cfg.n_layers),
@@ -148,6 +149,9 @@ def main() -> None:
     ap.add_argument("--method", default="ig", help="locator whose KNs are edited")
     ap.add_argument("--threshold", choices=("static", "otsu"), default="static")
     ap.add_argument("--n-locality", type=int, default=8, help="out-of-scope facts for Loc")
+    ap.add_argument("--edit-queries", choices=("first", "all"), default=None,
+                    help="edit q_1 only or every q_i in turn (default: first quick, all full; "
+                         "'all' costs 6x: about 36 edits per fact)")
     ap.add_argument("--ppl-slices", type=int, default=None,
                     help="reference slices for dPPL (default 4 x 64 tokens quick, 8 x 128 full; 0 = off)")
     args = ap.parse_args()
