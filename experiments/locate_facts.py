@@ -121,9 +121,13 @@ def select_facts(model, dataset, n: int, seed: int, *, all_facts: bool = False,
             doc = json.loads(known_path.read_text())
             res = KnownFacts.from_dict(doc["results"])
             if (res.model.name == _model_name(model) and res.config == KnownFactsConfig()
-                    and len(res.facts) >= len(dataset.facts)):
+                    and len(res.facts) >= len(dataset.facts)
+                    and all(tuple(res.templates.get(r, ())) == tuple(dataset.relation(r).templates)
+                            for r in {f.relation for f in pool})):
                 known = set(res.known_facts())
                 print(f"known facts from {known_path}: {len(known)}")
+            else:
+                print(f"{known_path} is stale (other model, criteria or templates): scoring here")
         if known is not None:
             out = [f for f in pool if f in known][:n]
         else:
