@@ -33,7 +33,6 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a check
 import _common  # noqa: E402
 
 NAME = "locate_facts"
-TINY = {"tiny-gpt2": "tiny_gpt2", "tiny-llama": "tiny_llama"}
 QUICK_FACTS = 8
 FULL_FACTS = 200
 CACHE_VERSION = 2
@@ -63,13 +62,7 @@ def n_facts(args) -> int:
 
 def build_model(name: str):
     """``load_model(name)``, or a random tiny model for ``tiny-gpt2`` / ``tiny-llama`` (tests)."""
-    if name in TINY:
-        from kn_lens import testing
-
-        return getattr(testing, TINY[name])()
-    from kn_lens.models import load_model
-
-    return load_model(name)
+    return _common.load_experiment_model(name)
 
 
 def method_config(method: str, args=None) -> Any:
