@@ -31,7 +31,7 @@ def _pick(facts, n: int, seed: int):
 
 
 def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
-             out: Callable[[str], None] = print) -> dict:
+             out: Callable[[str], None] = print, model=None) -> dict:
     from kn_lens import hooks
     from kn_lens.datasets import build_edit_requests, builtin_dataset, known_facts
     from kn_lens.edit import kn_sets, update
@@ -42,7 +42,7 @@ def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
     from kn_lens.neurons import random_like, threshold_relative, top_fraction
 
     t0 = time.perf_counter()
-    model = load_model(model_name)
+    model = load_model(model_name) if model is None else model
     info = model.kn_info
     out(f"== model: {info.name} ({info.n_layers} layers x {info.d_mlp} FFN neurons, "
         f"{'gated ' if info.gated_mlp else ''}MLP, BOS={info.prepend_bos}, fold_ln={info.fold_ln}) "
@@ -64,7 +64,7 @@ def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
         out(f"  [{mark}] {p.query.prompt} ->{p.query.answer!r:16s} | {top}")
 
     # -- 3. knowledge neurons of one fact
-    fact = next((f for f in ds.facts if f.subject == "Eiffel Tower"), None) or ds.facts[0]
+    fact = next((f for f in ds.facts if "Eiffel Tower" in f.subject), None) or kf.known_facts()[0]
     rel = ds.relations[fact.relation]
     queries = queries_for_fact(model, fact, rel)
     q = queries[0]
@@ -85,7 +85,8 @@ def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
         out(f"  {'':12s} zero its top 0.1% ({len(top)} neurons): P({q.answer.strip()}) "
             f"{p0:.3f} -> {p_top:.3f}; as many random neurons: -> {p_rnd:.3f}")
     ag = agreement(results, k=50)
-    out(f"  agreement contribution vs IG: {ag}")
+    out(f"  agreement contribution vs IG: top-50 Jaccard {ag.jaccard[0, 1]:.2f}, "
+        f"Spearman {ag.spearman[0, 1]:.2f}")
 
     # -- 4. edit the fact: KN update on the union of the templates' IG neurons (N_g)
     req = build_edit_requests(ds, [fact], seed=seed)[0]
@@ -100,8 +101,8 @@ def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
     local = [query_from_prompt(model, lp.prompt, lp.answer) for lp in req.neighbourhood[:8]]
     weights_before = {k: v.clone() for k, v in model.state_dict().items() if "W_out" in k}
     metrics = evaluate_edit(model, edit, edited=edited, generalisation=general, locality=local,
-                            mode="update", reference=reference_slices(model, n_slices=4,
-                                                                      slice_len=128, seed=seed))
+                            mode="update", reference=reference_slices(
+                                model, n_slices=4, slice_len=min(128, model.cfg.n_ctx), seed=seed))
     out(f"  {len(n_g)} neurons, {edit.n_params} weights changed")
     for k, v in metrics.summary().items():
         out(f"  {k:15s} {v if not isinstance(v, float) else round(v, 3)}")

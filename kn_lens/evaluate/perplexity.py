@@ -47,6 +47,9 @@ def reference_slices(model: "HookedTransformer", n_slices: int = 8, slice_len: i
     """
     if n_slices < 1 or slice_len < 2:
         raise ConfigError(f"need n_slices >= 1 and slice_len >= 2 (got {n_slices}, {slice_len})")
+    if slice_len > model.cfg.n_ctx:
+        raise ConfigError(f"slice_len {slice_len} exceeds the model's context of {model.cfg.n_ctx} "
+                          "tokens")
     ids = reference_tokens(model, books) if tokens is None else torch.as_tensor(tokens).flatten()
     bos = bool(model.cfg.default_prepend_bos)
     width = slice_len - 1 if bos else slice_len
