@@ -34,7 +34,7 @@ def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
              out: Callable[[str], None] = print, model=None) -> dict:
     from kn_lens import hooks
     from kn_lens.datasets import build_edit_requests, builtin_dataset, known_facts
-    from kn_lens.edit import kn_sets, update
+    from kn_lens.edit import erase
     from kn_lens.evaluate import evaluate_edit, reference_slices
     from kn_lens.facts import Fact, make_query, predict, queries_for_fact, query_from_prompt
     from kn_lens.locate import agreement, locate
@@ -88,28 +88,28 @@ def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
     out(f"  agreement contribution vs IG: top-50 Jaccard {ag.jaccard[0, 1]:.2f}, "
         f"Spearman {ag.spearman[0, 1]:.2f}")
 
-    # -- 4. edit the fact: KN update on the union of the templates' IG neurons (N_g)
+    # -- 4. edit the fact: KN erasure (QL eq. 2) on the query's own IG neurons N_i
     req = build_edit_requests(ds, [fact], seed=seed)[0]
-    out(f"\n== edit: {fact.subject}: {fact.object} -> {req.new_object} (KN update, QL eq. 2, "
-        "lambda=2, on N_g = union of the IG neurons of every template)")
-    per_query = locate(model, queries, method="ig", progress=False)
-    _, n_g = kn_sets(per_query, select=lambda s: threshold_relative(s, 0.2))
-    edit = update(model, n_g, q, " " + req.new_object,
-                  description=f"{fact.subject}: {fact.object} -> {req.new_object}")
-    edited = [make_query(model, fact, rel.templates[0], answer=req.new_object)]
-    general = [make_query(model, fact, t, answer=req.new_object) for t in rel.templates[1:]]
+    (s_ig,) = results["ig"]
+    n_i = threshold_relative(s_ig, 0.2)  # Dai et al.: > 0.2 x max
+    out(f"\n== edit: erase <{fact.subject}, {rel.name}, {fact.object}> (KN erasure, QL eq. 2: the "
+        f"W_out rows of the query's IG neurons N_i, > 0.2 x max, set to zero)")
+    edit = erase(model, n_i, description=f"erase {fact.subject} -> {fact.object}")
+    edited = [q]
+    general = queries[1:]
     local = [query_from_prompt(model, lp.prompt, lp.answer) for lp in req.neighbourhood[:8]]
     weights_before = {k: v.clone() for k, v in model.state_dict().items() if "W_out" in k}
     metrics = evaluate_edit(model, edit, edited=edited, generalisation=general, locality=local,
-                            mode="update", reference=reference_slices(
+                            mode="erasure", reference=reference_slices(
                                 model, n_slices=4, slice_len=min(128, model.cfg.n_ctx), seed=seed))
-    out(f"  {len(n_g)} neurons, {edit.n_params} weights changed")
+    out(f"  {len(n_i)} neurons, {edit.n_params} weights changed (reliability / generalisation = "
+        "1 - accuracy on the edited / paraphrased prompts; locality = other facts unchanged)")
     for k, v in metrics.summary().items():
         out(f"  {k:15s} {v if not isinstance(v, float) else round(v, 3)}")
     with model.hooks(fwd_hooks=edit.hooks(model)):
         for p in predict(model, edited + general[:2], k=1):
             out(f"  edited model: {p.query.prompt!r} -> {p.top_tokens[0]!r} "
-                f"(P({p.query.answer.strip()}) = {p.answer_prob:.2f})")
+                f"(P({p.query.answer.strip()}) = {p.answer_prob:.3f})")
     same = all(torch.equal(v, model.state_dict()[k]) for k, v in weights_before.items())
     out(f"  after the demo: weights unchanged = {same}, hooks attached = "
         f"{hooks.active_hook_count(model)}")
