@@ -195,3 +195,11 @@ def choose_facts(args: argparse.Namespace, model, ds, n: int, *, n_relations: in
 
         raise InvalidFactError(f"no facts to study for {args.model} (known-facts filter left none)")
     return out
+
+
+def run(args: argparse.Namespace, compute, report) -> None:
+    """Every script's last step: compute and save (unless ``--plot-only``), then report/plot from
+    the saved file."""
+    if not args.plot_only:
+        compute(args)
+    report(args)

@@ -166,9 +166,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n-frequent", type=int, default=10)
     ap.add_argument("--n-examples", type=int, default=2)
     args = ap.parse_args(argv)
-    if not args.plot_only:
-        compute(args)
-    report(args)
+    _common.run(args, compute, report)
 
 
 if __name__ == "__main__":

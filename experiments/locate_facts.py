@@ -288,9 +288,7 @@ def main() -> None:
     ap = _common.parser(__doc__.splitlines()[0])
     add_arguments(ap)
     args = ap.parse_args()
-    if not args.plot_only:
-        compute(args)
-    report(args)
+    _common.run(args, compute, report)
 
 
 if __name__ == "__main__":

@@ -79,9 +79,7 @@ def main() -> None:
     ap.add_argument("--threshold", choices=("static", "otsu"), default="static",
                     help="which K_I/K_II split groups the queries")
     args = ap.parse_args()
-    if not args.plot_only:
-        compute(args)
-    report(args)
+    _common.run(args, compute, report)
 
 
 if __name__ == "__main__":

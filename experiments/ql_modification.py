@@ -155,9 +155,7 @@ def main() -> None:
     ap.add_argument("--ppl-slices", type=int, default=None,
                     help="reference slices for dPPL (default 4 x 64 tokens quick, 8 x 128 full; 0 = off)")
     args = ap.parse_args()
-    if not args.plot_only:
-        compute(args)
-    report(args)
+    _common.run(args, compute, report)
 
 
 if __name__ == "__main__":

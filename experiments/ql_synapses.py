@@ -233,9 +233,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.locator is None:
         args.locator = "contribution" if args.quick else "ig"
-    if not args.plot_only:
-        compute(args)
-    report(args)
+    _common.run(args, compute, report)
 
 
 if __name__ == "__main__":

@@ -243,9 +243,7 @@ def main(argv=None) -> None:
                     help="relation-level set: targeted in at least this share of its facts")
     args = ap.parse_args(argv)
     _defaults(args)
-    if not args.plot_only:
-        compute(args)
-    report(args)
+    _common.run(args, compute, report)
 
 
 if __name__ == "__main__":
