@@ -52,6 +52,13 @@ def add_arguments(ap, *, methods: Sequence[str] = ("ig", "contribution")) -> Non
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="score cache (default <results-dir>/cache)")
+    ap.add_argument("--max-answer-tokens", type=int, default=1,
+                    help="keep facts whose answer is at most this many tokens (default 1: ParaRel's "
+                         "single-token objects, as in QL / Dai et al.; IG costs one pass per answer "
+                         "token); 0 = any length")
+    ap.add_argument("--shard", default=None, metavar="K/N",
+                    help="compute (and cache) scores only for facts K, K+N, K+2N, ... of the sample; "
+                         "run N shards in parallel, then once without --shard to use the cache")
 
 
 def n_facts(args) -> int:
@@ -95,15 +102,22 @@ def kn_selection(method: str, n_layers: int | None = None):
 
 
 def select_facts(model, dataset, n: int, seed: int, *, all_facts: bool = False,
-                 known_path: Path | None = None, batch: int = 64) -> list:
+                 known_path: Path | None = None, batch: int = 64,
+                 max_answer_tokens: int | None = None) -> list:
     """A seeded sample of ``n`` facts whose relation has >= MIN_TEMPLATES templates and which the
     model knows (skipped with ``all_facts``). Known facts are read from ``known_path`` (a saved
-    ``known_facts`` run for this model) when given and present, else scored here in seeded chunks."""
+    ``known_facts`` run for this model) when given and present, else scored here in seeded chunks.
+    ``max_answer_tokens`` (None / 0: no limit) keeps facts whose answer tokenises to at most that
+    many tokens (ParaRel, the QL data, has single-token objects)."""
     from kn_lens.datasets import KnownFactsConfig, known_facts
     from kn_lens.datasets.known import KnownFacts
     from kn_lens.errors import InvalidFactError
+    from kn_lens.facts import make_query
 
     pool = [f for f in dataset.facts if len(dataset.relation_of(f).templates) >= MIN_TEMPLATES]
+    if max_answer_tokens:
+        pool = [f for f in pool
+                if make_query(model, f, dataset.relation_of(f).templates[0]).n_answer <= max_answer_tokens]
     rng = random.Random(seed)
     rng.shuffle(pool)
     if all_facts:
@@ -225,7 +239,10 @@ def prepare(args) -> tuple:
     ds = builtin_dataset()
     known_path = Path(args.results_dir) / f"known_facts_{args.model}.json"
     facts = select_facts(model, ds, n_facts(args), args.seed, all_facts=args.all_facts,
-                         known_path=known_path)
+                         known_path=known_path,
+                         max_answer_tokens=getattr(args, "max_answer_tokens", None))
+    if getattr(args, "shard", None):
+        facts = facts[_shard(args.shard)]
     cache = args.cache_dir or Path(args.results_dir) / "cache"
     scores, timing = {}, {}
     for m in args.methods:
@@ -233,6 +250,19 @@ def prepare(args) -> tuple:
         secs = [s.extras["seconds"] for seq in scores[m].values() for s in seq if "seconds" in s.extras]
         timing[m] = sum(secs) / len(secs) if secs else None  # None: everything came from the cache
     return model, ds, facts, scores, timing
+
+
+def _shard(spec: str) -> slice:
+    """``"K/N"`` -> the slice K::N of the fact sample (0 <= K < N)."""
+    from kn_lens.errors import ConfigError
+
+    try:
+        k, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like K/N (e.g. 0/2), got {spec!r}") from None
+    if not 0 <= k < n:
+        raise ConfigError(f"--shard {spec!r}: need 0 <= K < N")
+    return slice(k, None, n)
 
 
 def fact_dict(f) -> dict:
@@ -265,7 +295,7 @@ def compute(args) -> None:
                "seconds_per_query": timing, "kn_layer_counts": layers, "mean_kn_set_size": sizes,
                "selection": {m: dataclasses.asdict(kn_selection(m, n_layers)) for m in scores}}
     cfg = {"methods": {m: method_config(m, args) for m in args.methods}, "n_facts": n_facts(args),
-           "all_facts": args.all_facts, "min_templates": MIN_TEMPLATES}
+           "all_facts": args.all_facts, "min_templates": MIN_TEMPLATES, "max_answer_tokens": args.max_answer_tokens}
     _common.save_results(args, NAME, payload, cfg, model_info(model), started)
 
 

@@ -56,7 +56,7 @@ def compute(args) -> None:
     cfg = {"methods": {m: locate_facts.method_config(m, args) for m in args.methods},
            "selection": {m: locate_facts.kn_selection(m, model.cfg.n_layers) for m in args.methods},
            "consistency": next(iter(res.values())).config, "n_facts": locate_facts.n_facts(args),
-           "all_facts": args.all_facts}
+           "all_facts": args.all_facts, "max_answer_tokens": args.max_answer_tokens}
     _common.save_results(args, NAME, payload, cfg, model_info(model), started)
 
 

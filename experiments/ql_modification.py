@@ -53,7 +53,7 @@ def pick_new_objects(model, ds, facts, seed: int) -> dict:
 
 def compute(args) -> None:
     from kn_lens.analysis import CompareConfig, compare_kn_selections
-    from kn_lens.evaluate import reference_slices
+    from kn_lens.evaluate import prepare_reference, reference_slices
     from kn_lens.facts import make_query
     from kn_lens.models import model_info
     from ql_consistency import consistency_by_method
@@ -66,12 +66,14 @@ def compute(args) -> None:
     # locality: known facts outside the sample (same seeded shuffle, the next n_locality facts)
     more = locate_facts.select_facts(model, ds, len(facts) + args.n_locality, args.seed,
                                      all_facts=args.all_facts,
-                                     known_path=Path(args.results_dir) / f"known_facts_{args.model}.json")
+                                     known_path=Path(args.results_dir) / f"known_facts_{args.model}.json",
+                                     max_answer_tokens=args.max_answer_tokens)
     loc_facts = [f for f in more if f not in set(facts)][:args.n_locality]
     locality = [make_query(model, f, ds.relation_of(f).templates[0]) for f in loc_facts]
-    n_slices = args.ppl_slices if args.ppl_slices is not None else (4 if args.quick else 8)
+    n_slices = args.ppl_slices if args.ppl_slices is not None else 4
     slice_len = 64 if args.quick else 128
-    reference = reference_slices(model, n_slices, slice_len, seed=args.seed) if n_slices else None
+    reference = (prepare_reference(model, reference_slices(model, n_slices, slice_len, seed=args.seed))
+                 if n_slices else None)
     new_objects = pick_new_objects(model, ds, facts, args.seed)
     edit_queries = args.edit_queries or ("first" if args.quick else "all")
     cfg = CompareConfig(edit_queries=edit_queries, seed=args.seed)
@@ -96,7 +98,7 @@ def compute(args) -> None:
               "compare": cfg, "reference": {"n_slices": n_slices, "slice_len": slice_len,
                                             "seed": args.seed},
               "n_locality": args.n_locality, "n_facts": locate_facts.n_facts(args),
-              "all_facts": args.all_facts}
+              "all_facts": args.all_facts, "max_answer_tokens": args.max_answer_tokens}
     _common.save_results(args, NAME, payload, config, model_info(model), started)
 
 
@@ -153,7 +155,7 @@ def main() -> None:
                     help="edit q_1 only or every q_i in turn (default: first quick, all full; "
                          "'all' costs 6x: about 36 edits per fact)")
     ap.add_argument("--ppl-slices", type=int, default=None,
-                    help="reference slices for dPPL (default 4 x 64 tokens quick, 8 x 128 full; 0 = off)")
+                    help="reference slices for dPPL (default 4, of 64 tokens quick / 128 full: 512 tokens, scored once on the unedited model; 0 = off)")
     args = ap.parse_args()
     _common.run(args, compute, report)
 

@@ -309,6 +309,33 @@ def answer_logprob_from_logits(logits: Float[Tensor, "batch pos d_vocab"],
     return torch.stack(out)
 
 
+def unembed_rows(model: "HookedTransformer", resid: Float[Tensor, "rows d_model"]
+                 ) -> Float[Tensor, "rows d_vocab"]:
+    """ln_final + unembed + logit soft-cap on selected residual rows, as HookedTransformer.forward
+    does for every position (and without its per-call copy of the whole unembedding matrix)."""
+    from transformer_lens.utilities import apply_softcap
+
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid[:, None, :])[:, 0]
+    logits = resid @ model.W_U + model.b_U
+    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+
+
+def answer_position_logits(model: "HookedTransformer", queries: Sequence[Query], *,
+                           fwd_hooks: list | None = None) -> list[Float[Tensor, "answer d_vocab"]]:
+    """Logits at each query's answer positions only (one padded forward for all ``queries``).
+
+    Same numbers as ``model(pad_batch(queries))[i, q.answer_positions]`` up to float rounding,
+    without unembedding every position: for short prompts and a large vocabulary the unembedding
+    dominates a forward pass."""
+    toks, _ = pad_batch(list(queries), device=model.cfg.device)
+    with model.hooks(fwd_hooks=fwd_hooks or []):
+        resid = model(toks, stop_at_layer=model.cfg.n_layers)
+        rows = torch.cat([resid[i, list(q.answer_positions)] for i, q in enumerate(queries)])
+        logits = unembed_rows(model, rows)
+    return list(logits.split([q.n_answer for q in queries]))
+
+
 @torch.no_grad()
 def answer_logprobs(model: "HookedTransformer", queries: Sequence[Query], *,
                     batch_size: int = 16, fwd_hooks: list | None = None) -> Float[Tensor, "n"]:
@@ -316,11 +343,10 @@ def answer_logprobs(model: "HookedTransformer", queries: Sequence[Query], *,
     res = []
     for s in range(0, len(queries), batch_size):
         chunk = queries[s : s + batch_size]
-        toks, _ = pad_batch(chunk, device=model.cfg.device)
-        with model.hooks(fwd_hooks=fwd_hooks or []):
-            logits = model(toks)
-        res.append(answer_logprob_from_logits(logits, chunk))
-    return torch.cat(res) if res else torch.zeros(0)
+        for q, lg in zip(chunk, answer_position_logits(model, chunk, fwd_hooks=fwd_hooks)):
+            lp = torch.log_softmax(lg.float(), dim=-1)
+            res.append(lp[torch.arange(q.n_answer), torch.tensor(q.answer_ids, device=lg.device)].sum())
+    return torch.stack(res) if res else torch.zeros(0)
 
 
 def answer_probs(model: "HookedTransformer", queries: Sequence[Query], **kw) -> Float[Tensor, "n"]:

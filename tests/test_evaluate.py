@@ -185,3 +185,35 @@ def test_reference_text_is_long_prose():
     assert "Chapter 1" not in text[:200]
     for b in ref_mod.BOOKS:
         assert len(ref_mod.novel_lines(b)) > 5000
+
+
+@pytest.mark.parametrize("how", ["hooks", "materialise"])
+def test_prepared_reference_gives_the_same_dppl(gpt2_tiny, how):
+    """A PreparedReference (cached PPL before + residuals, running only the edited blocks) gives
+    the numbers of plain slices, for edits starting at a late layer, at layer 0, and on attention."""
+    from kn_lens.edit import head_slices
+    from kn_lens.evaluate import PreparedReference, prepare_reference
+
+    model = gpt2_tiny
+    edited, nb, oos = _queries(model)
+    ref = reference_slices(model, 5, 16, 0, tokens=_stream(model))
+    prep = prepare_reference(model, ref)
+    assert isinstance(prep, PreparedReference) and prep.n_tokens == 5 * 15
+    assert prep.ppl == pytest.approx(perplexity(model, ref), rel=1e-6)
+    g = torch.Generator().manual_seed(1)
+    L = model.cfg.n_layers
+    edits = [erase(model, NeuronSet([(L - 1, 3), (L - 1, 7)])),
+             Edit((w_out_rows(0, [1, 2], 2 * torch.randn(2, model.cfg.d_model, generator=g)),)),
+             Edit((head_slices(1, "W_O", [0], torch.randn(1, model.cfg.d_head, model.cfg.d_model,
+                                                            generator=g)),))]
+    snap = _snap(model)
+    for edit in edits:
+        a = evaluate_edit(model, edit, edited=edited, locality=oos, reference=ref, how=how)
+        b = evaluate_edit(model, edit, edited=edited, locality=oos, reference=prep, how=how)
+        assert a.dppl != 0.0
+        assert b.dppl == pytest.approx(a.dppl, rel=1e-4, abs=1e-6)
+        assert b.ppl_before == prep.ppl and b.extras["reference_tokens_scored"] == 75
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in snap.items())
+    assert H.active_hook_count(model) == 0
+    with pytest.raises(ConfigError, match="PreparedReference"):
+        perplexity(model, ref, start_at_layer=1)

@@ -96,3 +96,19 @@ def test_edit_request_validation():
         EditRequest(f, "Paris", ("The capital of France is",))
     with pytest.raises(errors.InvalidFactError):
         EditRequest(f, "", ("The capital of France is",))
+
+
+def test_answer_position_logits_match_a_full_forward(tiny_model):
+    """Unembedding only the answer positions gives the full forward's logits there (LayerNorm and
+    RMSNorm models, padded batch with multi-token answers)."""
+    from kn_lens.facts import answer_position_logits, make_query, pad_batch
+
+    model = tiny_model
+    qs = [make_query(model, Fact("France", "capital", "Paris"), "The capital of {} is"),
+          make_query(model, Fact("Japan", "capital", "Tokyo Metropolis"), "{}'s capital city is")]
+    toks, _ = pad_batch(qs)
+    full = model(toks)
+    got = answer_position_logits(model, qs)
+    for i, (q, lg) in enumerate(zip(qs, got)):
+        assert lg.shape == (q.n_answer, model.cfg.d_vocab)
+        torch.testing.assert_close(lg, full[i, list(q.answer_positions)], rtol=1e-4, atol=1e-5)

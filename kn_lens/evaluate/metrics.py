@@ -32,8 +32,8 @@ from torch import Tensor
 
 from kn_lens.edit.delta import Edit
 from kn_lens.errors import ConfigError, InvalidFactError
-from kn_lens.evaluate.perplexity import perplexity, relative_ppl_change
-from kn_lens.facts import Query, answer_logprob_from_logits, encode_answer, pad_batch
+from kn_lens.evaluate.perplexity import PreparedReference, perplexity, relative_ppl_change
+from kn_lens.facts import Query, answer_position_logits, encode_answer
 from kn_lens.models import ModelInfo, model_info
 
 if TYPE_CHECKING:
@@ -106,16 +106,13 @@ def _measure(model, queries: Sequence[Query], fwd_hooks: list, batch_size: int =
     arg, acc, prob = [], [], []
     for s in range(0, len(queries), batch_size):
         chunk = list(queries[s:s + batch_size])
-        toks, _ = pad_batch(chunk, device=model.cfg.device)
-        with model.hooks(fwd_hooks=fwd_hooks):
-            logits = model(toks)
-        lp = answer_logprob_from_logits(logits, chunk)
-        for i, q in enumerate(chunk):
-            pos = torch.tensor(q.answer_positions, device=logits.device)
-            am = logits[i, pos].argmax(-1).tolist()
+        for q, lg in zip(chunk, answer_position_logits(model, chunk, fwd_hooks=fwd_hooks)):
+            lp = torch.log_softmax(lg.float(), dim=-1)
+            am = lg.argmax(-1).tolist()
             arg.append(tuple(int(a) for a in am))
             acc.append(sum(int(a == t) for a, t in zip(am, q.answer_ids)) / q.n_answer)
-            prob.append(float(lp[i].exp()))
+            ids = torch.tensor(q.answer_ids, device=lg.device)
+            prob.append(float(lp[torch.arange(q.n_answer), ids].sum().exp()))
     return _Measure(tuple(arg), tuple(acc), tuple(prob))
 
 
@@ -166,7 +163,10 @@ def evaluate_edit(model: "HookedTransformer", edit: Edit, *, edited: Sequence[Qu
     """Measure an edit the QL way (see module doc). ``edited`` / ``generalisation`` carry
     the original answer for erasure and the new answer for update (:func:`retarget`);
     ``locality`` queries are other facts with their own answers. ``reference`` are token slices
-    (:func:`kn_lens.evaluate.perplexity.reference_slices`) for dPPL. The edit is active only inside
+    (:func:`kn_lens.evaluate.perplexity.reference_slices`) for dPPL, or a
+    :class:`~kn_lens.evaluate.perplexity.PreparedReference` (:func:`prepare_reference`): its
+    perplexity before is reused and, for an edit confined to blocks >= L, only those blocks are
+    recomputed (the same numbers, several times faster when editing many facts). The edit is active only inside
     this call (through hooks, or materialised and restored bit for bit).
     """
     if mode not in ("erasure", "update"):
@@ -176,12 +176,22 @@ def evaluate_edit(model: "HookedTransformer", edit: Edit, *, edited: Sequence[Qu
     groups = [list(edited), list(generalisation), list(locality)]
     flat = [q for g in groups for q in g]
     before = _measure(model, flat, [], batch_size)
-    ppl_b = None if reference is None else perplexity(model, reference)
+    start = 0
+    if isinstance(reference, PreparedReference):
+        if reference.model_name != model_info(model).name:
+            raise ConfigError(f"the PreparedReference was built on {reference.model_name!r}, not "
+                              f"{model_info(model).name!r}")
+        ppl_b = reference.ppl
+        layers = [d.layer for d in edit.deltas]
+        start = 0 if not layers or any(x is None for x in layers) else min(layers)
+    else:
+        ppl_b = None if reference is None else perplexity(model, reference)
     via = how
     with edit_active(model, edit, how, strict=strict) as fwd_hooks:
         via = "hooks" if fwd_hooks else "materialise"
         after = _measure(model, flat, fwd_hooks, batch_size)
-        ppl_a = None if reference is None else perplexity(model, reference, fwd_hooks=fwd_hooks)
+        ppl_a = None if reference is None else perplexity(model, reference, fwd_hooks=fwd_hooks,
+                                                          start_at_layer=start)
 
     outs, start = [], 0
     for g in groups:
@@ -201,7 +211,10 @@ def evaluate_edit(model: "HookedTransformer", edit: Edit, *, edited: Sequence[Qu
     loc = _mean([o.unchanged for o in oos]) if oos else float("nan")
     defined = [x for x in (rel, gen, loc) if not math.isnan(x)]
     dppl = None if ppl_b is None else relative_ppl_change(ppl_b, ppl_a)
-    n_ref = None if reference is None else sum(int(r.numel()) - 1 for r in reference)
+    if isinstance(reference, PreparedReference):
+        n_ref = reference.n_tokens
+    else:
+        n_ref = None if reference is None else sum(int(r.numel()) - 1 for r in reference)
     return EditMetrics(mode, rel, gen, loc, _mean(defined), dppl, ppl_b, ppl_a, ed, nb, oos,
                        edit.n_params, edit.description, via, model_info(model),
                        {"reference_tokens_scored": n_ref})

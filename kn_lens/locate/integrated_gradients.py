@@ -46,7 +46,7 @@ from torch import Tensor
 
 from kn_lens import hooks
 from kn_lens.errors import ConfigError, InvalidFactError
-from kn_lens.facts import Query
+from kn_lens.facts import Query, unembed_rows
 from kn_lens.models import model_info
 from kn_lens.neurons import NeuronScores
 
@@ -192,17 +192,6 @@ def _frozen_cache(model, keys, values, upto: int, rows: int):
     return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
 
 
-def _unembed(model, resid: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows d_vocab"]:
-    """ln_final + unembed + soft-cap as HookedTransformer.forward does, without its per-call copy
-    of the whole unembedding matrix (``W_U.T.contiguous()``)."""
-    from transformer_lens.utilities import apply_softcap
-
-    if model.cfg.normalization_type is not None:
-        resid = model.ln_final(resid[:, None, :])[:, 0]
-    logits = resid @ model.W_U + model.b_U
-    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
-
-
 def _pack(layers: list[int], steps: int, chunk: int) -> list[list[tuple[int, int, int]]]:
     """Group (layer, first step, last step) pieces into forwards of at most ``chunk`` rows."""
     piece = min(steps, chunk)
@@ -256,7 +245,7 @@ def _grad_fast(model, items: list[tuple[int, Tensor]], resid: list[Tensor], cach
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
         resid_out = model(x, start_at_layer=start, stop_at_layer=model.cfg.n_layers,
                           past_kv_cache=caches[rows])
-        prob = _answer_prob(_unembed(model, resid_out[:, -1]), token)
+        prob = _answer_prob(unembed_rows(model, resid_out[:, -1]), token)
         grads = torch.autograd.grad(prob.sum(), leaves)
     return list(grads)
 
