@@ -71,7 +71,7 @@ def compute(args) -> None:
     loc_facts = [f for f in more if f not in set(facts)][:args.n_locality]
     locality = [make_query(model, f, ds.relation_of(f).templates[0]) for f in loc_facts]
     n_slices = args.ppl_slices if args.ppl_slices is not None else 4
-    slice_len = 64 if args.quick else 128
+    slice_len = args.ppl_slice_len or (64 if args.quick else 128)
     reference = (prepare_reference(model, reference_slices(model, n_slices, slice_len, seed=args.seed))
                  if n_slices else None)
     new_objects = pick_new_objects(model, ds, facts, args.seed)
@@ -156,6 +156,8 @@ def main() -> None:
                          "'all' costs 6x: about 36 edits per fact)")
     ap.add_argument("--ppl-slices", type=int, default=None,
                     help="reference slices for dPPL (default 4, of 64 tokens quick / 128 full: 512 tokens, scored once on the unedited model; 0 = off)")
+    ap.add_argument("--ppl-slice-len", type=int, default=None,
+                    help="tokens per reference slice (default 64 quick, 128 full)")
     args = ap.parse_args()
     _common.run(args, compute, report)
 

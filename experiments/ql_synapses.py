@@ -2,8 +2,9 @@
 enhancing knowledge synapses of the query itself vs of an irrelevant query (Fig. 6), and neuron
 activation heatmaps with synapses untouched / suppressed / enhanced (Fig. 7 / 10).
 
-Per known fact, every template of its relation is a neighbour query (QL's k queries). KNs are
-located on every query (``--locator contribution``: FiNE top-5 per answer token, last 3 layers
+Facts: the QL sample of ``locate_facts.py`` (same seed: the facts of ``ql_consistency`` /
+``ql_modification``), whose per-query scores come from its cache. Per fact, every template of its
+relation is a neighbour query (QL's k queries). KNs are located on every query (``--locator contribution``: FiNE top-5 per answer token, last 3 layers
 frozen; ``--locator ig``: integrated gradients, > 0.2 x max, Dai et al.), the facts are split into
 K_I / K_II by CS2 (QL eq. 1, static threshold 0.1, QL App. Table 4) from those KN sets, and P
 (QL eq. 4: most attended key token, counted over the k queries) is computed per fact. The
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import _common  # noqa: E402
+import locate_facts  # noqa: E402
 
 NAME = "ql_synapses"
 CONDITIONS = ("self_enhance", "self_suppress", "self_avg",
@@ -48,8 +50,7 @@ def compute(args) -> None:
                                            activation_maps, knowledge_synapses,
                                            predominance_score, synapse_manipulation)
     from kn_lens.datasets import builtin_dataset
-    from kn_lens.facts import queries_for_fact
-    from kn_lens.locate import locate
+    from kn_lens.facts import answer_logprobs
     from kn_lens.models import model_info
 
     if args.threads:
@@ -58,18 +59,26 @@ def compute(args) -> None:
     n = args.n_facts or (8 if args.quick else 200)
     ds = builtin_dataset()
     model = _common.load_experiment_model(args.model, args.seed)
-    chosen = _common.choose_facts(args, model, ds, n, n_relations=4 if args.quick else None)
-    per_fact = [queries_for_fact(model, f, ds.relation(f.relation)) for f, _ in chosen]
-    flat = [q for qs in per_fact for q in qs]
+    # the QL fact sample of locate_facts.py (same seed: the same facts as ql_consistency /
+    # ql_modification) and its per-fact score cache, so IG is not recomputed here
+    fact_list = locate_facts.select_facts(
+        model, ds, n, args.seed, all_facts=args.no_known_filter,
+        known_path=Path(args.results_dir) / f"known_facts_{args.model}.json",
+        max_answer_tokens=args.max_answer_tokens)
+    cache = args.cache_dir or Path(args.results_dir) / "cache"
     t0 = time.time()
-    scores = locate(model, flat, args.locator)
+    by_fact = locate_facts.scores_for_facts(model, ds, fact_list, args.locator,
+                                            locate_facts.method_config(args.locator), cache)
     locate_seconds = time.time() - t0
+    per_fact = [[s.query for s in by_fact[f]] for f in fact_list]
+    # each fact's main query: the template on which the model gives the answer the highest P
+    chosen = []
+    for f, qs in zip(fact_list, per_fact):
+        lp = answer_logprobs(model, qs)
+        chosen.append((f, int(lp.argmax())))
+    flat = [q for qs in per_fact for q in qs]
     sel = _selection(args)
-    sets = [select_kns(s, sel) for s in scores]
-    kn_by_fact, i = {}, 0
-    for (f, _), qs in zip(chosen, per_fact):
-        kn_by_fact[f] = sets[i: i + len(qs)]
-        i += len(qs)
+    kn_by_fact = {f: [select_kns(s, sel) for s in by_fact[f]] for f in fact_list}
     cons = consistency_analysis(kn_by_fact, config=ConsistencyConfig(), method=args.locator,
                                 model=model_info(model))
     labels = cons.labels.get("static", {})
@@ -106,7 +115,15 @@ def compute(args) -> None:
         effects[vname] = [e.to_dict() for e in res.effects]
     mcfg = SynapseManipulationConfig()
     # Fig. 7 / 10: one query's activation maps
-    q0, kn0 = mains[args.example], main_kns[args.example]
+    # (default: the first fact whose main query has at least one synapse)
+    example = args.example
+    if example is None:
+        example = 0
+        for i, q in enumerate(mains):
+            if len(knowledge_synapses(model, q, config=mcfg.synapses)):
+                example = i
+                break
+    q0, kn0 = mains[example], main_kns[example]
     syn0 = knowledge_synapses(model, q0, config=mcfg.synapses)
     maps = activation_maps(model, q0, synapses=syn0, config=mcfg)
     payload = {
@@ -117,14 +134,15 @@ def compute(args) -> None:
                     "synapses_per_position": syn0.per_position(), "tokens": list(syn0.tokens),
                     "kns": [[x.layer, x.index] for x in kn0],
                     "maps_file": _maps_path(args).name, "maps_dtype": "float16"},
-        "seconds": {"locate_per_query": locate_seconds / len(flat),
+        "seconds": {"locate_or_cache_per_query": locate_seconds / len(flat),
                     "manipulation_per_query": manip_seconds},
         "known_filter": not args.no_known_filter,
     }
     config = {"locator": args.locator, "selection": sel, "manipulation": mcfg,
               "synapse_variants": variants,
               "consistency": ConsistencyConfig(), "n_facts_requested": n,
-              "p_axis": "key", "example": args.example}
+              "p_axis": "key", "example": example,
+              "max_answer_tokens": args.max_answer_tokens}
     _save_maps(args, {k: m.numpy() for k, m in maps.maps.items()})
     _common.save_results(args, NAME, payload, config, model_info(model), started)
 
@@ -229,7 +247,12 @@ def main(argv=None) -> None:
     ap.add_argument("--locator", choices=["contribution", "ig"], default=None,
                     help="KN locator (default: contribution with --quick, ig otherwise)")
     ap.add_argument("--freeze-last", type=int, default=3, help="contribution KNs: frozen last layers")
-    ap.add_argument("--example", type=int, default=0, help="fact index for the heatmaps")
+    ap.add_argument("--example", type=int, default=None,
+                    help="fact index for the heatmaps (default: the first with a synapse)")
+    ap.add_argument("--max-answer-tokens", type=int, default=1,
+                    help="facts whose answer has at most this many tokens (as locate_facts.py; 0 = any)")
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="locate_facts.py's score cache (default <results-dir>/cache)")
     args = ap.parse_args(argv)
     if args.locator is None:
         args.locator = "contribution" if args.quick else "ig"
