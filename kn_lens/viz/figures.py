@@ -239,7 +239,7 @@ def plot_cs_histogram(scores: Mapping[str, Any] | Any, path: str | Path, *,
                       dpi: int = DPI) -> Path:
     """Histogram of per-fact KN-consistency scores with the K_I / K_II thresholds drawn
     (``thresholds`` e.g. ``{"static": 0.1, "Otsu": 0.146}``, QL Table 4; facts at or above a
-    threshold are K_I). Pass several groups (e.g. per locator) as a dict."""
+    threshold are K_I, at or below it K_II, as in ``analysis.consistency``). Pass several groups (e.g. per locator) as a dict."""
     series = dict(scores) if isinstance(scores, Mapping) else {"facts": scores}
     thresholds = dict(thresholds or {})
     arrays = {k: _array(v, None, f"scores {k!r}").ravel() for k, v in series.items()}
@@ -255,12 +255,12 @@ def plot_cs_histogram(scores: Mapping[str, Any] | Any, path: str | Path, *,
     for i, (name, t) in enumerate(thresholds.items()):
         if not math.isfinite(t):
             raise NumericalError(f"threshold {name!r} is not finite")
-        shares = ", ".join(f"{float((a < t).mean()):.0%}" for a in arrays.values())
+        shares = ", ".join(f"{float((a <= t).mean()):.0%}" for a in arrays.values())
         ax.axvline(t, color="black", ls=styles[i % len(styles)], lw=1.2,
                    label=f"{name} = {t:.3g} (K_II share: {shares})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("number of facts")
-    ax.set_title(title or "KN consistency: K_I (>= threshold) vs K_II", fontsize=11)
+    ax.set_title(title or "KN consistency: K_I (> threshold) vs K_II (<= threshold)", fontsize=11)
     ax.legend(fontsize=8)
     return _save(fig, path, dpi)
 
