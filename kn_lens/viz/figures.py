@@ -238,8 +238,9 @@ def plot_cs_histogram(scores: Mapping[str, Any] | Any, path: str | Path, *,
                       title: str = "", xlabel: str = "consistency score (CS)",
                       dpi: int = DPI) -> Path:
     """Histogram of per-fact KN-consistency scores with the K_I / K_II thresholds drawn
-    (``thresholds`` e.g. ``{"static": 0.1, "Otsu": 0.146}``, QL Table 4; facts at or above a
-    threshold are K_I, at or below it K_II, as in ``analysis.consistency``). Pass several groups (e.g. per locator) as a dict."""
+    (``thresholds`` e.g. ``{"static": 0.1, "Otsu": 0.146}``, QL Table 4; facts above a threshold
+    are K_I, at or below it K_II, as in ``analysis.consistency``). Pass several groups (e.g. per
+    locator) as a dict."""
     series = dict(scores) if isinstance(scores, Mapping) else {"facts": scores}
     thresholds = dict(thresholds or {})
     arrays = {k: _array(v, None, f"scores {k!r}").ravel() for k, v in series.items()}
