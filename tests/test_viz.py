@@ -72,8 +72,8 @@ def test_cs_histogram(tmp_path):
 
 def test_grouped_bars_and_synapse_effects(tmp_path):
     data = {"Self": {"Enh": 0.4, "Sup": 0.6, "Avg": 0.5},
-            "Irrelevant": {"Enh": 0.05, "Sup": float("nan"), "Avg": 0.02}}
-    err = {"Self": {"Enh": 0.1, "Sup": 0.1, "Avg": 0.1}}
+            "Irrelevant": {"Enh": 0.05, "Sup": float("nan"), "Avg": None}}  # None: NaN read from JSON
+    err = {"Self": {"Enh": 0.1, "Sup": None, "Avg": 0.1}}
     _check_png(viz.plot_grouped_bars(data, tmp_path / "bars.png", errors=err, ylabel="ΔProb"))
     row = {"self_suppress": 0.5, "self_enhance": 0.2, "irrelevant_suppress": 0.1,
            "irrelevant_enhance": -0.05, "self_avg": 0.35, "irrelevant_avg": 0.025}

@@ -276,6 +276,11 @@ def plot_grouped_bars(data: Mapping[str, Mapping[str, float]], path: str | Path,
     return _save(fig, path, dpi)
 
 
+def _num(x) -> float:
+    """A bar value from a results file: None (JSON's NaN / missing) becomes NaN."""
+    return float("nan") if x is None else float(x)
+
+
 def _grouped(ax, data, errors, ylabel, title) -> None:
     if not data:
         raise ValueError("no bars to plot")
@@ -288,10 +293,10 @@ def _grouped(ax, data, errors, ylabel, title) -> None:
     width = 0.8 / len(series)
     x = np.arange(len(groups))
     for i, s in enumerate(series):
-        vals = np.array([float(data[g].get(s, np.nan)) for g in groups])
+        vals = np.array([_num(data[g].get(s)) for g in groups])
         err = None
         if errors is not None:
-            err = np.array([float(errors.get(g, {}).get(s, np.nan)) for g in groups])
+            err = np.array([_num(errors.get(g, {}).get(s)) for g in groups])
         bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, np.nan_to_num(vals), width,
                       yerr=err, capsize=3, label=s)
         for b, v in zip(bars, vals):
