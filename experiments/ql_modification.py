@@ -92,7 +92,14 @@ def compute(args) -> None:
                "locality_facts": [locate_facts.fact_dict(f) for f in loc_facts],
                "comparison": comp.to_dict(),
                "table2": [r for r in comp.table() if r["group"] != "all" and r["selection"] != "CAS"],
-               "table3": [r for r in comp.table() if r["group"] == "all"]}
+               "table3": [r for r in comp.table() if r["group"] == "all"],
+               # the same edits grouped by every threshold's K_I / K_II labels (QL Tables 2-3
+               # split by group; CAS rows included)
+               "by_threshold": {k: {"n_k1": sum(g == "K_I" for g in lab.values()),
+                                    "n_k2": sum(g == "K_II" for g in lab.values()),
+                                    "labels": {f.key(): g for f, g in lab.items()},
+                                    "rows": comp.regroup(lab).table()}
+                                for k, lab in cons.labels.items()}}
     config = {"locator": locate_facts.method_config(args.method, args),
               "selection": locate_facts.kn_selection(args.method, model.cfg.n_layers),
               "compare": cfg, "reference": {"n_slices": n_slices, "slice_len": slice_len,
@@ -131,6 +138,11 @@ def report(args) -> None:
     print(markdown_table(with_median_dppl(r["table2"], per_edit)) or "(no K_I/K_II groups)")
     print("\nQL Table 3 (all facts: N_i vs N_g vs CAS):\n")
     print(markdown_table(with_median_dppl(r["table3"], per_edit)))
+    for k, b in r.get("by_threshold", {}).items():
+        regrouped = [{**e, "group": b["labels"].get(e["fact"])} for e in per_edit]
+        print(f"\nQL Table 3 split by K_I / K_II, {k} threshold (K_I {b['n_k1']}, K_II {b['n_k2']}):\n")
+        print(markdown_table(with_median_dppl([x for x in b["rows"] if x["group"] != "all"],
+                                              regrouped)))
     data: dict = {}
     for row in r["table2"] or r["table3"]:
         key = f"{row['operation'][:5]} {row['selection']}"

@@ -91,3 +91,13 @@ def test_compare_kn_selections_tiny_model():
                and r["selection"] == "N_i")
     assert row["n"] == 3 and 0 <= row["Rel"] <= 1
     assert "Rel" in res.to_markdown() and len(res.to_dict()["per_edit"]) == 18
+    # regrouping re-summarises the same edits: the original labels give the same rows; one label
+    # for every fact gives that group rows equal to "all"
+    assert res.regroup({facts[0]: "K_I", facts[1]: "K_II", facts[2]: "K_II"}).table() == res.table()
+    one = res.regroup({f.key(): "K_II" for f in facts})
+    assert {r["group"] for r in one.rows} == {"all", "K_II"}
+    for a in (r for r in one.table() if r["group"] == "all"):
+        b = next(r for r in one.table() if r["group"] == "K_II" and r["operation"] == a["operation"]
+                 and r["selection"] == a["selection"])
+        assert {k: v for k, v in a.items() if k != "group"} == {k: v for k, v in b.items() if k != "group"}
+    assert one.per_edit[0]["group"] == "K_II" and len(one.per_edit) == len(res.per_edit)

@@ -145,3 +145,8 @@ def test_ql_modification(monkeypatch, results_dir):
             assert row["dPPL"] is not None
     assert all(row["group"] in ("K_I", "K_II") for row in r["table2"])
     assert len(_figures(results_dir, "ql_modification")) == 2
+    for k in ("static", "otsu"):
+        b = r["by_threshold"][k]
+        assert b["n_k1"] + b["n_k2"] == len(b["labels"]) == 2
+        assert {row["group"] for row in b["rows"]} <= {"all", "K_I", "K_II"}
+    assert r["by_threshold"]["static"]["n_k1"] == r["n_k1"]

@@ -110,6 +110,16 @@ class SelectionComparison:
     def table(self) -> list[dict]:
         return [{k: _clean(v, 3) for k, v in r.items()} for r in self.rows]
 
+    def regroup(self, groups: Mapping[Fact | str, str]) -> "SelectionComparison":
+        """The same edits summarised under another grouping of the facts (e.g. the Otsu K_I / K_II
+        labels instead of the static ones): ``groups`` maps a fact (or its ``key()``) to a label;
+        facts it does not name get no group. No edit is re-run."""
+        by_key = {(k.key() if isinstance(k, Fact) else k): v for k, v in groups.items()}
+        per_edit = tuple({**r, "group": by_key.get(r["fact"])} for r in self.per_edit)
+        ops = tuple(dict.fromkeys(r["operation"] for r in self.rows))
+        sels = tuple(dict.fromkeys(r["selection"] for r in self.rows))
+        return SelectionComparison(tuple(_rows(per_edit, ops, sels)), per_edit, self.config)
+
     def to_markdown(self) -> str:
         from kn_lens.analysis.consistency import markdown_table
 
@@ -248,11 +258,20 @@ def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronSc
                     rec.update(m.summary())
                     rec["skipped"] = False
                     per_edit.append(rec)
+    rows = _rows(per_edit, config.operations, config.selections)
+    cfg = {"compare": asdict(config), "cas": asdict(cas_config), "selection": asdict(selection),
+           "n_facts": len(facts), "reference": reference is not None}
+    return SelectionComparison(tuple(rows), tuple(per_edit), cfg)
+
+
+def _rows(per_edit: Sequence[dict], operations: Sequence[str], selections: Sequence[str]
+          ) -> list[dict]:
+    """Mean metrics per (operation, group, selection); group "all" plus each edit's "group"."""
     rows = []
     group_names = ["all"] + sorted({r["group"] for r in per_edit if r["group"] is not None})
-    for op in config.operations:
+    for op in operations:
         for grp in group_names:
-            for sel in config.selections:
+            for sel in selections:
                 rs = [r for r in per_edit if r["operation"] == op and r["selection"] == sel
                       and (grp == "all" or r["group"] == grp)]
                 done = [r for r in rs if not r["skipped"]]
@@ -263,9 +282,7 @@ def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronSc
                                  ("locality", "Loc"), ("average", "Avg"), ("dppl", "dPPL")):
                     row[col] = _mean([r[key] for r in done if r.get(key) is not None])
                 rows.append(row)
-    cfg = {"compare": asdict(config), "cas": asdict(cas_config), "selection": asdict(selection),
-           "n_facts": len(facts), "reference": reference is not None}
-    return SelectionComparison(tuple(rows), tuple(per_edit), cfg)
+    return rows
 
 
 def _mean(xs) -> float:
