@@ -143,12 +143,19 @@ def report(args) -> None:
         print(f"\nQL Table 3 split by K_I / K_II, {k} threshold (K_I {b['n_k1']}, K_II {b['n_k2']}):\n")
         print(markdown_table(with_median_dppl([x for x in b["rows"] if x["group"] != "all"],
                                               regrouped)))
+    # Avg per KN selection, all facts and K_I / K_II (the chosen threshold; CAS included)
+    split = r.get("by_threshold", {}).get(r["threshold"])
+    source = split["rows"] if split else r["table2"] + r["table3"]
     data: dict = {}
-    for row in r["table2"] or r["table3"]:
-        key = f"{row['operation'][:5]} {row['selection']}"
-        data.setdefault(key, {})[f"{row['group']} Avg"] = row["Avg"] if row["Avg"] is not None else float("nan")
-    p1 = plot_grouped_bars(data, _common.figure_path(args, NAME + "_groups"), ylabel="Avg (Rel, Gen, Loc)",
-                           title=f"KN edits, K_I vs K_II ({r['method']}, {args.model})")
+    for row in source:
+        key = f"{row['operation']}\n{row['selection']}"
+        label = {"all": "all facts"}.get(row["group"], row["group"])
+        if split:
+            label += f" (n={ {'all': len(r['facts']), 'K_I': split['n_k1'], 'K_II': split['n_k2']}[row['group']] })"
+        data.setdefault(key, {})[label] = row["Avg"]
+    p1 = plot_grouped_bars(data, _common.figure_path(args, NAME + "_groups"), ylabel="Avg of Rel, Gen, Loc",
+                           title=f"QL Tables 2-3: KN erasure / update, K_I vs K_II\n"
+                                 f"({r['threshold']} threshold, {r['method']} KNs, {args.model})")
     rows = [[row["operation"], row["selection"], row["n"],
              *[float("nan") if row[m] is None else row[m] for m in (*METRICS, "dPPL median")]]
             for row in with_median_dppl(r["table3"], per_edit)]
