@@ -98,3 +98,19 @@ def test_relation_overlap_same_vs_different_group():
     assert res.to_dict()["n_same_pairs"] == 1
     with pytest.raises(ConfigError):
         relation_overlap(t, rels, metric="dice")
+
+
+@pytest.mark.real_model
+def test_real_model_indirect_effects_are_concentrated(default_model):
+    """TNF-DA's "1 %" observation needs a trained model: on SmolLM2 the top 1 % of FFN neurons
+    (by |AtP indirect effect|, whole prompt corrupted) carry several times their uniform share
+    of the total |IE| (26 % on average over 12 facts in the quick run; uniform would be 1 %)."""
+    from kn_lens.facts import make_query
+    from kn_lens.locate import locate
+    from kn_lens.locate.mediation import AtPConfig
+
+    q = make_query(default_model, Fact("France", "country_capital", "Paris"), "The capital of {} is")
+    s = locate(default_model, [q], "atp", config=AtPConfig(n_noise=1, seed=0))[0]
+    c = ie_concentration(s, by="abs", fractions=(0.01, 0.1))
+    assert c.share_at_1pct > 0.08
+    assert c.shares[1] > 0.3  # top 10 % of neurons: far more than 10 % of the total |IE|
