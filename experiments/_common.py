@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,23 @@ def result_path(args: argparse.Namespace, name: str) -> Path:
     return base / f"{name}_{args.model}.json"
 
 
+_LEAF_LIST = re.compile(r"\[[^\[\]{}]*\]")
+_LIST_OF_LEAVES = re.compile(r"\[\s*\[[^\[\]{}]*\](?:\s*,\s*\[[^\[\]{}]*\])*\s*\]")
+
+
+def compact_json(doc: Any) -> str:
+    """``json.dumps(doc, indent=1)`` with lists of scalars, and lists of such lists, on one line
+    (neuron lists such as ``[[23, 863], ...]`` would otherwise take one line per number). Only
+    whitespace between tokens changes: JSON strings cannot hold a raw newline."""
+    text = json.dumps(doc, indent=1)
+    def squash(m: re.Match) -> str:  # only whitespace around raw newlines (never inside strings)
+        t = re.sub(r"\[\s*\n\s*", "[", m.group(0))
+        t = re.sub(r"\s*\n\s*\]", "]", t)
+        return re.sub(r"\s*\n\s*", " ", t)
+
+    return _LIST_OF_LEAVES.sub(squash, _LEAF_LIST.sub(squash, text))
+
+
 def save_results(args: argparse.Namespace, name: str, payload: dict, config: Any,
                  model_info: Any = None, started: float | None = None) -> Path:
     path = result_path(args, name)
@@ -99,7 +117,7 @@ def save_results(args: argparse.Namespace, name: str, payload: dict, config: Any
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
+            f.write(compact_json(doc))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -150,3 +150,13 @@ def test_ql_modification(monkeypatch, results_dir):
         assert b["n_k1"] + b["n_k2"] == len(b["labels"]) == 2
         assert {row["group"] for row in b["rows"]} <= {"all", "K_I", "K_II"}
     assert r["by_threshold"]["static"]["n_k1"] == r["n_k1"]
+
+
+def test_compact_json_round_trips():
+    import _common
+
+    doc = {"a": [[1, 2], [3, 4]], "b": [1.5, None, "x ] [ y"], "c": {"d": [], "e": [[]]},
+           "s": "line\nbreak [ ]", "n": [{"k": [1, 2]}, [0.1, [2, 3]]]}
+    text = _common.compact_json(doc)
+    assert json.loads(text) == doc
+    assert '"a": [[1, 2], [3, 4]]' in text and '"b": [1.5, null, "x ] [ y"]' in text

@@ -27,7 +27,7 @@ def plot_violins(data: Mapping[str, Mapping[str, Sequence[float]]], path: str | 
             if s not in series:
                 series.append(s)
     width = 0.8 / max(len(series), 1)
-    fig, axes = _new(max(6.0, 0.55 * len(cats) * max(len(series), 1) + 2), 4.2)
+    fig, axes = _new(min(12.0, max(6.0, 0.35 * len(cats) * max(len(series), 1) + 2)), 4.6)
     ax = axes[0, 0]
     colours = [f"C{i}" for i in range(len(series))]
     for j, s in enumerate(series):
