@@ -348,11 +348,13 @@ def plot_table(rows: Sequence[Sequence[Any]], columns: Sequence[str], path: str 
         return str(v)
 
     text = [[cell(v) for v in r] for r in rows]
-    width = max(4.0, 0.11 * sum(max(len(c), *(len(t[i]) for t in text)) + 2 for i, c in enumerate(columns)))
+    chars = [max(len(c), *(len(t[i]) for t in text)) + 2 for i, c in enumerate(columns)]
+    width = max(4.0, 0.085 * sum(chars))
     fig, axes = _new(min(width, 16.0), 0.32 * (len(rows) + 1) + (0.5 if title else 0.2))
     ax = axes[0, 0]
     ax.axis("off")
-    tab = ax.table(cellText=text, colLabels=list(columns), loc="center", cellLoc="center")
+    tab = ax.table(cellText=text, colLabels=list(columns), loc="center", cellLoc="center",
+                   colWidths=[c / sum(chars) for c in chars])  # each column as wide as its text
     tab.auto_set_font_size(False)
     tab.set_fontsize(9)
     for (r, _c), c in tab.get_celld().items():
