@@ -79,3 +79,36 @@ def test_bad_config(gpt2_tiny):
     s = contribution_scores(gpt2_tiny, q)  # scoring does not depend on the selection settings
     with pytest.raises(ConfigError):  # but freezing all 3 layers leaves nothing to select
         select_contribution_neurons(s, ContributionConfig(freeze_last=3))
+
+
+@pytest.mark.parametrize("post_norm", [False, True])
+def test_layer_sum_is_the_direct_logit_effect(post_norm):
+    """Summed over a layer's neurons, contribution + the bias's share = hook_mlp_out . W_U[:, t]
+    (the layer's direct effect on the answer logit), also for Gemma-style models whose MLP output
+    is normalised before the residual (the norm's scale frozen at the clean run)."""
+    from kn_lens import hooks as H
+    from kn_lens.facts import Fact, make_query
+    from kn_lens.locate import contribution_scores
+    from kn_lens.testing import _build
+
+    model = _build(dict(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=48, act_fn="gelu",
+                        gated_mlp=True, normalization_type="RMS", positional_embedding_type="rotary",
+                        rotary_dim=8, use_normalization_before_and_after=post_norm), 0, "tiny-post", True)
+    if post_norm:  # a non-trivial norm weight
+        with torch.no_grad():
+            for b in model.blocks:
+                b.ln2_post.w.copy_(torch.linspace(0.5, 2.0, 32))
+    q = make_query(model, Fact("France", "capital", "Paris"), "The capital of {} is")
+    s = contribution_scores(model, q)
+    store: dict = {}
+    names = [f"blocks.{l}.hook_mlp_out" for l in range(2)] + [H.ln2_post_scale(l) for l in range(2) if post_norm]
+    with model.hooks(fwd_hooks=[h for n in names for h in H.cache_hook(n, store)]):
+        model(torch.tensor([q.input_ids]))
+    pos, t = q.answer_positions[0], q.answer_ids[0]
+    for l, b in enumerate(model.blocks):
+        bias = b.mlp.b_out.float()
+        if post_norm:
+            bias = bias * b.ln2_post.w / store[H.ln2_post_scale(l)][0, pos]
+        direct = (store[f"blocks.{l}.hook_mlp_out"][0, pos] - bias) @ model.W_U[:, t]
+        torch.testing.assert_close(s.per_token[0, l].sum(), direct.float(), rtol=1e-4, atol=1e-5)
+    assert ("post_mlp_norm" in s.extras) == post_norm

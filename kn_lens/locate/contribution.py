@@ -10,7 +10,11 @@ positions for the following ones). It is the direct logit effect of the neuron o
 ignoring everything downstream of it (attention, later MLPs) and the final norm's per-position
 scale. It depends on weight processing: kn-lens loads models with the final norm's weight folded
 into ``W_U`` (and, for LayerNorm models, centred writing weights / unembedding), which the result
-records in ``NeuronScores.model``.
+records in ``NeuronScores.model``. Models that normalise each MLP output before the residual
+(Gemma's ``ln2_post``) get that norm with its scale frozen, as the final norm's: the score is
+``q / s^l(p_t) * (W_U diag(g^l) W_out^l)[t, i]`` (``s`` the norm's RMS scale, ``g`` its weight),
+so that, summed over a layer's neurons (plus its bias), it is that layer's direct logit effect.
+Without it, layers whose MLP output is large before the norm (Gemma's first layers) dominate.
 
 Selection (FiNE §3.2, §4.3, App. C): the top ``k = 5`` neurons per answer token, excluding the last
 ``l_f = 3`` layers (layer freezing), united over tokens: :func:`select_contribution_neurons`.
@@ -50,10 +54,25 @@ class ContributionConfig:
             raise ConfigError(f"ContributionConfig.by must be 'value' or 'abs', got {self.by!r}")
 
 
+def _post_norm(model) -> bool:
+    """Whether the model normalises each MLP output before adding it to the residual (Gemma 2/3)."""
+    return bool(getattr(model.cfg, "use_normalization_before_and_after", False))
+
+
 def unembed_directions(model, answer_ids: tuple[int, ...]) -> Float[Tensor, "layer answer d_mlp"]:
-    """(W_U W_out^l)[t, :] for every layer and answer token: each neuron's direct logit weight."""
+    """(W_U W_out^l)[t, :] for every layer and answer token: each neuron's direct logit weight.
+
+    For models with a norm after the MLP (``ln2_post``, Gemma), its weight is included:
+    (W_U diag(g) W_out^l)[t, :]; the norm's per-position scale is applied to the activations."""
     w_u = model.W_U[:, list(answer_ids)].float()  # [d_model, answer]
-    return torch.stack([(b.mlp.W_out.float() @ w_u).T for b in model.blocks])
+    out = []
+    for b in model.blocks:
+        w_out = b.mlp.W_out.float()
+        g = getattr(getattr(b, "ln2_post", None), "w", None) if _post_norm(model) else None
+        if g is not None:
+            w_out = w_out * g.float()[None, :]
+        out.append((w_out @ w_u).T)
+    return torch.stack(out)
 
 
 @torch.no_grad()
@@ -68,18 +87,23 @@ def contribution_scores(model, query: Query, *, config: ContributionConfig | Non
     _check_query(model, query)
     n = model.cfg.n_layers
     store: dict = {}
+    post = _post_norm(model)
     fwd = [h for l in range(n) for h in hooks.cache_hook(hooks.mlp_post(l), store)]
+    if post:
+        fwd += [h for l in range(n) for h in hooks.cache_hook(hooks.ln2_post_scale(l), store)]
     tokens = torch.tensor([query.input_ids], dtype=torch.long, device=model.cfg.device)
     with model.hooks(fwd_hooks=fwd):
         model(tokens, return_type=None)
     pos = torch.tensor(query.answer_positions, device=model.cfg.device)
-    acts = torch.stack([store[hooks.mlp_post(l)][0, pos] for l in range(n)])  # [layer, answer, d_mlp]
+    acts = torch.stack([store[hooks.mlp_post(l)][0, pos] for l in range(n)]).float()  # [layer, answer, d_mlp]
+    if post:  # the post-MLP RMSNorm divides the layer's whole output by its RMS at that position
+        acts = acts / torch.stack([store[hooks.ln2_post_scale(l)][0, pos] for l in range(n)]).float()
     direc = unembed_directions(model, query.answer_ids)  # [layer, answer, d_mlp]
-    per_token = (acts.float() * direc).permute(1, 0, 2).contiguous().cpu()
+    per_token = (acts * direc).permute(1, 0, 2).contiguous().cpu()
     extras = {"note": "direct logit effect; final-norm scale and downstream paths ignored (FiNE eq. 3)"}
-    if getattr(model.cfg, "use_normalization_before_and_after", False):
-        extras["warning"] = ("this model normalises the MLP output before the residual; FiNE's "
-                             "linear score W_U W_out ignores that norm")
+    if post:
+        extras["post_mlp_norm"] = ("the MLP output norm (ln2_post) is applied with its scale frozen "
+                                   "at the clean run: act / scale x (W_U diag(g) W_out)[t, i]")
     return NeuronScores(scores=per_token.sum(0), method="contribution", query=query, config=config,
                         model=model_info(model), per_token=per_token, extras=extras)
 
