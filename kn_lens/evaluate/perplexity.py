@@ -70,6 +70,12 @@ def reference_slices(model: "HookedTransformer", n_slices: int = 8, slice_len: i
     return rows
 
 
+def _nll_sum(logits: Tensor, toks: Tensor) -> float:
+    """Summed next-token NLL of ``toks`` [rows, pos] under ``logits`` [rows, pos, d_vocab]."""
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), toks[:, 1:].flatten(),
+                                 reduction="sum"))
+
+
 @torch.no_grad()
 def token_nll(model: "HookedTransformer", token_slices: Tensor | Sequence[Tensor], *,
               fwd_hooks: list | None = None, batch_size: int = 4) -> tuple[float, int]:
@@ -86,10 +92,7 @@ def token_nll(model: "HookedTransformer", token_slices: Tensor | Sequence[Tensor
             groups = [torch.stack([r for r in chunk if r.numel() == n]) for n in sorted(lengths)]
             for toks in groups:
                 toks = toks.to(device)
-                logits = model(toks)
-                nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), toks[:, 1:].flatten(),
-                                      reduction="sum")
-                total += float(nll)
+                total += _nll_sum(model(toks), toks)
                 count += toks[:, 1:].numel()
     if count == 0:
         raise ConfigError("token slices need at least two tokens each (nothing to predict)")
@@ -143,9 +146,8 @@ class PreparedReference:
         with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks or []):
             for s in range(0, self.tokens.shape[0], 4):
                 toks = self.tokens[s:s + 4].to(model.cfg.device)
-                logits = model(self.resid_pre[start_at_layer][s:s + 4], start_at_layer=start_at_layer)
-                total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                               toks[:, 1:].flatten(), reduction="sum"))
+                total += _nll_sum(model(self.resid_pre[start_at_layer][s:s + 4],
+                                        start_at_layer=start_at_layer), toks)
         if not math.isfinite(total):
             raise NumericalError("perplexity: non-finite log-likelihood (the model or edit produced "
                                  "NaN/inf)")
@@ -162,21 +164,10 @@ def prepare_reference(model: "HookedTransformer", token_slices: Tensor) -> Prepa
     toks = torch.as_tensor(token_slices)
     if toks.ndim != 2 or toks.shape[1] < 2:
         raise ConfigError("prepare_reference needs a [n_slices, slice_len >= 2] token tensor")
-    store: dict = {}
     names = [hooks.resid_pre(l) for l in range(model.cfg.n_layers)]
-    fwd = [h for nm in names for h in hooks.cache_hook(nm, store)]
-    total, parts = 0.0, {nm: [] for nm in names}
-    with model.hooks(fwd_hooks=fwd):
-        for s in range(0, toks.shape[0], 4):
-            chunk = toks[s:s + 4].to(model.cfg.device)
-            logits = model(chunk)
-            total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                           chunk[:, 1:].flatten(), reduction="sum"))
-            for nm in names:
-                parts[nm].append(store[nm].detach())
-    count = int(toks[:, 1:].numel())
-    if not math.isfinite(total):
-        raise NumericalError("perplexity: non-finite log-likelihood on the unedited model")
+    parts: dict = {nm: [] for nm in names}  # token_nll keeps the row order (equal-length rows)
+    fwd = [(nm, lambda act, hook, nm=nm: parts[nm].append(act.detach())) for nm in names]
+    total, count = token_nll(model, toks, fwd_hooks=fwd)
     return PreparedReference(toks, math.exp(total / count), count,
                              tuple(torch.cat(parts[nm]) for nm in names), model_info(model).name)
 
