@@ -172,25 +172,28 @@ def _cache_key(model, method: str, config: Any, fact) -> str:
 def scores_for_facts(model, dataset, facts: Sequence, method: str, config: Any = None,
                      cache_dir: Path | None = None, *, progress: bool = True) -> dict:
     """``{fact: [NeuronScores per template]}`` for locator ``method``, cached per fact under
-    ``cache_dir`` (``None``: no cache). Cached maps are float16 scaled by each query's largest |score| (error < 1e-3 of it;
-    KN selection ties aside, this does not change the sets). A cached entry is used only when
-    model, method, config, prompts and answer all match."""
+    ``cache_dir`` (``None``: no cache). Cached maps are float16 scaled by each query's largest
+    |score| (error < 1e-3 of it; KN selection ties aside, this does not change the sets). A cached
+    entry is used only when model, method, config, prompts, answer and the locator's version
+    (:func:`kn_lens.locate.method_version`, bumped when a locator's numbers change) all match."""
     import torch
 
     from kn_lens.facts import queries_for_fact
-    from kn_lens.locate import locate
+    from kn_lens.locate import locate, method_version
     from kn_lens.models import model_info
     from kn_lens.neurons import NeuronScores
 
     config = config if config is not None else method_config(method)
     info = model_info(model)
+    version = method_version(method)
     out = {}
     for i, fact in enumerate(facts):
         queries = queries_for_fact(model, fact, dataset.relation_of(fact))
         path = None if cache_dir is None else Path(cache_dir) / f"{method}_{_cache_key(model, method, config, fact)}.pt"
         if path is not None and path.exists():
             blob = torch.load(path, weights_only=False)
-            if (blob.get("version") == CACHE_VERSION and blob.get("answer") == fact.object
+            if (blob.get("version") == CACHE_VERSION and blob.get("locator_version", 1) == version
+                    and blob.get("answer") == fact.object
                     and blob.get("prompts") == [q.prompt for q in queries]):
                 out[fact] = [NeuronScores(s.float() * sc, method, q, config, info,
                                           None if pt is None else pt.float() * sc, {"cached": True})
@@ -211,7 +214,8 @@ def scores_for_facts(model, dataset, facts: Sequence, method: str, config: Any =
             scale = torch.tensor([max(float(s.scores.abs().max()), float(s.per_token.abs().max())
                                       if s.per_token is not None else 0.0) or 1.0 for s in scores],
                                  dtype=torch.float64)
-            blob = {"version": CACHE_VERSION, "method": method, "model": info.name,
+            blob = {"version": CACHE_VERSION, "locator_version": version, "method": method,
+                    "model": info.name,
                     "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
                     "fact": dataclasses.asdict(fact), "prompts": [q.prompt for q in queries],
                     "answer": fact.object, "seconds": dt,

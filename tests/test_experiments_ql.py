@@ -80,6 +80,27 @@ def test_cached_scores_match_fresh(tmp_path):
         assert set(select_kns(a, sel)) == set(select_kns(b, sel))
 
 
+def test_score_cache_recomputes_when_the_locator_version_changes(tmp_path, monkeypatch):
+    from kn_lens.datasets import builtin_dataset
+    from kn_lens.locate import method_version, registry
+    from kn_lens.testing import tiny_gpt2
+
+    model, ds = tiny_gpt2(), builtin_dataset()
+    facts = locate_facts.select_facts(model, ds, 1, 0, all_facts=True)
+    assert method_version("contribution") == 1
+    locate_facts.scores_for_facts(model, ds, facts, "contribution", cache_dir=tmp_path, progress=False)
+    (path,) = tmp_path.glob("contribution_*.pt")
+    assert torch.load(path, weights_only=False)["locator_version"] == 1
+    monkeypatch.setitem(registry._VERSIONS, "contribution", 2)  # the locator's numbers changed
+    again = locate_facts.scores_for_facts(model, ds, facts, "contribution", cache_dir=tmp_path,
+                                          progress=False)
+    assert not any(s.extras.get("cached") for s in again[facts[0]])
+    assert torch.load(path, weights_only=False)["locator_version"] == 2  # rewritten in place
+    third = locate_facts.scores_for_facts(model, ds, facts, "contribution", cache_dir=tmp_path,
+                                          progress=False)
+    assert all(s.extras.get("cached") for s in third[facts[0]])
+
+
 def test_select_facts_is_seeded_and_nested():
     from kn_lens.datasets import builtin_dataset
     from kn_lens.testing import tiny_gpt2

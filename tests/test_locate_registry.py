@@ -76,6 +76,18 @@ def test_bad_method_and_config(tiny_model, queries, monkeypatch):
     with pytest.raises(ConfigError, match="already registered"):
         registry.register_method("ig", "kn_lens.locate.integrated_gradients",
                                  "integrated_gradients", "IGConfig")
+    with pytest.raises(ConfigError, match="unknown locator"):
+        registry.method_version("nope")
+
+
+def test_register_method_with_version(monkeypatch):
+    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
+    monkeypatch.setattr(registry, "_VERSIONS", dict(registry._VERSIONS))
+    assert registry.method_version("ig") == 1  # unlisted -> 1
+    registry.register_method("ig_v3", "kn_lens.locate.integrated_gradients",
+                             "integrated_gradients", "IGConfig", version=3)
+    assert registry.method_version("ig_v3") == 3
+    assert METHODS["ig_v3"][0] is METHODS["ig"][0]
 
 
 def _failing_locator(model, query, *, config=None):

@@ -18,13 +18,15 @@ from kn_lens.locate.integrated_gradients import (
     integrated_gradients_eos,
     integrated_gradients_plain,
 )
-from kn_lens.locate.registry import METHODS, available_methods, get_method, locate, register_method
+from kn_lens.locate.registry import (
+    METHODS, available_methods, get_method, locate, method_version, register_method,
+)
 
 __all__ = [
     "AgreementResult", "agreement",
     "ContributionConfig", "contribution_scores", "select_contribution_neurons",
     "IGConfig", "integrated_gradients", "integrated_gradients_eos", "integrated_gradients_plain",
-    "METHODS", "available_methods", "get_method", "locate", "register_method",
+    "METHODS", "available_methods", "get_method", "locate", "method_version", "register_method",
     "causal_mediation", "attribution_patching", "MediationConfig", "AtPConfig",
 ]
 

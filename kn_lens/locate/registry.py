@@ -26,6 +26,12 @@ _SPECS: dict[str, tuple[str, str, str]] = {
     "atp": ("kn_lens.locate.mediation", "attribution_patching", "AtPConfig"),
 }
 
+# name -> version of the locator's *numbers*: bump it when a change to the code alters the scores a
+# locator returns (not for refactors), so that score caches keyed on the method know to recompute.
+# Unlisted methods are version 1. History: contribution's Gemma post-MLP-norm fix predates this
+# table (stale cache entries were deleted by hand then).
+_VERSIONS: dict[str, int] = {}
+
 
 class _LazyMethods(Mapping):
     """Read-only mapping name -> (function, config class), importing modules on first access."""
@@ -55,11 +61,20 @@ METHODS: Mapping[str, tuple[Locator, type]] = _LazyMethods()
 
 
 def register_method(name: str, module: str, function: str, config_class: str, *,
-                    overwrite: bool = False) -> None:
-    """Register a locator by import path (resolved lazily)."""
+                    overwrite: bool = False, version: int = 1) -> None:
+    """Register a locator by import path (resolved lazily). ``version``: see :func:`method_version`."""
     if name in _SPECS and not overwrite:
         raise ConfigError(f"locator {name!r} is already registered (pass overwrite=True)")
     _SPECS[name] = (module, function, config_class)
+    _VERSIONS[name] = int(version)
+
+
+def method_version(name: str) -> int:
+    """Version of locator ``name``'s numbers (bumped when a code change alters its scores); caches
+    of scores store it and recompute on a mismatch."""
+    if name not in _SPECS:
+        raise ConfigError(f"unknown locator {name!r}; choose one of {sorted(_SPECS)}")
+    return _VERSIONS.get(name, 1)
 
 
 def available_methods(*, importable_only: bool = False) -> list[str]:
