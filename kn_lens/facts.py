@@ -322,7 +322,7 @@ def unembed_rows(model: "HookedTransformer", resid: Float[Tensor, "rows d_model"
 
 
 def answer_position_logits(model: "HookedTransformer", queries: Sequence[Query], *,
-                           fwd_hooks: list | None = None) -> list[Float[Tensor, "answer d_vocab"]]:
+                           fwd_hooks: list | None = None) -> list[Float[Tensor, "_answer d_vocab"]]:
     """Logits at each query's answer positions only (one padded forward for all ``queries``).
 
     Same numbers as ``model(pad_batch(queries))[i, q.answer_positions]`` up to float rounding,

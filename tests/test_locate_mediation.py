@@ -46,7 +46,9 @@ def test_fast_equals_plain(request, monkeypatch, model_name, restore, corrupt, o
     assert torch.equal(fast.extras["searched"], plain.extras["searched"])
     p_scale = max(fast.extras["p_clean"], fast.extras["p_corrupted"][0])
     assert fast.scores.abs().max() > 1e-3 * p_scale  # something to compare
-    assert torch.allclose(fast.scores, plain.scores, atol=1e-5 * p_scale, rtol=0)
+    # 1e-4: float32 round-off of products of small per-token probabilities (multi-token answers)
+    # reaches ~1e-5 of the scale on one thread
+    assert torch.allclose(fast.scores, plain.scores, atol=1e-4 * p_scale, rtol=0)
     assert math.isclose(fast.extras["p_corrupted"][0], plain.extras["p_corrupted"][0],
                         rel_tol=1e-5)
     assert fast.extras["restored_positions"] == (

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from kn_lens.errors import ConfigError, InvalidFactError, NumericalError
 from kn_lens.facts import Fact
+from kn_lens.evaluate.perplexity import PreparedReference
 from kn_lens.neurons import NeuronScores, NeuronSet, freeze_layers, union
 
 __all__ = ["CASConfig", "CASResult", "consistency_aware_score", "cas_neurons",
@@ -190,7 +191,8 @@ def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronSc
                           config: CompareConfig = CompareConfig(),
                           groups: Mapping[Fact, str] | None = None,
                           new_objects: Mapping[Fact, str] | None = None,
-                          locality: Sequence | None = None, reference: Tensor | None = None,
+                          locality: Sequence | None = None,
+                          reference: PreparedReference | Tensor | Sequence[Tensor] | None = None,
                           edit_config=None) -> SelectionComparison:
     """QL Table 3: erase / update a fact through three KN selections and measure the edits.
 

@@ -177,7 +177,8 @@ def otsu_threshold(values: Sequence[float] | np.ndarray | Tensor, *, bins: int |
     return float(edges[i])
 
 
-def welch_t_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+def welch_t_test(a: Sequence[float] | np.ndarray | Tensor,
+                 b: Sequence[float] | np.ndarray | Tensor) -> tuple[float, float]:
     """Welch's t-test (scipy.stats.ttest_ind, equal_var=False) of a vs b; (nan, nan) when either
     group has fewer than 2 values."""
     from scipy.stats import ttest_ind

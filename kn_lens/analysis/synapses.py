@@ -272,7 +272,7 @@ def synapses_from_patterns(patterns: Float[Tensor, "layer head query key"], alph
     return mask, col, tau
 
 
-def predominance_from_patterns(patterns: Sequence[Float[Tensor, "layer head query key"]],
+def predominance_from_patterns(patterns: Sequence[Float[Tensor, "layer head _query _key"]],
                                token_ids: Sequence[Sequence[int]], *,
                                axis: Literal["key", "query"] = "key", ignore_first: bool = False
                                ) -> tuple[float, list[int], list[int]]:

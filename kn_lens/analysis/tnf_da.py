@@ -70,7 +70,7 @@ class IEConcentration:
     frac_negative: float  # share of neurons with IE < 0
     frac_positive: float
     total: float  # Σ|IE| ("abs") or Σ max(IE, 0) ("positive")
-    curve: Float[Tensor, "n"] = field(repr=False, compare=False, default=None)  # cumulative share
+    curve: Float[Tensor, "n"] | None = field(repr=False, compare=False, default=None)  # cumulative share
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -158,7 +158,8 @@ def edit_active(model: "HookedTransformer", edit: Edit, how: Apply = "auto", *,
 
 def evaluate_edit(model: "HookedTransformer", edit: Edit, *, edited: Sequence[Query],
                   generalisation: Sequence[Query] = (), locality: Sequence[Query] = (),
-                  mode: Mode = "erasure", reference: Tensor | Sequence[Tensor] | None = None,
+                  mode: Mode = "erasure",
+                  reference: PreparedReference | Tensor | Sequence[Tensor] | None = None,
                   how: Apply = "auto", strict: bool = True, batch_size: int = 16) -> EditMetrics:
     """Measure an edit the QL way (see module doc). ``edited`` / ``generalisation`` carry
     the original answer for erasure and the new answer for update (:func:`retarget`);
