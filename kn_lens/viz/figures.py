@@ -292,6 +292,7 @@ def _grouped(ax, data, errors, ylabel, title) -> None:
                 series.append(s)
     width = 0.8 / len(series)
     x = np.arange(len(groups))
+    value_size = 6 if len(groups) * len(series) > 12 else 7  # crowded: keep neighbours' labels apart
     for i, s in enumerate(series):
         vals = np.array([_num(data[g].get(s)) for g in groups])
         err = None
@@ -302,7 +303,8 @@ def _grouped(ax, data, errors, ylabel, title) -> None:
         for b, v in zip(bars, vals):
             txt = "n/a" if not np.isfinite(v) else f"{v:.2f}"
             ax.annotate(txt, (b.get_x() + b.get_width() / 2, b.get_height()),
-                        ha="center", va="bottom" if b.get_height() >= 0 else "top", fontsize=7)
+                        ha="center", va="bottom" if b.get_height() >= 0 else "top",
+                        fontsize=value_size)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(x, groups)
     ax.set_ylabel(ylabel)
