@@ -68,7 +68,8 @@ def report(args) -> None:
         data.setdefault(label, {})[f"{s['group']} Sup"] = s["sup"]
         data[label][f"{s['group']} Enh"] = s["enh"]
     p = plot_grouped_bars(data, _common.figure_path(args, NAME), ylabel="ΔProb (relative)",
-                          title=f"Query-KN mapping, {r['method']} ({args.model}): suppress x0 / enhance x2")
+                          title=f"Query-KN mapping, {r['method']} KNs ({args.model})\n"
+                                "suppress x0 / enhance x2, relative change of P(answer)")
     print(f"\nfigure {p}")
 
 

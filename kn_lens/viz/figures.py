@@ -309,7 +309,13 @@ def _grouped(ax, data, errors, ylabel, title) -> None:
     ax.set_xticks(x, groups)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
-    ax.legend(fontsize=8)
+    if len(series) > 2:  # room above the bars for a legend in two columns
+        lo, hi = ax.get_ylim()
+        if hi > 0:
+            ax.set_ylim(lo, hi + 0.25 * (hi - lo))
+        ax.legend(fontsize=8, ncol=2, loc="upper center")
+    else:
+        ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
 
 
