@@ -63,7 +63,7 @@ from torch import Tensor
 
 from kn_lens import hooks
 from kn_lens.errors import ConfigError, InvalidFactError, NumericalError
-from kn_lens.facts import Query, answer_logprob_from_logits, pad_batch
+from kn_lens.facts import Query, answer_logprobs
 from kn_lens.models import ModelInfo, model_info
 from kn_lens.neurons import NeuronSet
 
@@ -409,10 +409,9 @@ def _run(model: "HookedTransformer", query: Query, layers: Sequence[int], fwd: h
     cache = []
     for layer in layers:
         cache += hooks.cache_hook(hooks.mlp_post(layer), store)
-    toks, _ = pad_batch([query], device=model.cfg.device)
-    with model.hooks(fwd_hooks=list(fwd) + cache):
-        logits = model(toks)
-    lp = answer_logprob_from_logits(logits, [query])[0]
+    # unembeds only the answer positions (a full forward unembeds every position: most of the
+    # cost for a 262k vocabulary and a short prompt)
+    lp = answer_logprobs(model, [query], fwd_hooks=list(fwd) + cache)[0]
     if not torch.isfinite(lp):
         raise NumericalError(f"non-finite answer log-prob for {query.prompt!r}")
     acts = {l: store[hooks.mlp_post(l)][0, query.last_position].float().cpu() for l in layers}
