@@ -21,8 +21,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kn_lens.errors import ConfigError, InvalidFactError, NumericalError
-from kn_lens.facts import Fact
 from kn_lens.evaluate.perplexity import PreparedReference
+from kn_lens.facts import Fact
 from kn_lens.neurons import NeuronScores, NeuronSet, freeze_layers, union
 
 __all__ = ["CASConfig", "CASResult", "consistency_aware_score", "cas_neurons",
