@@ -16,7 +16,7 @@ from kn_lens.analysis.consistency import ConsistencyConfig, consistency_analysis
 from kn_lens.analysis.fine import layer_distribution
 from kn_lens.edit import erase
 from kn_lens.facts import Fact, Relation, answer_probs, queries_for_fact
-from kn_lens.neurons import NeuronSet, random_like
+from kn_lens.neurons import random_like, union
 
 pytestmark = pytest.mark.real_model
 
@@ -62,7 +62,7 @@ def test_real_cas_erasure_is_small_and_works_on_every_paraphrase(default_model, 
     for f in FACTS[:3]:
         qs, scores, sets = located[f]
         cas = cas_neurons(scores, config=CASConfig(freeze_last=3))
-        n_g = NeuronSet(n for s in sets for n in s)
+        n_g = union(sets)
         assert 0 < len(cas) and max(n.layer for n in cas) < m.cfg.n_layers - 3, (f, cas)
         rnd = random_like(cas, m.cfg.n_layers, m.cfg.d_mlp, generator=g, exclude=n_g)
         before = answer_probs(m, qs)
