@@ -8,9 +8,7 @@ scored teacher-forced: P(answer) = prod_j P(a_j | prompt, a_<j).
 """
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
@@ -297,56 +295,32 @@ def pad_batch(queries: Sequence[Query], pad_id: int = 0,
     return out, lengths
 
 
-def answer_logprob_from_logits(logits: Float[Tensor, "batch pos d_vocab"],
-                               queries: Sequence[Query]) -> Float[Tensor, "batch"]:
-    """Teacher-forced log P(answer | prompt) of each query from a forward pass over pad_batch()."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    out = []
-    for i, q in enumerate(queries):
-        pos = torch.tensor(q.answer_positions, device=logits.device)
-        ids = torch.tensor(q.answer_ids, device=logits.device)
-        out.append(logp[i, pos, ids].sum())
-    return torch.stack(out)
+# The scorer itself lives in kn_lens.evaluate.scoring (one scorer for every metric and loss);
+# these names stay here because every analysis imports them with the vocabulary.
 
 
 def unembed_rows(model: "HookedTransformer", resid: Float[Tensor, "rows d_model"]
                  ) -> Float[Tensor, "rows d_vocab"]:
-    """ln_final + unembed + logit soft-cap on selected residual rows, as HookedTransformer.forward
-    does for every position (and without its per-call copy of the whole unembedding matrix)."""
-    from transformer_lens.utilities import apply_softcap
+    """See :func:`kn_lens.evaluate.scoring.unembed_rows`."""
+    from kn_lens.evaluate.scoring import unembed_rows as _unembed
 
-    if model.cfg.normalization_type is not None:
-        resid = model.ln_final(resid[:, None, :])[:, 0]
-    logits = resid @ model.W_U + model.b_U
-    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+    return _unembed(model, resid)
 
 
 def answer_position_logits(model: "HookedTransformer", queries: Sequence[Query], *,
                            fwd_hooks: list | None = None) -> list[Float[Tensor, "_answer d_vocab"]]:
-    """Logits at each query's answer positions only (one padded forward for all ``queries``).
+    """Logits at each query's answer positions only: :func:`kn_lens.evaluate.scoring.answer_logits`."""
+    from kn_lens.evaluate.scoring import answer_logits
 
-    Same numbers as ``model(pad_batch(queries))[i, q.answer_positions]`` up to float rounding,
-    without unembedding every position: for short prompts and a large vocabulary the unembedding
-    dominates a forward pass."""
-    toks, _ = pad_batch(list(queries), device=model.cfg.device)
-    with model.hooks(fwd_hooks=fwd_hooks or []):
-        resid = model(toks, stop_at_layer=model.cfg.n_layers)
-        rows = torch.cat([resid[i, list(q.answer_positions)] for i, q in enumerate(queries)])
-        logits = unembed_rows(model, rows)
-    return list(logits.split([q.n_answer for q in queries]))
+    return answer_logits(model, queries, fwd_hooks=fwd_hooks)
 
 
-@torch.no_grad()
 def answer_logprobs(model: "HookedTransformer", queries: Sequence[Query], *,
-                    batch_size: int = 16, fwd_hooks: list | None = None) -> Float[Tensor, "n"]:
+                    batch_size: int = 32, fwd_hooks: list | None = None) -> Float[Tensor, "n"]:
     """log P(answer) of each query (whole multi-token answer, teacher-forced)."""
-    res = []
-    for s in range(0, len(queries), batch_size):
-        chunk = queries[s : s + batch_size]
-        for q, lg in zip(chunk, answer_position_logits(model, chunk, fwd_hooks=fwd_hooks)):
-            lp = torch.log_softmax(lg.float(), dim=-1)
-            res.append(lp[torch.arange(q.n_answer), torch.tensor(q.answer_ids, device=lg.device)].sum())
-    return torch.stack(res) if res else torch.zeros(0)
+    from kn_lens.evaluate.scoring import answer_logprobs as _lp
+
+    return _lp(model, queries, batch_size=batch_size, fwd_hooks=fwd_hooks)
 
 
 def answer_probs(model: "HookedTransformer", queries: Sequence[Query], **kw) -> Float[Tensor, "n"]:
@@ -362,21 +336,116 @@ class Prediction:
     answer_prob: float  # whole answer, teacher-forced
 
 
-@torch.no_grad()
 def predict(model: "HookedTransformer", queries: Sequence[Query], *, k: int = 5,
-            batch_size: int = 16) -> list[Prediction]:
+            batch_size: int = 32, fwd_hooks: list | None = None) -> list[Prediction]:
     """Top-k next tokens after each prompt, the rank of the answer's first token, P(answer)."""
+    from kn_lens.evaluate.scoring import score
+
     out: list[Prediction] = []
-    for s in range(0, len(queries), batch_size):
-        chunk = queries[s : s + batch_size]
-        toks, _ = pad_batch(chunk, device=model.cfg.device)
-        logits = model(toks)
-        lp_answer = answer_logprob_from_logits(logits, chunk)
-        for i, q in enumerate(chunk):
-            probs = torch.softmax(logits[i, q.last_position].float(), -1)
-            p, ids = probs.topk(k)
-            first = probs[q.answer_ids[0]]
-            rank = int((probs > first).sum())
-            out.append(Prediction(q, tuple(model.tokenizer.decode([int(t)]) for t in ids),
-                                  tuple(float(x) for x in p), rank, float(lp_answer[i].exp())))
+    for q, s in zip(queries, score(model, queries, fwd_hooks=fwd_hooks, batch_size=batch_size,
+                                   top_k=k)):
+        out.append(Prediction(q, tuple(model.tokenizer.decode([t]) for t in s.top_ids),
+                              s.top_probs, s.ranks[0], s.prob))
     return out
+
+
+# --------------------------------------------------------------------------- subjects and prompts
+
+
+def subject_positions(model: "HookedTransformer", query: Query) -> tuple[int, ...]:
+    """Positions (in ``query.input_ids``) of the tokens that overlap the subject's characters.
+
+    The subject's character span comes from the template's ``{}``; failing that, from the first
+    occurrence of ``fact.subject`` in the prompt; failing that, the whole prompt (no BOS)."""
+    prompt = query.prompt
+    n_bos = n_bos_tokens(model, query)
+    span = _subject_span(query)
+    if span is None:
+        return tuple(range(n_bos, query.n_prompt))
+    start, end = span
+    offsets = _token_char_offsets(model, query, n_bos)
+    pos = tuple(n_bos + i for i, (a, b) in enumerate(offsets) if a < end and b > start)
+    if not pos:
+        raise InvalidFactError(
+            f"no prompt token overlaps the subject in {prompt!r}; the subject must be spelled in the prompt")
+    return pos
+
+
+def n_bos_tokens(model: "HookedTransformer", query: Query) -> int:
+    """How many BOS tokens precede the prompt text in ``query.prompt_ids`` (0 or 1)."""
+    ids = list(model.tokenizer.encode(query.prompt, add_special_tokens=False))
+    n = query.n_prompt - len(ids)
+    return n if n >= 0 and list(query.prompt_ids[n:]) == ids else int(bool(model.cfg.default_prepend_bos))
+
+
+def _subject_span(query: Query) -> tuple[int, int] | None:
+    t, p = query.template, query.prompt
+    k = t.find("{}")
+    if k >= 0:
+        head, tail = t[:k], t[k + 2:]
+        if p.startswith(head) and p.endswith(tail) and len(p) > len(head) + len(tail):
+            return k, len(p) - len(tail)
+    subj = query.fact.subject
+    if subj and subj != p:
+        k = p.find(subj)
+        if k >= 0:
+            return k, k + len(subj)
+    return None
+
+
+def _token_char_offsets(model, query: Query, n_bos: int) -> list[tuple[int, int]]:
+    tok = model.tokenizer
+    ids = list(query.prompt_ids[n_bos:])
+    try:
+        enc = tok(query.prompt, add_special_tokens=False, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == ids:
+            return [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        pass
+    # Fallback: lengths of decoded prefixes.
+    out, prev = [], 0
+    for i in range(len(ids)):
+        cur = len(tok.decode(ids[: i + 1], clean_up_tokenization_spaces=False))
+        out.append((prev, cur))
+        prev = cur
+    return out
+
+
+def subject_last_position(model: "HookedTransformer", query: Query) -> int:
+    """Position of the subject's last token (ROME / MEMIT's edit site, causal tracing's "last
+    subject token"). Raises InvalidFactError when the subject is not spelled in the prompt."""
+    if _subject_span(query) is None:
+        raise InvalidFactError(
+            f"subject {query.fact.subject!r} does not occur in the prompt {query.prompt!r}")
+    return max(subject_positions(model, query))
+
+
+def prompt_query(model: "HookedTransformer", prompt: str, answer: str, fact: Fact, *,
+                 subject: str | None = None, prefix: str = "") -> Query:
+    """A Query from an already rendered prompt (an EditRequest's prompts): the subject (default
+    ``fact.subject``) must occur in it; its first occurrence becomes the template's ``{}``.
+    ``answer`` is the text after the prompt without its leading space. ``prefix`` (random
+    context, ROME / TNF-DA) is prepended to the text and tokenised jointly with it, so that the
+    tokens are what the model would see in running text."""
+    subj = _check_text(subject if subject is not None else fact.subject, "subject")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidFactError("empty prompt")
+    k = prompt.find(subj)
+    if k < 0:
+        raise InvalidFactError(f"subject {subj!r} does not occur in the prompt {prompt!r}: "
+                               "write the prompt with the subject spelled as in the request")
+    template = prefix + prompt[:k] + _PLACEHOLDER + prompt[k + len(subj):]
+    if prefix and ("{" in prefix or "}" in prefix):
+        raise InvalidTemplateError(f"prefix {prefix!r} contains braces")
+    q_fact = fact if subj == fact.subject else Fact(subj, fact.relation, fact.object, fact.aliases)
+    answer_text = " " + _check_text(answer, "answer")
+    text = prefix + prompt
+    return Query(q_fact, template, text, answer_text, encode_prompt(model, text),
+                 encode_answer(model.tokenizer, answer_text))
+
+
+def with_answer(model: "HookedTransformer", query: Query, answer: str) -> Query:
+    """The same prompt scored with another answer (without leading space)."""
+    text = " " + _check_text(answer, "answer")
+    return Query(query.fact, query.template, query.prompt, text, query.prompt_ids,
+                 encode_answer(model.tokenizer, text), query.template_index)

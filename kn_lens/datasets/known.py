@@ -16,16 +16,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
-import torch
-from jaxtyping import Float
-from torch import Tensor
 
 from kn_lens.errors import ConfigError, DataFileError, InvalidFactError, KnLensError
-from kn_lens.facts import Fact, Query, Relation, make_query, pad_batch
+from kn_lens.facts import Fact, Query, Relation, make_query
 from kn_lens.models import ModelInfo, model_info
 
 if TYPE_CHECKING:
@@ -201,57 +198,14 @@ class KnownFacts:
 # --------------------------------------------------------------------------- scoring
 
 
-def _final_logits(model: "HookedTransformer", resid: Float[Tensor, "batch n d_model"]
-                  ) -> Float[Tensor, "batch n d_vocab"]:
-    """What HookedTransformer.forward does after the last block (final norm, unembed, softcap)."""
-    from transformer_lens.utils import apply_softcap
-
-    if model.cfg.normalization_type is not None:
-        resid = model.ln_final(resid)
-    logits = model.unembed(resid)
-    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
-
-
-@torch.no_grad()
 def score_queries(model: "HookedTransformer", queries: Sequence[Query], *, batch_size: int = 32
                   ) -> tuple[list[int], list[float]]:
-    """Rank of each query's first answer token (0 = top-1) and teacher-forced log P(answer).
+    """Rank of each query's first answer token (0 = top-1) and teacher-forced log P(answer),
+    from the one scorer (:func:`kn_lens.evaluate.scoring.score`)."""
+    from kn_lens.evaluate.scoring import score
 
-    Queries are sorted by length and right-padded into batches (exact for causal LMs); only the
-    answer-predicting positions go through the final norm and unembedding.
-    """
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(queries)
-    ranks = [0] * n
-    logps = [0.0] * n
-    order = sorted(range(n), key=lambda i: len(queries[i].input_ids))
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    device = model.cfg.device
-    for s in range(0, n, batch_size):
-        idx = order[s: s + batch_size]
-        chunk = [queries[i] for i in idx]
-        if max(len(q.input_ids) for q in chunk) > model.cfg.n_ctx:
-            raise InvalidFactError(f"a query is longer than the model context ({model.cfg.n_ctx})")
-        toks, _ = pad_batch(chunk, pad_id=pad, device=device)
-        resid = model(toks, stop_at_layer=model.cfg.n_layers)  # [batch pos d_model], after last block
-        rows = torch.tensor([b for b, q in enumerate(chunk) for _ in q.answer_ids], device=resid.device)
-        cols = torch.tensor([p for q in chunk for p in q.answer_positions], device=resid.device)
-        ans = torch.tensor([a for q in chunk for a in q.answer_ids], device=resid.device)
-        logits = _final_logits(model, resid[rows, cols][None])[0].float()  # [n_answer_tokens, vocab]
-        if not torch.isfinite(logits).all():
-            from kn_lens.errors import NumericalError
-
-            raise NumericalError("non-finite logits while scoring facts; check the model weights")
-        logp = torch.log_softmax(logits, dim=-1)
-        tok_lp = logp[torch.arange(len(ans), device=logp.device), ans]
-        j = 0
-        for i, q in zip(idx, chunk):
-            first = logp[j, q.answer_ids[0]]
-            ranks[i] = int((logp[j] > first).sum())
-            logps[i] = float(tok_lp[j: j + q.n_answer].sum())
-            j += q.n_answer
-    return ranks, logps
+    scores = score(model, queries, batch_size=batch_size)
+    return [s.ranks[0] for s in scores], [s.logprob for s in scores]
 
 
 def _relations_map(relations) -> dict[str, Relation]:

@@ -27,13 +27,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
-import torch
 from torch import Tensor
 
 from kn_lens.edit.delta import Edit
 from kn_lens.errors import ConfigError, InvalidFactError
 from kn_lens.evaluate.perplexity import PreparedReference, perplexity, relative_ppl_change
-from kn_lens.facts import Query, answer_position_logits, encode_answer
+from kn_lens.evaluate.scoring import score
+from kn_lens.facts import Query, encode_answer
 from kn_lens.models import ModelInfo, model_info
 
 if TYPE_CHECKING:
@@ -101,19 +101,10 @@ class _Measure:
     prob: tuple[float, ...]
 
 
-@torch.no_grad()
 def _measure(model, queries: Sequence[Query], fwd_hooks: list, batch_size: int = 16) -> _Measure:
-    arg, acc, prob = [], [], []
-    for s in range(0, len(queries), batch_size):
-        chunk = list(queries[s:s + batch_size])
-        for q, lg in zip(chunk, answer_position_logits(model, chunk, fwd_hooks=fwd_hooks)):
-            lp = torch.log_softmax(lg.float(), dim=-1)
-            am = lg.argmax(-1).tolist()
-            arg.append(tuple(int(a) for a in am))
-            acc.append(sum(int(a == t) for a, t in zip(am, q.answer_ids)) / q.n_answer)
-            ids = torch.tensor(q.answer_ids, device=lg.device)
-            prob.append(float(lp[torch.arange(q.n_answer), ids].sum().exp()))
-    return _Measure(tuple(arg), tuple(acc), tuple(prob))
+    scores = score(model, queries, fwd_hooks=fwd_hooks, batch_size=batch_size)
+    return _Measure(tuple(s.argmax for s in scores), tuple(s.accuracy for s in scores),
+                    tuple(s.prob for s in scores))
 
 
 def _outcomes(model, queries, before: _Measure, after: _Measure) -> tuple[QueryOutcome, ...]:

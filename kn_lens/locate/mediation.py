@@ -80,7 +80,7 @@ from torch import Tensor
 
 from kn_lens import hooks
 from kn_lens.errors import ConfigError, InvalidFactError, NumericalError
-from kn_lens.facts import Query, answer_logprobs
+from kn_lens.facts import Query, answer_logprobs, n_bos_tokens as _n_bos, subject_positions
 from kn_lens.models import model_info
 from kn_lens.neurons import NeuronScores
 
@@ -155,64 +155,6 @@ def _check_noise_fields(cfg) -> None:
 
 
 # --------------------------------------------------------------------------- positions and noise
-
-
-def subject_positions(model: "HookedTransformer", query: Query) -> tuple[int, ...]:
-    """Positions (in ``query.input_ids``) of the tokens that overlap the subject's characters.
-
-    The subject's character span comes from the template's ``{}``; failing that, from the first
-    occurrence of ``fact.subject`` in the prompt; failing that, the whole prompt (no BOS)."""
-    prompt = query.prompt
-    n_bos = _n_bos(model, query)
-    span = _subject_span(query)
-    if span is None:
-        return tuple(range(n_bos, query.n_prompt))
-    start, end = span
-    offsets = _token_char_offsets(model, query, n_bos)
-    pos = tuple(n_bos + i for i, (a, b) in enumerate(offsets) if a < end and b > start)
-    if not pos:
-        raise InvalidFactError(
-            f"no prompt token overlaps the subject in {prompt!r}; use corrupt='all'")
-    return pos
-
-
-def _n_bos(model, query: Query) -> int:
-    ids = list(model.tokenizer.encode(query.prompt, add_special_tokens=False))
-    n = query.n_prompt - len(ids)
-    return n if n >= 0 and list(query.prompt_ids[n:]) == ids else int(bool(model.cfg.default_prepend_bos))
-
-
-def _subject_span(query: Query) -> tuple[int, int] | None:
-    t, p = query.template, query.prompt
-    k = t.find("{}")
-    if k >= 0:
-        head, tail = t[:k], t[k + 2:]
-        if p.startswith(head) and p.endswith(tail) and len(p) > len(head) + len(tail):
-            return k, len(p) - len(tail)
-    subj = query.fact.subject
-    if subj and subj != p:
-        k = p.find(subj)
-        if k >= 0:
-            return k, k + len(subj)
-    return None
-
-
-def _token_char_offsets(model, query: Query, n_bos: int) -> list[tuple[int, int]]:
-    tok = model.tokenizer
-    ids = list(query.prompt_ids[n_bos:])
-    try:
-        enc = tok(query.prompt, add_special_tokens=False, return_offsets_mapping=True)
-        if list(enc["input_ids"]) == ids:
-            return [(int(a), int(b)) for a, b in enc["offset_mapping"]]
-    except (NotImplementedError, TypeError, ValueError, KeyError):
-        pass
-    # Fallback: lengths of decoded prefixes.
-    out, prev = [], 0
-    for i in range(len(ids)):
-        cur = len(tok.decode(ids[: i + 1], clean_up_tokenization_spaces=False))
-        out.append((prev, cur))
-        prev = cur
-    return out
 
 
 def corrupted_positions(model: "HookedTransformer", query: Query, corrupt: Corrupt) -> tuple[int, ...]:
