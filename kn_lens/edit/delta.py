@@ -12,6 +12,15 @@ deltas plus provenance (model info, description, method, config). It can be
 - saved / loaded (safetensors + a JSON manifest), composed (``a + b``; deltas on the same slice
   add), scaled, and asked which neurons it touches.
 
+Besides slices there are
+
+- **low-rank deltas** (:class:`LowRankDelta`, ``dW = u @ v.T`` on a 2-D MLP matrix, what ROME
+  and MEMIT produce), kept factorised: stored, saved and applied through hooks as ``u`` and
+  ``v`` (``mlp_out += (hook_post @ u) @ v.T``), never as the dense matrix; composing two
+  low-rank deltas on one matrix concatenates their factors (ranks add);
+- **dense-layer deltas** (:func:`dense`), a slice delta that covers every slice of a matrix
+  (FT-L's whole ``W_out`` of one layer), with every guarantee of the sparse ones.
+
 Deltas live on the weights *as the model was loaded* (kn-lens folds LN weights into the next
 matrices and may centre writing weights / the unembedding), so an edit made on a model loaded with
 one weight processing must not be applied to a model loaded with another: ``check`` refuses that.
@@ -41,7 +50,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from jaxtyping import Int
@@ -56,7 +65,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 FORMAT = "kn-lens-edit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: low-rank deltas ("type": "low_rank"); version-1 manifests still load
 MANIFEST = "edit.json"
 TENSORS = "edit.safetensors"
 
@@ -158,6 +167,96 @@ def head_slices(layer: int, kind: str, heads: Sequence[int] | Tensor, values: Te
     return WeightDelta(param_name(layer, kind), 0, torch.as_tensor(heads), values)
 
 
+def dense(layer: int, kind: str, values: Tensor) -> WeightDelta:
+    """A delta on the whole matrix ``blocks.{layer}.<kind>``: every slice along the kind's unit
+    dimension (rows of W_out, columns of W_in / W_gate, all heads of W_Q/W_K/W_V/W_O)."""
+    if kind not in _KINDS:
+        raise ConfigError(f"unknown weight kind {kind!r}; choose one of {sorted(_KINDS)}")
+    values = torch.as_tensor(values)
+    dim = _KINDS[kind][0]
+    if not 0 <= dim < values.ndim:
+        raise ConfigError(f"dense {kind} delta: a {values.ndim}-d value has no dim {dim}")
+    return WeightDelta(param_name(layer, kind), dim, torch.arange(values.shape[dim]), values)
+
+
+_LOW_RANK_KINDS = ("W_out", "W_in", "W_gate")
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankDelta:
+    """``dW = u @ v.T`` on the 2-D matrix ``param`` (``u``: [rows, r], ``v``: [cols, r]).
+
+    Only MLP matrices (``W_out`` [d_mlp, d_model], ``W_in`` / ``W_gate`` [d_model, d_mlp]): the
+    hook form multiplies the matrix's input by ``u`` then ``v.T``; attention matrices are 3-D
+    (use slice deltas there)."""
+
+    param: str
+    u: Tensor
+    v: Tensor
+
+    def __post_init__(self) -> None:
+        u = torch.as_tensor(self.u).detach().cpu()
+        v = torch.as_tensor(self.v).detach().cpu()
+        if u.ndim == 1:
+            u = u[:, None]
+        if v.ndim == 1:
+            v = v[:, None]
+        object.__setattr__(self, "u", u)
+        object.__setattr__(self, "v", v)
+        parsed = parse_param(self.param) if isinstance(self.param, str) else None
+        if parsed is None or parsed[1] not in _LOW_RANK_KINDS:
+            raise ConfigError(f"low-rank deltas live on MLP matrices {_LOW_RANK_KINDS}, not "
+                              f"{self.param!r}")
+        if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[1]:
+            raise ConfigError(f"low-rank delta on {self.param}: u {tuple(u.shape)} and v "
+                              f"{tuple(v.shape)} must be [rows, r] and [cols, r]")
+        for name, t in (("u", u), ("v", v)):
+            if not t.is_floating_point():
+                raise ConfigError(f"low-rank delta on {self.param}: {name} must be floating point")
+            if not torch.isfinite(t).all():
+                raise NumericalError(f"low-rank delta on {self.param} has NaN or infinite {name}")
+
+    @property
+    def rank(self) -> int:
+        return int(self.u.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.u.shape[0]), int(self.v.shape[0])
+
+    @property
+    def n_stored(self) -> int:
+        return int(self.u.numel() + self.v.numel())
+
+    @property
+    def n_params(self) -> int:
+        """Weight entries changed: (rows where u != 0) x (columns where v != 0)."""
+        return int((self.u != 0).any(1).sum()) * int((self.v != 0).any(1).sum())
+
+    @property
+    def layer(self) -> int:
+        return parse_param(self.param)[0]
+
+    @property
+    def kind(self) -> str:
+        return parse_param(self.param)[1]
+
+    def dense(self) -> Tensor:
+        """The delta as a dense matrix (for inspection; the edit itself stays factorised)."""
+        return self.u @ self.v.T
+
+    def scale(self, alpha: float) -> "LowRankDelta":
+        return LowRankDelta(self.param, self.u * alpha, self.v)
+
+
+def low_rank(layer: int, kind: str, u: Tensor, v: Tensor) -> LowRankDelta:
+    """``dW = u @ v.T`` on ``blocks.{layer}.mlp.<kind>`` (see :class:`LowRankDelta`)."""
+    return LowRankDelta(param_name(layer, kind), u, v)
+
+
+Delta = WeightDelta | LowRankDelta
+
+
 def _jsonable(config: Any) -> Any:
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
@@ -171,7 +270,7 @@ def _jsonable(config: Any) -> Any:
 class Edit:
     """Sparse weight deltas with provenance. See the module docstring."""
 
-    deltas: tuple[WeightDelta, ...] = ()
+    deltas: tuple[Delta, ...] = ()
     description: str = ""
     method: str = ""
     model: ModelInfo | None = None
@@ -180,12 +279,13 @@ class Edit:
     def __post_init__(self) -> None:
         object.__setattr__(self, "deltas", tuple(self.deltas))
         object.__setattr__(self, "config", _jsonable(self.config))
-        seen: set[tuple[str, int]] = set()
+        seen: set[tuple[str, object]] = set()
         for d in self.deltas:
-            if not isinstance(d, WeightDelta):
-                raise ConfigError(f"Edit.deltas must hold WeightDelta, got {type(d).__name__}")
-            key = (d.param, d.dim)
-            if key in seen:  # one delta per (param, dim): merge so slices never overlap
+            if not isinstance(d, (WeightDelta, LowRankDelta)):
+                raise ConfigError(f"Edit.deltas must hold WeightDelta or LowRankDelta, got "
+                                  f"{type(d).__name__}")
+            key = _merge_key(d)
+            if key in seen:  # one delta per (param, dim) / low-rank param: merge
                 object.__setattr__(self, "deltas", _merge(self.deltas))
                 break
             seen.add(key)
@@ -193,14 +293,27 @@ class Edit:
     # ------------------------------------------------------------------ inspection
     @property
     def n_params(self) -> int:
-        """Number of weight entries the edit changes (stored delta values)."""
+        """Number of weight entries the edit changes (slices: stored values; low-rank: the
+        entries of the nonzero rows x nonzero columns; a low-rank and a slice delta on the same
+        matrix are counted separately, an upper bound)."""
         return sum(d.n_params for d in self.deltas)
+
+    @property
+    def n_stored(self) -> int:
+        """Numbers stored (a rank-r delta on an m x n matrix stores r (m + n))."""
+        return sum(d.n_stored if isinstance(d, LowRankDelta) else d.n_params for d in self.deltas)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The blocks the edit changes (sorted)."""
+        return tuple(sorted({d.layer for d in self.deltas if d.layer is not None}))
 
     def __len__(self) -> int:
         return len(self.deltas)
 
     def __repr__(self) -> str:
-        what = ", ".join(f"{d.param}[{d.index.numel()} along {d.dim}]" for d in self.deltas[:4])
+        what = ", ".join(f"{d.param}[rank {d.rank}]" if isinstance(d, LowRankDelta)
+                         else f"{d.param}[{d.index.numel()} along {d.dim}]" for d in self.deltas[:4])
         more = "" if len(self.deltas) <= 4 else f", ... (+{len(self.deltas) - 4})"
         return f"Edit({what}{more}; {self.n_params} params; {self.description!r})"
 
@@ -209,14 +322,17 @@ class Edit:
         out: list[Neuron] = []
         for d in self.deltas:
             layer, kind = d.layer, d.kind
-            if kind in ("W_out", "W_in", "W_gate") and d.dim == _KINDS[kind][0]:
+            if isinstance(d, LowRankDelta):  # units with a nonzero row (W_out) / column (W_in)
+                unit = d.u if kind == "W_out" else d.v
+                out.extend(Neuron(layer, int(i)) for i in torch.nonzero((unit != 0).any(1))[:, 0])
+            elif kind in ("W_out", "W_in", "W_gate") and d.dim == _KINDS[kind][0]:
                 out.extend(Neuron(layer, int(i)) for i in d.index)
         return NeuronSet(out, label=self.description)
 
     def touched_heads(self) -> set[tuple[int, str, int]]:
         """``(layer, kind, head)`` for every attention head slice the edit changes."""
-        return {(d.layer, d.kind, int(i)) for d in self.deltas
-                if d.kind in ("W_Q", "W_K", "W_V", "W_O") and d.dim == 0 for i in d.index}
+        return {(d.layer, d.kind, int(i)) for d in self.deltas if isinstance(d, WeightDelta)
+                and d.kind in ("W_Q", "W_K", "W_V", "W_O") and d.dim == 0 for i in d.index}
 
     # ------------------------------------------------------------------ algebra
     def scale(self, alpha: float) -> "Edit":
@@ -245,6 +361,11 @@ class Edit:
                     "or pass strict=False if you know the weights agree.")
         for d in self.deltas:
             p = _param(model, d.param)
+            if isinstance(d, LowRankDelta):
+                if p.ndim != 2 or d.shape != tuple(p.shape):
+                    raise ConfigError(f"low-rank delta on {d.param}: u v^T is {d.shape}, the "
+                                      f"parameter {tuple(p.shape)}")
+                continue
             expect = list(p.shape)
             if d.dim >= p.ndim:
                 raise ConfigError(f"{d.param} has {p.ndim} dims; delta indexes dim {d.dim}")
@@ -262,11 +383,17 @@ class Edit:
         """Add the deltas to the weights for the duration of the block; on exit (also on error) the
         exact original slices are written back, bit for bit."""
         self.check(model, strict=strict)
-        saved: list[tuple[Tensor, int, Tensor, Tensor]] = []
+        saved: list[tuple[Tensor, int | None, Tensor | None, Tensor]] = []
         try:
             with torch.no_grad():
                 for d in self.deltas:
                     p = _param(model, d.param)
+                    if isinstance(d, LowRankDelta):  # keep the whole matrix: exact undo
+                        orig = p.data.clone()
+                        saved.append((p, None, None, orig))
+                        p.data.copy_(orig + (d.u.to(p.device, torch.float32)
+                                             @ d.v.to(p.device, torch.float32).T).to(p.dtype))
+                        continue
                     idx = d.index.to(p.device)
                     orig = p.data.index_select(d.dim, idx).clone()
                     saved.append((p, d.dim, idx, orig))
@@ -275,18 +402,21 @@ class Edit:
         finally:
             with torch.no_grad():
                 for p, dim, idx, orig in reversed(saved):
-                    p.data.index_copy_(dim, idx, orig)
+                    if dim is None:
+                        p.data.copy_(orig)
+                    else:
+                        p.data.index_copy_(dim, idx, orig)
 
     # ------------------------------------------------------------------ hooks
     def hooks(self, model: "HookedTransformer", *, strict: bool = True) -> H.HookList:
         """Hooks that add the edit's effect to the forward pass, leaving the weights untouched.
 
         Use inside ``with model.hooks(fwd_hooks=...)``. Supported: W_out rows, W_in / W_gate
-        columns, and W_Q / W_K / W_V / W_O head slices (their natural dims); anything else raises
-        ConfigError (use :meth:`applied`).
+        columns, W_Q / W_K / W_V / W_O head slices (their natural dims) and low-rank MLP deltas;
+        anything else raises ConfigError (use :meth:`applied`).
         """
         self.check(model, strict=strict)
-        return _build_hooks(self, model)
+        return delta_hooks(model, self.deltas)
 
     # ------------------------------------------------------------------ io
     def save(self, path: str | Path) -> Path:
@@ -298,16 +428,24 @@ class Edit:
         tensors: dict[str, Tensor] = {}
         entries = []
         for k, d in enumerate(self.deltas):
+            if isinstance(d, LowRankDelta):
+                tensors[f"d{k}.u"] = d.u.contiguous()
+                tensors[f"d{k}.v"] = d.v.contiguous()
+                entries.append({"key": f"d{k}", "type": "low_rank", "param": d.param,
+                                "rank": d.rank, "shape": list(d.shape),
+                                "dtype": str(d.u.dtype).replace("torch.", "")})
+                continue
             tensors[f"d{k}.index"] = d.index.contiguous()
             tensors[f"d{k}.values"] = d.values.contiguous()
-            entries.append({"key": f"d{k}", "param": d.param, "dim": d.dim,
+            entries.append({"key": f"d{k}", "type": "slices", "param": d.param, "dim": d.dim,
                             "n_slices": int(d.index.numel()), "shape": list(d.values.shape),
                             "dtype": str(d.values.dtype).replace("torch.", "")})
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "description": self.description, "method": self.method,
             "model": None if self.model is None else self.model.to_dict(),
-            "config": self.config, "n_params": self.n_params, "deltas": entries,
+            "config": self.config, "n_params": self.n_params, "n_stored": self.n_stored,
+            "deltas": entries,
         }
         save_file(tensors, str(folder / TENSORS), metadata={"format": FORMAT})
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -325,12 +463,16 @@ class Edit:
             manifest = json.loads((folder / MANIFEST).read_text())
         except json.JSONDecodeError as exc:
             raise DataFileError(f"{folder / MANIFEST} is not valid JSON: {exc}") from exc
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise DataFileError(f"{folder / MANIFEST}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+        if manifest.get("format") != FORMAT or manifest.get("format_version") not in (1, FORMAT_VERSION):
+            raise DataFileError(f"{folder / MANIFEST}: not a {FORMAT} manifest of version 1 or "
+                                f"{FORMAT_VERSION} (got {manifest.get('format_version')!r})")
         tensors = load_file(str(folder / TENSORS))
         try:
-            deltas = tuple(WeightDelta(e["param"], int(e["dim"]), tensors[e["key"] + ".index"],
-                                       tensors[e["key"] + ".values"]) for e in manifest["deltas"])
+            deltas = tuple(
+                LowRankDelta(e["param"], tensors[e["key"] + ".u"], tensors[e["key"] + ".v"])
+                if e.get("type") == "low_rank" else
+                WeightDelta(e["param"], int(e["dim"]), tensors[e["key"] + ".index"],
+                            tensors[e["key"] + ".values"]) for e in manifest["deltas"])
         except KeyError as exc:
             raise DataFileError(f"{folder}: manifest and tensors disagree (missing {exc})") from exc
         info = manifest.get("model")
@@ -356,14 +498,28 @@ def compose(edits: Iterable[Edit], description: str | None = None) -> Edit:
                                   "config": e.config} for e in edits]})
 
 
-def _merge(deltas: tuple[WeightDelta, ...]) -> tuple[WeightDelta, ...]:
-    groups: dict[tuple[str, int], list[WeightDelta]] = {}
+def _merge_key(d: Delta) -> tuple[str, object]:
+    return (d.param, "low_rank") if isinstance(d, LowRankDelta) else (d.param, d.dim)
+
+
+def _merge(deltas: tuple[Delta, ...]) -> tuple[Delta, ...]:
+    """One delta per (param, dim) for slices (values on the same slice add) and one per param for
+    low-rank deltas (factors concatenated: u1 v1^T + u2 v2^T = [u1 u2] [v1 v2]^T), in order of
+    first appearance."""
+    groups: dict[tuple[str, object], list] = {}
     for d in deltas:
-        groups.setdefault((d.param, d.dim), []).append(d)
-    out = []
+        groups.setdefault(_merge_key(d), []).append(d)
+    out: list[Delta] = []
     for (param, dim), ds in groups.items():
         if len(ds) == 1:
             out.append(ds[0])
+            continue
+        if dim == "low_rank":
+            dtype = ds[0].u.dtype
+            for d in ds[1:]:
+                dtype = torch.promote_types(dtype, d.u.dtype)
+            out.append(LowRankDelta(param, torch.cat([d.u.to(dtype) for d in ds], 1),
+                                    torch.cat([d.v.to(dtype) for d in ds], 1)))
             continue
         dtype = ds[0].values.dtype
         for d in ds[1:]:
@@ -417,13 +573,27 @@ def _unsupported(model) -> str | None:
     return None
 
 
-def _build_hooks(edit: Edit, model) -> H.HookList:
+OutputTerm = Callable[[Tensor], Tensor]  # like -> a term broadcastable to the block output
+
+
+def delta_hooks(model: "HookedTransformer", deltas: Sequence[Any], *,
+                outputs: dict[tuple[int, str], Sequence[OutputTerm]] | None = None) -> H.HookList:
+    """Hooks that add ``deltas`` (slice or low-rank, see the module doc) to a forward pass.
+
+    ``deltas`` are duck-typed: anything with ``param, dim, index, values`` is a slice delta,
+    anything with ``param, u, v`` a low-rank one, so the optimisation loop can pass *trainable*
+    tensors (gradients flow through the hooks to them; :class:`WeightDelta` detaches).
+    ``outputs`` adds activation terms to a block's attention (``(layer, "attn")``) or MLP
+    (``(layer, "mlp")``) output: each callable gets the output activation (for its shape, dtype
+    and device) and returns a tensor to add (ROME's v* optimisation adds a vector at the
+    subject's last token). On models that normalise block outputs (Gemma) every term is added to
+    the *raw* output, before the norm, as the weights would act."""
     cfg = model.cfg
     store: dict[str, Tensor] = {}
     readers: dict[str, None] = {}  # hook names whose activations are cached (ordered set)
-    inputs: dict[str, list] = {}  # target hook -> [(x_fn, unit_dim, index, values, einsum)]
-    outputs: dict[tuple[int, str], list] = {}  # (layer, "mlp"/"attn") -> [term_fn]
-    reason = _unsupported(model) if edit.deltas else None
+    inputs: dict[str, list] = {}  # target hook -> [(x_fn, unit_dim, index, values, einsum) | low-rank]
+    out_terms: dict[tuple[int, str], list[OutputTerm]] = {}
+    reason = _unsupported(model) if (deltas or outputs) else None
 
     def input_source(layer: int, which: str):
         """Returns a function store -> the block's MLP ("mlp") or attention ("attn") input."""
@@ -436,40 +606,67 @@ def _build_hooks(edit: Edit, model) -> H.HookList:
         readers[name] = None
         return lambda: _ln_apply(ln, store[name])
 
-    for d in edit.deltas:
-        layer, kind = d.layer, d.kind
-        if kind is None or d.dim != _KINDS[kind][0]:
+    def mlp_input_target(layer: int, kind: str) -> str:
+        if kind == "W_gate" and not cfg.gated_mlp:
+            raise ConfigError(f"blocks.{layer}.mlp.W_gate: the model's MLP is not gated")
+        return H.mlp_pre_linear(layer) if (kind == "W_in" and cfg.gated_mlp) else H.mlp_pre(layer)
+
+    for d in deltas:
+        parsed = parse_param(d.param)
+        low = hasattr(d, "u")
+        if parsed is None or (not low and d.dim != _KINDS[parsed[1]][0]):
             raise ConfigError(
-                f"delta on {d.param} along dim {d.dim} cannot be applied through hooks (supported: "
-                "W_out rows, W_in/W_gate columns, W_Q/W_K/W_V/W_O heads); use edit.applied(model)")
+                f"delta on {d.param} along dim {getattr(d, 'dim', '?')} cannot be applied through "
+                "hooks (supported: W_out rows, W_in/W_gate columns, W_Q/W_K/W_V/W_O heads, "
+                "low-rank MLP matrices); use edit.applied(model)")
         if reason is not None:
             raise ConfigError(f"hook-applied edits do not support {reason}; use edit.applied(model)")
-        idx = d.index
-        vals = d.values
+        layer, kind = parsed
+        if low:
+            if kind not in _LOW_RANK_KINDS:
+                raise ConfigError(f"low-rank delta on {d.param}: only MLP matrices")
+            u, v = d.u, d.v
+            if kind == "W_out":
+                name = H.mlp_post(layer)
+                readers[name] = None
+                out_terms.setdefault((layer, "mlp"), []).append(
+                    lambda like, name=name, u=u, v=v: (store[name] @ u.to(like.device, like.dtype))
+                    @ v.to(like.device, like.dtype).T)
+            else:
+                inputs.setdefault(mlp_input_target(layer, kind), []).append(
+                    (input_source(layer, "mlp"), None, None, (u, v), None))
+            continue
+        idx, vals = d.index, d.values
         if kind == "W_out":
-            readers[H.mlp_post(layer)] = None
             name = H.mlp_post(layer)
-            outputs.setdefault((layer, "mlp"), []).append(
-                lambda name=name, idx=idx, vals=vals: _index_last(store[name], idx) @ vals.to(
-                    store[name].device, store[name].dtype))
+            readers[name] = None
+            out_terms.setdefault((layer, "mlp"), []).append(
+                lambda like, name=name, idx=idx, vals=vals: _index_last(store[name], idx) @ vals.to(
+                    like.device, like.dtype))
         elif kind == "W_O":
-            readers[H.attn_z(layer)] = None
             name = H.attn_z(layer)
-            outputs.setdefault((layer, "attn"), []).append(
-                lambda name=name, idx=idx, vals=vals: torch.einsum(
+            readers[name] = None
+            out_terms.setdefault((layer, "attn"), []).append(
+                lambda like, name=name, idx=idx, vals=vals: torch.einsum(
                     "bphe,hem->bpm", store[name].index_select(2, idx.to(store[name].device)),
-                    vals.to(store[name].device, store[name].dtype)))
+                    vals.to(like.device, like.dtype)))
         elif kind in ("W_in", "W_gate"):
-            if kind == "W_gate" and not cfg.gated_mlp:
-                raise ConfigError(f"{d.param}: the model's MLP is not gated")
-            target = H.mlp_pre_linear(layer) if (kind == "W_in" and cfg.gated_mlp) else H.mlp_pre(layer)
-            inputs.setdefault(target, []).append((input_source(layer, "mlp"), -1, idx, vals, "bpd,dk->bpk"))
+            inputs.setdefault(mlp_input_target(layer, kind), []).append(
+                (input_source(layer, "mlp"), -1, idx, vals, "bpd,dk->bpk"))
         else:  # W_Q / W_K / W_V
             if cfg.use_split_qkv_input or cfg.use_attn_in:
                 raise ConfigError(f"{d.param}: hook-applied Q/K/V deltas need the plain attention "
                                   "input (use_split_qkv_input / use_attn_in are on); use edit.applied")
             target = {"W_Q": H.attn_q, "W_K": H.attn_k, "W_V": H.attn_v}[kind](layer)
             inputs.setdefault(target, []).append((input_source(layer, "attn"), 2, idx, vals, "bpd,kde->bpke"))
+
+    for key, terms in (outputs or {}).items():
+        layer, which = key
+        if which not in ("mlp", "attn") or not 0 <= int(layer) < cfg.n_layers:
+            raise ConfigError(f"output terms go to (layer, 'mlp' | 'attn') of a block, not {key!r}")
+        if reason is not None:
+            raise ConfigError(f"hook-applied edits do not support {reason}")
+        out_terms.setdefault((int(layer), which), []).extend(terms)
 
     hook_list: H.HookList = []
     for name in readers:
@@ -480,17 +677,21 @@ def _build_hooks(edit: Edit, model) -> H.HookList:
     for target, items in inputs.items():
         def add_input(act, hook, items=items):
             for x_fn, unit_dim, idx, vals, eq in items:
-                x = x_fn()
-                term = torch.einsum(eq, x.to(act.dtype), vals.to(act.device, act.dtype))
+                x = x_fn().to(act.dtype)
+                if eq is None:  # low-rank: x @ u @ v^T
+                    u, v = vals
+                    act = act + (x @ u.to(act.device, act.dtype)) @ v.to(act.device, act.dtype).T
+                    continue
+                term = torch.einsum(eq, x, vals.to(act.device, act.dtype))
                 act = act.index_add(unit_dim % act.ndim, idx.to(act.device), term)
             return act
         hook_list.append((target, add_input))
 
-    for (layer, which), terms in outputs.items():
-        def total(terms=terms):
-            out = terms[0]()
+    for (layer, which), terms in out_terms.items():
+        def total(like, terms=terms):
+            out = terms[0](like)
             for t in terms[1:]:
-                out = out + t()
+                out = out + t(like)
             return out
         if cfg.use_normalization_before_and_after:
             ln_post = getattr(model.blocks[layer], "ln2_post" if which == "mlp" else "ln1_post")
@@ -504,7 +705,7 @@ def _build_hooks(edit: Edit, model) -> H.HookList:
             hook_list.append((scale_name, cache_scale))
 
             def renorm(act, hook, scale_name=scale_name, total=total, centred=centred, eps=eps):
-                raw = act * store[scale_name] + total().to(act.dtype)  # (centred) raw output + delta
+                raw = act * store[scale_name] + total(act).to(act.dtype)  # (centred) raw output + delta
                 if centred:
                     raw = raw - raw.mean(-1, keepdim=True)
                 return raw / (raw.pow(2).mean(-1, keepdim=True) + eps).sqrt()
@@ -513,7 +714,7 @@ def _build_hooks(edit: Edit, model) -> H.HookList:
             out_name = H.mlp_out(layer) if which == "mlp" else H.attn_out(layer)
 
             def add_output(act, hook, total=total):
-                return act + total().to(act.dtype)
+                return act + total(act).to(act.dtype)
             hook_list.append((out_name, add_output))
     return hook_list
 
