@@ -1,0 +1,576 @@
+"""The shared optimisation loop: trainable deltas on a parameter mask + composable loss terms.
+
+Every optimisation-based editor (FT-L, ROME's v*, MEMIT's z, FiNE, TNF-DA, KNE) is this loop with
+its own mask and terms:
+
+- **Targets** (what is trained, :class:`Target`): slices of a weight (rows of ``W_out`` for
+  chosen neurons, columns of ``W_in`` / ``W_gate``, attention heads) or a whole matrix, all
+  applied through :func:`kn_lens.edit.delta.delta_hooks` exactly as a finished edit would be;
+  or *activation* vectors added to a block's MLP output / residual stream at each example's edit
+  site (ROME's v*, MEMIT's z), one vector per request group.
+- **Terms** (what is minimised): :class:`NLL` of the new object, every answer token scored at
+  its own position (teacher-forced; neither the FT-L bug of scoring every target token from the
+  last prompt position nor a first-token-only loss); :class:`KL` to the unedited model at chosen
+  positions; FiNE's :class:`RepetitionPenalty`; regularisers on the deltas in
+  :class:`OptimConfig` (L2, ROME's relative norm decay, Adam weight decay, L-infinity and norm
+  clamps after every step).
+- **Control**: a step budget, early stopping on the loss or on the target probability, and a
+  typed :class:`~kn_lens.errors.NumericalError` (no result) on a NaN / inf loss.
+
+The model is never changed: its parameters' ``requires_grad`` flags are switched off for the
+duration (so gradients reach only the deltas, and no ``.grad`` is left on the model) and restored
+in ``finally``; every forward pass runs inside ``with model.hooks(...)``, so no hook survives an
+exception. When every target sits in block ``L`` or above, the residual stream entering block
+``L`` is computed once and each step runs only blocks ``L..``; when every target is an activation
+delta at the rows' edit sites, each step also runs only the positions from the site on, attending
+to frozen prefix keys / values (exact; :mod:`kn_lens.edit._suffix`).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from kn_lens import hooks as H
+from kn_lens.edit import _suffix
+from kn_lens.edit.delta import _KINDS, _param, delta_hooks, param_name, parse_param
+from kn_lens.errors import ConfigError, NumericalError
+from kn_lens.evaluate.scoring import logits_at, pad_ids
+from kn_lens.facts import Query
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+
+# --------------------------------------------------------------------------- examples and terms
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row of the training batch: input ids, the positions whose logits a term reads, the
+    request it belongs to (``group``) and its edit site (the subject's last token) for
+    activation targets (None: no activation delta in this row)."""
+
+    ids: tuple[int, ...]
+    positions: tuple[int, ...]
+    group: int = 0
+    site: int | None = None
+
+
+def query_example(q: Query, *, group: int = 0, site: int | None = None) -> Example:
+    """The example that teacher-forces ``q``'s answer: logits at its answer positions."""
+    return Example(tuple(q.input_ids), tuple(q.answer_positions), group, site)
+
+
+class LossTerm:
+    """A loss over some examples. Subclasses set ``examples`` and implement :meth:`loss`; the
+    loop passes the logits at each example's positions, in order."""
+
+    name = "term"
+    weight: float = 1.0
+    examples: tuple[Example, ...] = ()
+    needs_reference = False  # whether prepare() needs the unedited model's logits
+
+    def prepare(self, reference: list[Tensor]) -> None:
+        """Called once with the *unedited* model's logits at this term's examples."""
+
+    def loss(self, logits: list[Float[Tensor, "_n d_vocab"]]) -> Float[Tensor, ""]:
+        raise NotImplementedError
+
+
+class NLL(LossTerm):
+    """Teacher-forced NLL of each query's answer: mean per-token NLL per query (every answer
+    token at its own position), averaged over queries (ROME / MEMIT / FiNE eq. 4). ``groups`` and
+    ``sites`` tie each query to a request and its edit site (activation targets)."""
+
+    name = "nll"
+
+    def __init__(self, queries: Sequence[Query], *, weight: float = 1.0,
+                 groups: Sequence[int] | None = None, sites: Sequence[int | None] | None = None):
+        queries = list(queries)
+        if not queries:
+            raise ConfigError("an NLL term needs at least one query")
+        groups = [0] * len(queries) if groups is None else list(groups)
+        sites = [None] * len(queries) if sites is None else list(sites)
+        if not len(groups) == len(sites) == len(queries):
+            raise ConfigError("NLL: one group and one site per query")
+        self.weight = float(weight)
+        self.answers = [torch.tensor(q.answer_ids) for q in queries]
+        self.examples = tuple(query_example(q, group=g, site=s)
+                              for q, g, s in zip(queries, groups, sites))
+        self.last_probs: list[float] = []
+
+    def per_query(self, logits: list[Tensor]) -> Tensor:
+        """Mean per-token NLL of each query."""
+        from kn_lens.evaluate.scoring import token_logprobs
+
+        return torch.stack([-token_logprobs(lg, a).mean() for lg, a in zip(logits, self.answers)])
+
+    def loss(self, logits: list[Tensor]) -> Tensor:
+        per = self.per_query(logits)
+        self.last_probs = [float(x) for x in torch.exp(-per.detach() * torch.tensor(
+            [len(a) for a in self.answers], dtype=per.dtype))]  # whole-answer P per query
+        return per.mean()
+
+
+class KL(LossTerm):
+    """KL divergence to the unedited model at the examples' positions, averaged over positions
+    and examples. ``direction="ref||edit"`` is KL(P_unedited || P_edited) (ROME / MEMIT's
+    essence-drift term, ``kl_div(log p_edit, log p_ref)``); ``"edit||ref"`` is FiNE eq. 5's
+    KL(P_edited || P_unedited)."""
+
+    name = "kl"
+    needs_reference = True
+
+    def __init__(self, examples: Sequence[Example], *, weight: float = 1.0,
+                 direction: Literal["ref||edit", "edit||ref"] = "ref||edit"):
+        if direction not in ("ref||edit", "edit||ref"):
+            raise ConfigError(f"KL direction must be 'ref||edit' or 'edit||ref', not {direction!r}")
+        self.examples = tuple(examples)
+        if not self.examples or any(not e.positions for e in self.examples):
+            raise ConfigError("a KL term needs examples with at least one position each")
+        self.weight = float(weight)
+        self.direction = direction
+        self._ref: list[Tensor] = []
+
+    def prepare(self, reference: list[Tensor]) -> None:
+        self._ref = [torch.log_softmax(r.detach().float(), -1) for r in reference]
+
+    def loss(self, logits: list[Tensor]) -> Tensor:
+        if len(self._ref) != len(logits):
+            raise ConfigError("KL term used before prepare()")
+        out = []
+        for lg, ref in zip(logits, self._ref):
+            lp = torch.log_softmax(lg.float(), -1)
+            if self.direction == "ref||edit":
+                out.append((ref.exp() * (ref - lp)).sum(-1).mean())
+            else:
+                out.append((lp.exp() * (lp - ref)).sum(-1).mean())
+        return torch.stack(out).mean()
+
+
+def kl_examples(queries: Sequence[Query], *, positions: Literal["last", "prompt"] = "last",
+                groups: Sequence[int] | None = None, sites: Sequence[int | None] | None = None
+                ) -> list[Example]:
+    """KL examples from prompts: the next-token distribution after the prompt (``"last"``,
+    ROME's "{subject} is a") or at every prompt position but the first (``"prompt"``, FiNE's
+    positions 1 .. l_p - 1; every position predicts the next prompt token)."""
+    groups = [0] * len(queries) if groups is None else list(groups)
+    sites = [None] * len(queries) if sites is None else list(sites)
+    out = []
+    for q, g, s in zip(queries, groups, sites):
+        ids = tuple(q.prompt_ids)
+        pos = (len(ids) - 1,) if positions == "last" else tuple(range(1, len(ids)))
+        out.append(Example(ids, pos or (len(ids) - 1,), g, s))
+    return out
+
+
+class RepetitionPenalty(LossTerm):
+    """FiNE eq. 6: ``-log(1 - P(o* | p(s, r, o*)))``, the probability of producing the new object
+    *again* right after it (whole object, teacher-forced), pushed down."""
+
+    name = "repetition"
+
+    def __init__(self, queries: Sequence[Query], *, weight: float = 1.0):
+        self.weight = float(weight)
+        self.answers = [torch.tensor(q.answer_ids) for q in queries]
+        ex = []
+        for q in queries:
+            ids = tuple(q.prompt_ids) + tuple(q.answer_ids) * 2
+            start = len(q.prompt_ids) + len(q.answer_ids) - 1
+            ex.append(Example(ids[:-1], tuple(range(start, start + len(q.answer_ids)))))
+        self.examples = tuple(ex)
+
+    def loss(self, logits: list[Tensor]) -> Tensor:
+        from kn_lens.evaluate.scoring import token_logprobs
+
+        out = []
+        for lg, a in zip(logits, self.answers):
+            logp = token_logprobs(lg, a).sum()
+            # -log(1 - p) = -log1p(-exp(logp)), stable near p -> 1
+            out.append(-torch.log1p(-torch.exp(logp).clamp(max=1 - 1e-6)))
+        return torch.stack(out).mean()
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Target:
+    """A trainable delta. Weight targets: ``param`` slices ``index`` along its unit dimension
+    (None: every slice, a dense matrix delta). Activation targets: a vector per group added to
+    block ``layer``'s MLP output (``site="mlp_out"``, ROME) or residual stream after the block
+    (``site="resid_post"``, MEMIT) at each example's edit site. ``norm_ref`` (per group / slice)
+    scales the relative regularisers (ROME: the norm of the original output)."""
+
+    kind: Literal["weight", "activation"]
+    param: str | None = None
+    index: tuple[int, ...] | None = None
+    layer: int | None = None
+    site: Literal["mlp_out", "resid_post"] = "mlp_out"
+    n_groups: int = 1
+    norm_ref: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "weight":
+            if self.param is None or parse_param(self.param) is None:
+                raise ConfigError(f"weight target needs a block parameter name, not {self.param!r}")
+            if self.index is not None:
+                object.__setattr__(self, "index", tuple(int(i) for i in self.index))
+                if not self.index or len(set(self.index)) != len(self.index):
+                    raise ConfigError(f"weight target on {self.param}: empty or repeated indices")
+        elif self.kind == "activation":
+            if self.layer is None or self.site not in ("mlp_out", "resid_post"):
+                raise ConfigError("activation target needs a layer and site 'mlp_out' or "
+                                  "'resid_post'")
+            if self.n_groups < 1:
+                raise ConfigError("activation target needs n_groups >= 1")
+            if self.norm_ref is not None and len(self.norm_ref) != self.n_groups:
+                raise ConfigError("activation target: one norm_ref per group")
+        else:
+            raise ConfigError(f"target kind must be 'weight' or 'activation', not {self.kind!r}")
+
+    # constructors ------------------------------------------------------------
+    @classmethod
+    def rows(cls, layer: int, index: Sequence[int], kind: str = "W_out") -> "Target":
+        """Neurons' output vectors (rows of W_out) or input vectors (columns of W_in / W_gate),
+        or heads of W_Q/W_K/W_V/W_O: the kind's unit slices ``index``."""
+        return cls("weight", param_name(layer, kind), tuple(index))
+
+    @classmethod
+    def matrix(cls, layer: int, kind: str = "W_out") -> "Target":
+        """The whole matrix (a dense-layer delta, FT-L)."""
+        return cls("weight", param_name(layer, kind), None)
+
+    @classmethod
+    def activation(cls, layer: int, site: Literal["mlp_out", "resid_post"] = "mlp_out", *,
+                   n_groups: int = 1, norm_ref: Sequence[float] | None = None) -> "Target":
+        return cls("activation", layer=layer, site=site, n_groups=n_groups,
+                   norm_ref=None if norm_ref is None else tuple(float(x) for x in norm_ref))
+
+    # properties --------------------------------------------------------------
+    @property
+    def block(self) -> int:
+        return parse_param(self.param)[0] if self.kind == "weight" else int(self.layer)
+
+    @property
+    def weight_kind(self) -> str | None:
+        return parse_param(self.param)[1] if self.kind == "weight" else None
+
+    @property
+    def dim(self) -> int:
+        return _KINDS[self.weight_kind][0] if self.kind == "weight" else 0
+
+    def shape(self, model) -> tuple[int, ...]:
+        if self.kind == "activation":
+            return (self.n_groups, model.cfg.d_model)
+        p = _param(model, self.param)
+        shape = list(p.shape)
+        if self.index is not None:
+            if max(self.index) >= shape[self.dim]:
+                raise ConfigError(f"target on {self.param}: index {max(self.index)} out of range "
+                                  f"{shape[self.dim]}")
+            shape[self.dim] = len(self.index)
+        return tuple(shape)
+
+    def full_index(self, model) -> Tensor:
+        if self.index is not None:
+            return torch.tensor(self.index, dtype=torch.long)
+        return torch.arange(_param(model, self.param).shape[self.dim])
+
+
+# --------------------------------------------------------------------------- config and result
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The loop's settings (editors set their papers' values; see each editor's config)."""
+
+    steps: int = 25  # step budget (ROME v*: 20, MEMIT z: 25, FT-L: 25)
+    lr: float = 5e-4
+    weight_decay: float = 0.0  # Adam's L2 weight decay on the deltas (pulls them to zero)
+    l2: float = 0.0  # + l2 * ||delta||_2 per target (FiNE's gamma ||delta||)
+    norm_decay: float = 0.0  # + norm_decay * ||delta|| / ||ref||^2 per group (ROME's v_weight_decay)
+    linf: float | None = None  # clamp every entry to [-linf, linf] after each step (FT-L)
+    max_norm: float | None = None  # clamp ||delta|| <= max_norm * ||ref|| per group (ROME: 4)
+    stop_loss: float | None = None  # stop once the total loss is below (ROME: 5e-2)
+    stop_prob: float | None = None  # stop once every NLL query's P(answer) >= this (FiNE: 0.9)
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "l2", "norm_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
+        for name in ("linf", "max_norm", "stop_loss"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigError(f"{name} must be > 0 or None, got {v}")
+        if self.stop_prob is not None and not 0 < self.stop_prob <= 1:
+            raise ConfigError(f"stop_prob must be in (0, 1], got {self.stop_prob}")
+
+
+@dataclass(frozen=True)
+class OptimResult:
+    """The trained deltas (detached, in target order) and how the run went."""
+
+    values: tuple[Tensor, ...]
+    targets: tuple[Target, ...]
+    steps: int  # optimiser updates made
+    stopped: str  # "stop_loss" | "stop_prob" | "budget"
+    history: tuple[dict, ...]  # per evaluated step: total and per-term losses, min P(answer)
+    seconds: float
+    extras: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def final_loss(self) -> float:
+        return self.history[-1]["loss"] if self.history else float("nan")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _weight_terms(targets: Sequence[Target], tensors: Sequence[Tensor], model) -> list:
+    out = []
+    for t, x in zip(targets, tensors):
+        if t.kind != "weight":
+            continue
+        idx = t.full_index(model)
+        out.append(_LiveSlice(t.param, t.dim, idx, x))
+    return out
+
+
+@dataclass
+class _LiveSlice:  # a slice delta whose values are a trainable tensor (duck-typed for delta_hooks)
+    param: str
+    dim: int
+    index: Tensor
+    values: Tensor
+
+
+def _activation_terms(targets, tensors, examples: Sequence[Example], device) -> dict:
+    rows = [b for b, e in enumerate(examples) if e.site is not None]
+    if not rows:
+        return {}
+    sites = torch.tensor([examples[b].site for b in rows], dtype=torch.long, device=device)
+    groups = torch.tensor([examples[b].group for b in rows], dtype=torch.long, device=device)
+    row_t = torch.tensor(rows, dtype=torch.long, device=device)
+    out: dict = {}
+    for t, x in zip(targets, tensors):
+        if t.kind != "activation":
+            continue
+        if int(groups.max()) >= t.n_groups:
+            raise ConfigError(f"an example belongs to group {int(groups.max())} but the activation "
+                              f"target has {t.n_groups} group(s)")
+
+        def term(like, x=x):
+            add = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+            return add.index_put((row_t, sites), x[groups].to(like.dtype), accumulate=True)
+        key = (t.layer, t.site)
+        out.setdefault(key, []).append(term)
+    return out
+
+
+def _hooks(model, targets, tensors, examples) -> H.HookList:
+    acts = _activation_terms(targets, tensors, examples, model.cfg.device)
+    outputs = {(layer, "mlp"): terms for (layer, site), terms in acts.items() if site == "mlp_out"}
+    fwd = delta_hooks(model, _weight_terms(targets, tensors, model), outputs=outputs)
+    for (layer, site), terms in acts.items():
+        if site == "resid_post":
+            def add(act, hook, terms=terms):
+                for t in terms:
+                    act = act + t(act)
+                return act
+            fwd.append((H.resid_post(layer), add))
+    return fwd
+
+
+def _group_norms(t: Target, x: Tensor) -> Tensor:
+    """Per group (activation) or per slice (weight) L2 norms."""
+    if t.kind == "activation":
+        return x.norm(dim=-1)
+    return x.transpose(0, t.dim).flatten(1).norm(dim=-1)
+
+
+def _ref(t: Target, x: Tensor) -> Tensor:
+    if t.norm_ref is None:
+        return torch.ones(x.shape[0] if t.kind == "activation" else x.shape[t.dim])
+    return torch.tensor(t.norm_ref, dtype=torch.float32)
+
+
+def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Sequence[LossTerm], *,
+             config: OptimConfig = OptimConfig(), init: Sequence[Tensor | None] | None = None,
+             progress: bool = False, fast_prefix: bool = True) -> OptimResult:
+    """Train ``targets`` to minimise the weighted sum of ``terms`` (see the module doc).
+
+    Returns the deltas; the model is unchanged. ``init`` gives starting values (default zeros:
+    zero steps return zero deltas). Raises NumericalError on a non-finite loss (nothing is
+    returned) and ConfigError on bad targets or terms.
+    """
+    targets, terms = list(targets), list(terms)
+    if not targets:
+        raise ConfigError("optimise needs at least one target")
+    if not terms:
+        raise ConfigError("optimise needs at least one loss term")
+    n_layers = model.cfg.n_layers
+    for t in targets:
+        if not 0 <= t.block < n_layers:
+            raise ConfigError(f"target in block {t.block} outside the model's {n_layers} blocks")
+    examples: list[Example] = []
+    spans: list[slice] = []
+    for term in terms:
+        spans.append(slice(len(examples), len(examples) + len(term.examples)))
+        examples.extend(term.examples)
+    if not examples:
+        raise ConfigError("the loss terms have no examples")
+    ids = [e.ids for e in examples]
+    positions = [e.positions for e in examples]
+    device = model.cfg.device
+    start = min(t.block for t in targets)
+    t0 = time.perf_counter()
+    # Exact fast path: only activation deltas at each row's site, so positions before the site
+    # and blocks below ``start`` never change (kn_lens.edit._suffix).
+    fast = (fast_prefix and all(t.kind == "activation" for t in targets)
+            and all(e.site is not None and min(e.positions) >= e.site for e in examples)
+            and _suffix.supported(model))
+
+    requires = {name: p.requires_grad for name, p in model.named_parameters()}
+    swapped = _fast_mlps(model)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            frozen = _suffix.FrozenPrefix.build(model, ids, [e.site for e in examples], start) \
+                if fast else None
+            if any(term.needs_reference for term in terms):
+                if frozen is not None:  # the same unedited forward pass
+                    reference = _rows_logits(model, frozen.clean_final, positions)
+                else:
+                    reference = logits_at(model, ids, positions)
+                for term, sl in zip(terms, spans):
+                    term.prepare(reference[sl])
+            resid = model(pad_ids(model, ids), stop_at_layer=start) if (start and not fast) else None
+        run_examples = examples if not fast else [
+            Example(e.ids, tuple(p - e.site for p in e.positions), e.group, 0) for e in examples]
+        tensors = []
+        for k, t in enumerate(targets):
+            x0 = None if init is None else init[k]
+            x = torch.zeros(t.shape(model), dtype=torch.float32, device=device) if x0 is None \
+                else torch.as_tensor(x0, dtype=torch.float32, device=device).clone()
+            if tuple(x.shape) != t.shape(model):
+                raise ConfigError(f"init for target {k} has shape {tuple(x.shape)}, expected "
+                                  f"{t.shape(model)}")
+            tensors.append(x.requires_grad_(True))
+        opt = torch.optim.Adam(tensors, lr=config.lr, weight_decay=config.weight_decay)
+        history: list[dict] = []
+        stopped = "budget"
+        updates = 0
+        for step in range(config.steps):
+            opt.zero_grad(set_to_none=True)
+            fwd = _hooks(model, targets, tensors, run_examples)
+            if fast:
+                logits = _suffix_logits(model, frozen, run_examples, fwd)
+            else:
+                logits = logits_at(model, ids, positions, fwd_hooks=fwd, start_at_layer=start,
+                                   resid=resid)
+            parts = {}
+            total = torch.zeros((), device=device)
+            min_p = None
+            for term, sl in zip(terms, spans):
+                value = term.loss(logits[sl])
+                parts[term.name] = parts.get(term.name, 0.0) + float(value.detach())
+                total = total + term.weight * value
+                if isinstance(term, NLL) and term.last_probs:
+                    mp = min(term.last_probs)
+                    min_p = mp if min_p is None else min(min_p, mp)
+            for t, x in zip(targets, tensors):
+                if config.l2:
+                    total = total + config.l2 * x.norm()
+                if config.norm_decay:
+                    ref = _ref(t, x).to(x.device)
+                    total = total + config.norm_decay * (_group_norms(t, x) / ref ** 2).sum()
+            loss = float(total.detach())
+            if not math.isfinite(loss):
+                raise NumericalError(f"the editing loss became {loss} at step {step} "
+                                     f"(terms: {parts}); lower the learning rate or add a clamp")
+            history.append({"step": step, "loss": loss, **parts,
+                            **({"min_p": min_p} if min_p is not None else {})})
+            if progress:
+                print(f"  step {step:3d} loss {loss:.4f} {parts}")
+            if config.stop_loss is not None and loss < config.stop_loss:
+                stopped = "stop_loss"
+                break
+            if config.stop_prob is not None and min_p is not None and min_p >= config.stop_prob:
+                stopped = "stop_prob"
+                break
+            total.backward()
+            for x in tensors:
+                if x.grad is not None and not torch.isfinite(x.grad).all():
+                    raise NumericalError(f"non-finite gradient at step {step}")
+            opt.step()
+            updates += 1
+            with torch.no_grad():
+                for t, x in zip(targets, tensors):
+                    if config.linf is not None:
+                        x.clamp_(-config.linf, config.linf)
+                    if config.max_norm is not None:
+                        limit = config.max_norm * _ref(t, x).to(x.device)
+                        norms = _group_norms(t, x)
+                        factor = torch.where(norms > limit, limit / norms.clamp_min(1e-12),
+                                             torch.ones_like(norms))
+                        shape = [1] * x.ndim
+                        shape[0 if t.kind == "activation" else t.dim] = -1
+                        x.mul_(factor.view(shape))
+        values = tuple(x.detach().clone() for x in tensors)
+        for v in values:
+            if not torch.isfinite(v).all():
+                raise NumericalError("the trained delta has NaN or infinite values")
+    finally:
+        for mlp in swapped:  # the MLPs' own forward again
+            del mlp.forward
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires[name])
+    return OptimResult(values, tuple(targets), updates, stopped, tuple(history),
+                       time.perf_counter() - t0, {"start_at_layer": start, "frozen_prefix": fast})
+
+
+def _fast_mlps(model) -> list:
+    """Give each gated MLP a forward without TransformerLens' per-call ``W.T.contiguous()`` weight
+    copies (the same hook points and arithmetic; a third of a step's time on SmolLM2). Instance
+    attributes, removed by the caller's ``finally``; returns the patched modules."""
+    import types
+
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    from kn_lens.locate.mediation import _mlp_forward
+
+    out = []
+    for block in model.blocks:
+        mlp = block.mlp
+        if type(mlp) is GatedMLP and not mlp.cfg.is_layer_norm_activation() \
+                and "forward" not in vars(mlp):
+            mlp.forward = types.MethodType(lambda self, x: _mlp_forward(self, x), mlp)
+            out.append(mlp)
+    return out
+
+
+def _rows_logits(model, resid: Tensor, positions: Sequence[Sequence[int]]) -> list[Tensor]:
+    from kn_lens.evaluate.scoring import unembed_rows
+
+    rows = torch.tensor([b for b, ps in enumerate(positions) for _ in ps], device=resid.device)
+    cols = torch.tensor([p for ps in positions for p in ps], device=resid.device)
+    logits = unembed_rows(model, resid[rows, cols])
+    return list(logits.split([len(ps) for ps in positions]))
+
+
+def _suffix_logits(model, frozen, examples: Sequence[Example], fwd) -> list[Tensor]:
+    with model.hooks(fwd_hooks=fwd):
+        out = frozen.final_resid(model)
+    return _rows_logits(model, out, [e.positions for e in examples])
