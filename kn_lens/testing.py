@@ -48,14 +48,14 @@ def tiny_tokenizer():
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _build(cfg_kwargs: dict, seed: int, name: str, prepend_bos: bool):
+def _build(cfg_kwargs: dict, seed: int, name: str, prepend_bos: bool, n_ctx: int = 64):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from kn_lens.models import _attach_info
 
     tok = tiny_tokenizer()
     cfg = HookedTransformerConfig(
-        d_vocab=len(tok), n_ctx=64, seed=seed, device="cpu", dtype=torch.float32,
+        d_vocab=len(tok), n_ctx=n_ctx, seed=seed, device="cpu", dtype=torch.float32,
         default_prepend_bos=prepend_bos, model_name=name, tokenizer_prepends_bos=False,
         **cfg_kwargs,
     )
@@ -72,15 +72,15 @@ def _build(cfg_kwargs: dict, seed: int, name: str, prepend_bos: bool):
 
 
 def tiny_gpt2(seed: int = 0, n_layers: int = 3, d_model: int = 32, d_mlp: int = 64,
-              prepend_bos: bool = True):
+              prepend_bos: bool = True, n_ctx: int = 64):
     return _build(dict(n_layers=n_layers, d_model=d_model, d_head=8, n_heads=4, d_mlp=d_mlp,
                        act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard"),
-                  seed, "tiny-gpt2", prepend_bos)
+                  seed, "tiny-gpt2", prepend_bos, n_ctx)
 
 
 def tiny_llama(seed: int = 0, n_layers: int = 3, d_model: int = 32, d_mlp: int = 48,
-               prepend_bos: bool = False):
+               prepend_bos: bool = False, n_ctx: int = 64):
     return _build(dict(n_layers=n_layers, d_model=d_model, d_head=8, n_heads=4, n_key_value_heads=2,
                        d_mlp=d_mlp, act_fn="silu", gated_mlp=True, normalization_type="RMS",
                        positional_embedding_type="rotary", rotary_dim=8, final_rms=True),
-                  seed, "tiny-llama", prepend_bos)
+                  seed, "tiny-llama", prepend_bos, n_ctx)

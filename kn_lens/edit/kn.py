@@ -141,3 +141,88 @@ def kn_sets(scores_per_query: Sequence[NeuronScores | NeuronSet | Tensor], *,
     pick = select or (lambda s: threshold_relative(s, 0.2))  # Dai et al. 2022, threshold t = 0.2
     local = [s if isinstance(s, NeuronSet) else pick(s) for s in scores_per_query]
     return local, union(local)
+
+
+# --------------------------------------------------------------------------- registered editors
+
+
+@dataclass(frozen=True)
+class KNEditorConfig:
+    """QL's KN erasure / update as editors of :func:`kn_lens.edit.edit` (``kn_erase``,
+    ``kn_update``). Without a neuron set, each request's KNs are located on its rewrite prompt
+    (``scope="local"``, QL's N_i) or on the rewrite and paraphrase prompts and united
+    (``scope="global"``, N_g), with ``locator`` and Dai et al.'s threshold (> ``threshold`` x the
+    maximum score)."""
+
+    locator: str = "ig"  # QL locates KNs by integrated gradients
+    scope: Literal["local", "global"] = "local"
+    threshold: float = 0.2  # Dai et al. 2022: t = 0.2
+    update: KNEditConfig = KNEditConfig()  # eq. 2's lambda1 / lambda2 / embedding (kn_update)
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("local", "global"):
+            raise ConfigError(f"scope must be 'local' or 'global', not {self.scope!r}")
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
+
+
+def request_neurons(model: "HookedTransformer", request, config: KNEditorConfig) -> NeuronSet:
+    """The request's KNs for its *original* fact (what QL edits)."""
+    from kn_lens.facts import prompt_query
+    from kn_lens.locate import locate
+
+    prompts = list(request.prompts) + (list(request.paraphrase_prompts)
+                                       if config.scope == "global" else [])
+    qs = [prompt_query(model, p, request.fact.object, request.fact) for p in prompts]
+    scores = locate(model, qs, method=config.locator, progress=False)
+    _, n_g = kn_sets(scores, select=lambda s: threshold_relative(s, config.threshold))
+    return n_g
+
+
+def _editor_neurons(model, requests, neurons, config) -> list[NeuronSet]:
+    if neurons is None:
+        return [request_neurons(model, r, config) for r in requests]
+    if isinstance(neurons, NeuronSet):
+        return [neurons] * len(requests)
+    neurons = list(neurons)
+    if len(neurons) != len(requests):
+        raise ConfigError(f"{len(neurons)} neuron sets for {len(requests)} requests")
+    return [n if isinstance(n, NeuronSet) else NeuronSet(n) for n in neurons]
+
+
+def kn_erase(model: "HookedTransformer", requests, *, config: KNEditorConfig | None = None,
+             neurons: "NeuronSet | Sequence[NeuronSet] | None" = None,
+             generator: torch.Generator | None = None) -> Edit:
+    """QL eq. 2 erasure of each request's KNs (the union over a batch). The new object is not
+    used: erasure removes the old fact, and the harness judges whether that is enough."""
+    from kn_lens.edit.requests import check_requests
+
+    cfg = config or KNEditorConfig()
+    requests = check_requests(model, requests)
+    sets = _editor_neurons(model, requests, neurons, cfg)
+    allset = union(sets)
+    e = erase(model, allset, description=f"KN erasure of {len(allset)} neurons: " +
+              "; ".join(r.fact.subject for r in requests[:3]))
+    return Edit(e.deltas, e.description, "kn_erase", e.model,
+                {"neurons": allset.to_list(), "config": cfg, "per_request": [len(s) for s in sets]})
+
+
+def kn_update(model: "HookedTransformer", requests, *, config: KNEditorConfig | None = None,
+              neurons: "NeuronSet | Sequence[NeuronSet] | None" = None,
+              generator: torch.Generator | None = None) -> Edit:
+    """QL eq. 2 update of each request's KNs (W_out rows += -l1 E(o) + l2 E(o')); the requests'
+    deltas are composed (shared neurons get the sum)."""
+    from kn_lens.edit.delta import compose
+    from kn_lens.edit.requests import check_requests
+
+    cfg = config or KNEditorConfig()
+    requests = check_requests(model, requests)
+    sets = _editor_neurons(model, requests, neurons, cfg)
+    parts = [update(model, s, " " + r.fact.object, " " + r.new_object, config=cfg.update)
+             for r, s in zip(requests, sets)]
+    e = compose(parts)
+    return Edit(e.deltas, f"KN update ({len(union(sets))} neurons): " +
+                "; ".join(f"{r.fact.subject} -> {r.new_object}" for r in requests[:3]),
+                "kn_update", model_info(model),
+                {"neurons": union(sets).to_list(), "config": cfg,
+                 "per_request": [len(s) for s in sets]})
