@@ -8,6 +8,8 @@
 - :mod:`~kn_lens.analysis.tnf_da` — TNF-DA: IE concentration ("1 %"), targeted-neuron repetition
   (Table 1), overlap between semantically similar relations.
 - :mod:`~kn_lens.analysis.fine` — FiNE: layer distribution (Fig. 4), neuron top tokens (Table 6).
+- :mod:`~kn_lens.analysis.tracing` — ROME §2.1: causal tracing (indirect effect of restoring MLP /
+  attention outputs or the residual stream at the subject's last token), layer sweeps.
 """
 from kn_lens.analysis.cas import (CASConfig, CASResult, CompareConfig, SelectionComparison,
                                   cas_neurons, cas_neurons_by_fact,
@@ -25,6 +27,8 @@ from kn_lens.analysis.tnf_da import (IEConcentration, RelationOverlapResult, Rep
                                      ie_concentration, mean_ie_concentration, relation_level_sets,
                                      relation_overlap, targeted_neuron_repetition,
                                      targeted_neurons)
+from kn_lens.analysis.tracing import (LayerSweep, TraceConfig, TraceResult, causal_trace,
+                                      layer_sweep)
 
 __all__ = [
     "CASConfig", "CASResult", "CompareConfig", "SelectionComparison", "cas_neurons", "cas_neurons_by_fact", "compare_kn_selections",
@@ -39,4 +43,5 @@ __all__ = [
     "IEConcentration", "RelationOverlapResult", "RepetitionResult", "ie_concentration",
     "mean_ie_concentration", "relation_level_sets", "relation_overlap",
     "targeted_neuron_repetition", "targeted_neurons",
+    "LayerSweep", "TraceConfig", "TraceResult", "causal_trace", "layer_sweep",
 ]
