@@ -11,9 +11,12 @@ from kn_lens.locate import (METHODS, ContributionConfig, IGConfig, agreement, av
                             contribution_scores, integrated_gradients, locate)
 from kn_lens.locate.mediation import (AtPConfig, MediationConfig, attribution_patching,
                                       causal_mediation)
-from kn_lens.edit import Edit, KNEditConfig, WeightDelta, compose
+from kn_lens.edit import (Edit, KNEditConfig, LowRankDelta, WeightDelta, available_editors,
+                          compose)  # the driver is kn_lens.edit.edit (the name edit is the package)
 from kn_lens.evaluate import EditMetrics, evaluate_edit, perplexity, reference_slices
-from kn_lens.datasets import Dataset, build_edit_requests, builtin_dataset, known_facts
+from kn_lens.evaluate.harness import EditReport, HarnessConfig  # kn_lens.evaluate.evaluate judges
+from kn_lens.datasets import (Dataset, build_edit_requests, builtin_dataset, edit_request,
+                              known_facts)
 
 __version__ = "0.1.0"
 
@@ -27,7 +30,8 @@ __all__ = [
     "METHODS", "ContributionConfig", "IGConfig", "agreement", "available_methods",
     "contribution_scores", "integrated_gradients", "locate",
     "AtPConfig", "MediationConfig", "attribution_patching", "causal_mediation",
-    "Edit", "KNEditConfig", "WeightDelta", "compose",
+    "Edit", "KNEditConfig", "LowRankDelta", "WeightDelta", "available_editors", "compose",
     "EditMetrics", "evaluate_edit", "perplexity", "reference_slices",
-    "Dataset", "build_edit_requests", "builtin_dataset", "known_facts",
+    "EditReport", "HarnessConfig",
+    "Dataset", "build_edit_requests", "builtin_dataset", "edit_request", "known_facts",
 ]

@@ -1,6 +1,6 @@
 """Built-in fact data, known-fact filtering, edit-set building and loaders for public formats."""
 from kn_lens.datasets.core import Dataset, builtin_dataset, load_dataset
-from kn_lens.datasets.edits import EditSet, build_edit_requests, random_prefixes
+from kn_lens.datasets.edits import EditSet, build_edit_requests, edit_request, random_prefixes
 from kn_lens.datasets.known import KnownFacts, KnownFactsConfig, RelationSummary, known_facts, score_queries
 from kn_lens.datasets.loaders import (
     KNOWEDIT_UNKNOWN, load_counterfact, load_knowedit, load_pararel, pararel_pattern_to_template,
@@ -9,7 +9,7 @@ from kn_lens.datasets.loaders import (
 __all__ = [
     "Dataset", "builtin_dataset", "load_dataset",
     "KnownFacts", "KnownFactsConfig", "RelationSummary", "known_facts", "score_queries",
-    "EditSet", "build_edit_requests", "random_prefixes",
+    "EditSet", "build_edit_requests", "edit_request", "random_prefixes",
     "load_pararel", "load_counterfact", "load_knowedit", "pararel_pattern_to_template",
     "KNOWEDIT_UNKNOWN",
 ]

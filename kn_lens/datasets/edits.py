@@ -147,3 +147,26 @@ def build_edit_requests(
             "relation and object; their neighbourhood uses same-relation subjects with other "
             "objects (see EditSet.neighbour_fallback)", stacklevel=2)
     return EditSet(out, seed=seed, neighbour_fallback=fallback)
+
+
+def edit_request(dataset, fact: Fact, new_object: str, *, prompt: str | None = None, seed: int = 0,
+                 case_id: int = 0, **kw) -> EditRequest:
+    """One CounterFact-style request for ``fact`` -> ``new_object`` (see
+    :func:`build_edit_requests`; ``kw`` are its counts). ``prompt`` replaces the rewrite prompt
+    (it must spell the subject); then every template of the relation is a paraphrase and the
+    alias prompts are ``prompt`` with each alias in place of the subject."""
+    import dataclasses
+
+    if prompt is not None and fact.subject not in prompt:
+        raise InvalidFactError(f"the subject {fact.subject!r} does not occur in the prompt {prompt!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a single request: the fallback is visible in its prompts
+        req = build_edit_requests(dataset, [fact], seed=seed, new_objects=[new_object], **kw)[0]
+    if prompt is None:
+        return dataclasses.replace(req, case_id=case_id)
+    rel = dataset.relation_of(fact)
+    paraphrases = tuple(p for p in (rel.render(fact.subject, i) for i in range(len(rel.templates)))
+                        if p != prompt)
+    aliases = tuple(prompt.replace(fact.subject, a, 1) for a in fact.aliases)
+    return dataclasses.replace(req, prompts=(prompt,), paraphrase_prompts=paraphrases,
+                               alias_prompts=aliases, case_id=case_id)
