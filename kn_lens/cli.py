@@ -77,6 +77,94 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _request_from_args(model, args):
+    """An EditRequest from the CLI: the built-in fact when --subject / --relation name one, else a
+    free request (the old object defaults to the model's greedy next word)."""
+    from kn_lens.datasets import builtin_dataset, edit_request
+    from kn_lens.datasets.edits import random_prefixes
+    from kn_lens.errors import InvalidFactError
+    from kn_lens.evaluate.generation import continue_text
+    from kn_lens.facts import EditRequest, Fact, encode_prompt
+
+    subject = args.subject
+    if not subject:
+        raise InvalidFactError("--subject is required: the words of PROMPT that name the subject")
+    if subject not in args.prompt:
+        raise InvalidFactError(f"the subject {subject!r} does not occur in the prompt {args.prompt!r}")
+    ds = builtin_dataset()
+    cands = [f for f in ds.by_subject(subject) if args.relation in (None, f.relation)]
+    if args.relation is not None and args.relation not in ds.relations:
+        raise InvalidFactError(f"unknown relation {args.relation!r}; built-in relations: "
+                               f"{sorted(ds.relations)}")
+    old = args.old
+    if old is None:
+        if len(cands) == 1:
+            old = cands[0].object
+        else:
+            cont = continue_text(model, encode_prompt(model, args.prompt), 4).strip()
+            old = cont.split()[0].strip(".,;:!?\"'") if cont.split() else ""
+            if not old:
+                raise InvalidFactError("could not read the old object from the model's "
+                                       "continuation; pass --old")
+    fact_match = [f for f in cands if f.object == old]
+    if len(fact_match) == 1:
+        return edit_request(ds, fact_match[0], args.new_object, prompt=args.prompt, seed=args.seed)
+    fact = Fact(subject, args.relation or "free", old)
+    return EditRequest(fact, args.new_object, (args.prompt,),
+                       prefixes=random_prefixes(5, f"{args.seed}:{fact.key()}"))
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from kn_lens.edit import Edit, edit
+    from kn_lens.evaluate.harness import HarnessConfig, evaluate
+    from kn_lens.evaluate.metrics import edit_active
+    from kn_lens.evaluate.perplexity import prepare_reference, reference_slices
+    from kn_lens.facts import predict, query_from_prompt
+    from kn_lens.models import load_model
+
+    model = load_model(args.model)
+    if args.load:
+        e = Edit.load(args.load)
+        e.check(model)  # a saved edit for another model or weight processing is refused
+        q = query_from_prompt(model, args.prompt, "the")
+        (p0,) = predict(model, [q], k=3)
+        with edit_active(model, e) as fwd:
+            (p1,) = predict(model, [q], k=3, fwd_hooks=fwd)
+        print(f"loaded {e!r}")
+        print(f"{args.prompt!r}\n  before: {_top(p0)}\n  after:  {_top(p1)}")
+        return 0
+    if not args.new_object:
+        from kn_lens.errors import ConfigError
+
+        raise ConfigError("NEW_OBJECT is required (or --load DIR)")
+    req = _request_from_args(model, args)
+    print(f"request: <{req.fact.subject}, {req.fact.relation}, {req.fact.object}> -> "
+          f"{req.new_object!r}; {len(req.paraphrase_prompts)} paraphrases, "
+          f"{len(req.neighbourhood)} neighbours")
+    t0 = time.perf_counter()
+    e = edit(model, [req], method=args.method, seed=args.seed)
+    print(f"{args.method}: {e!r} in {time.perf_counter() - t0:.1f} s")
+    ref = prepare_reference(model, reference_slices(model, n_slices=4, slice_len=128,
+                                                    seed=args.seed))
+    report = evaluate(model, e, [req], config=HarnessConfig(n_bootstrap=0), reference=ref)
+    qs = [query_from_prompt(model, p, req.new_object) for p in (req.prompts + req.paraphrase_prompts)[:3]]
+    before = predict(model, qs, k=3)
+    with edit_active(model, e) as fwd:
+        after = predict(model, qs, k=3, fwd_hooks=fwd)
+    for q, b, a in zip(qs, before, after):
+        print(f"{q.prompt!r}\n  before: {_top(b)}\n  after:  {_top(a)}")
+    for g in report.rows[0].generations[:2]:
+        print(f"generated after the edit: {g['prompt']!r} ->{g['after']!r}")
+    print(report.table())
+    if args.save:
+        print(f"saved to {e.save(args.save)}")
+    return 0
+
+
+def _top(p) -> str:
+    return ", ".join(f"{t!r} {pr:.2f}" for t, pr in zip(p.top_tokens, p.top_probs))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kn-lens",
@@ -110,6 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--model", default=None)
     lo.add_argument("-k", type=int, default=10)
     lo.set_defaults(func=_cmd_locate)
+
+    ed = sub.add_parser("edit", help="edit a fact (ROME, MEMIT, FT-L, KN update ...) and judge it "
+                        "on the three protocols; or apply a saved edit")
+    ed.add_argument("prompt", help="the rewrite prompt, e.g. 'The Eiffel Tower is located in the "
+                    "city of'")
+    ed.add_argument("new_object", nargs="?", default=None, help="the new object, e.g. Rome")
+    ed.add_argument("--subject", default=None, help="the subject as spelled in PROMPT")
+    ed.add_argument("--old", default=None, help="the old object (default: the built-in fact's, or "
+                    "the model's greedy next word)")
+    ed.add_argument("--relation", default=None, help="a built-in relation id (paraphrases, "
+                    "neighbours)")
+    ed.add_argument("--method", default="rome", help="an editor: rome, memit, ft_l, kn_update, "
+                    "kn_erase (kn_lens.edit.available_editors())")
+    ed.add_argument("--save", default=None, help="save the edit to this folder")
+    ed.add_argument("--load", default=None, help="apply the edit saved in this folder to PROMPT")
+    ed.add_argument("--model", default=None)
+    ed.add_argument("--seed", type=int, default=0)
+    ed.set_defaults(func=_cmd_edit)
 
     pr = sub.add_parser("predict", help="top next tokens after a prompt")
     pr.add_argument("prompt")

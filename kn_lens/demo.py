@@ -2,9 +2,11 @@
 
 1. load (and on first use prepare) the model; 2. show built-in facts with the model's top
 predictions and which of them it knows; 3. locate the knowledge neurons of one known fact with two
-locators and check that they matter (suppress them vs as many random neurons); 4. edit the fact
-(KN update, QL eq. 2) through hooks, judge it (reliability / generalisation / locality / dPPL), and
-show that nothing is left attached afterwards.
+locators and check that they matter (suppress them vs as many random neurons); 4. erase the fact
+through its knowledge neurons (QL eq. 2) and judge it the QL way; 5. move the fact (the Eiffel
+Tower to Rome) with ROME, judge it on the harness's three protocols (CounterFact, token accuracy,
+generation), show the edited model's predictions and a continuation, then undo it and show that
+the weights are bit-identical and no hook is left.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ def _pick(facts, n: int, seed: int):
 
 
 def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
-             out: Callable[[str], None] = print, model=None) -> dict:
+             out: Callable[[str], None] = print, model=None, stats_tokens: int = 100_000,
+             new_object: str = "Rome") -> dict:
     from kn_lens import hooks
     from kn_lens.datasets import build_edit_requests, builtin_dataset, known_facts
     from kn_lens.edit import erase
@@ -110,11 +113,74 @@ def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
         for p in predict(model, edited + general[:2], k=1):
             out(f"  edited model: {p.query.prompt!r} -> {p.top_tokens[0]!r} "
                 f"(P({p.query.answer.strip()}) = {p.answer_prob:.3f})")
+
+    # -- 5. move the fact with ROME, judge it on the three protocols, undo it
+    rome_res = _rome_section(model, ds, fact, new_object, seed, stats_tokens, out)
     same = all(torch.equal(v, model.state_dict()[k]) for k, v in weights_before.items())
     out(f"  after the demo: weights unchanged = {same}, hooks attached = "
         f"{hooks.active_hook_count(model)}")
     out(f"\n== done in {time.perf_counter() - t0:.0f} s")
-    return {"metrics": metrics.summary(), "n_known": len(known), "weights_restored": same}
+    return {"metrics": metrics.summary(), "n_known": len(known), "weights_restored": same,
+            "rome": rome_res}
+
+
+def _rome_section(model, ds, fact, new_object: str, seed: int, stats_tokens: int, out) -> dict:
+    from kn_lens.datasets import edit_request
+    from kn_lens.edit import edit
+    from kn_lens.edit.baselines.rome import ROMEConfig
+    from kn_lens.edit.baselines.stats import second_moment
+    from kn_lens.edit.layers import rome_layer
+    from kn_lens.evaluate import prepare_reference, reference_slices
+    from kn_lens.evaluate.harness import HarnessConfig, evaluate
+    from kn_lens.facts import predict, prompt_query
+
+    req = edit_request(ds, fact, new_object, seed=seed)
+    layer = rome_layer(model)
+    out(f"\n== edit: ROME moves <{fact.subject}, {ds.relations[fact.relation].name}, "
+        f"{fact.object}> to {new_object} (rank-one update of layer {layer}'s W_out)")
+    t1 = time.perf_counter()
+    second_moment(model, layer, n_tokens=stats_tokens)  # once per model and layer, then cached
+    t_stats = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    e = edit(model, [req], method="rome", config=ROMEConfig(stats_tokens=stats_tokens), seed=seed)
+    t_edit = time.perf_counter() - t1
+    out(f"  {e!r}")
+    out(f"  computed in {t_edit:.1f} s (key statistics C = E[k k^T]: {t_stats:.1f} s, cached)")
+    prompts = (req.prompts + req.paraphrase_prompts)[:3]
+    qs = [prompt_query(model, p, new_object, req.fact) for p in prompts]
+    w = model.blocks[layer].mlp.W_out
+    w_before = w.detach().clone()
+    with e.applied(model):  # materialised: W_out += u v^T inside the block
+        after = predict(model, qs, k=3)
+        changed = not torch.equal(w.detach(), w_before)
+    undone = torch.equal(w.detach(), w_before)  # restored bit for bit on exit
+    with model.hooks(fwd_hooks=e.hooks(model)):  # the same edit through hooks, weights untouched
+        hooked = predict(model, qs, k=3)
+    agree = all(a.top_tokens == h.top_tokens for a, h in zip(after, hooked))
+    for q, b, a in zip(qs, predict(model, qs, k=3), after):
+        out(f"  {q.prompt!r}: {b.top_tokens[0]!r} {b.top_probs[0]:.2f} -> {a.top_tokens[0]!r} "
+            f"{a.top_probs[0]:.2f}")
+    ref = prepare_reference(model, reference_slices(model, n_slices=4,
+                                                    slice_len=min(128, model.cfg.n_ctx), seed=seed))
+    rep = evaluate(model, e, [req], config=HarnessConfig(n_bootstrap=0, max_new_tokens=24),
+                   reference=ref)
+    out("  judged on three protocols (each value tagged with its protocol; before -> after):")
+    picks = {"counterfact": ("ES", "PS", "NS", "Score"),
+             "tokens": ("rewrite_acc", "paraphrase_acc", "locality", "portability"),
+             "generation": ("rewrite_success", "paraphrase_success", "fluency", "dppl")}
+    for proto, ms in picks.items():
+        cells = ", ".join(f"{m} {rep.before[proto][m].fmt()} -> {rep.after[proto][m].fmt()}"
+                          for m in ms)
+        out(f"    {proto:12s} {cells}")
+    g = rep.rows[0].generations[0]
+    out(f"  generated before: {g['prompt']!r} ->{g['before']!r}")
+    out(f"  generated after:  {g['prompt']!r} ->{g['after']!r}")
+    out(f"  undo: W_out changed while applied = {changed}, restored bit for bit = {undone}; "
+        f"hooks and materialised weights give the same top tokens = {agree}")
+    return {"edit": repr(e), "seconds": t_edit, "after": {p: {m: rep.after[p][m].mean for m in ms}
+                                                          for p, ms in picks.items()},
+            "before": {p: {m: rep.before[p][m].mean for m in ms} for p, ms in picks.items()},
+            "undone": undone and changed, "hooks_agree": agree}
 
 
 def _lp(model, q, fwd_hooks):

@@ -15,11 +15,13 @@ def test_demo_runs_and_leaves_no_trace():
         reference_text()
     except DataFileError:
         pytest.skip("reference prose not installed (scripts/setup.sh fetches it)")
-    model = tiny_llama()
+    model = tiny_llama(n_ctx=256)  # real prompts with random prefixes
     lines: list[str] = []
-    res = run_demo(model=model, n_facts=3, out=lines.append)
+    res = run_demo(model=model, n_facts=3, out=lines.append, stats_tokens=3000)
     text = "\n".join(lines)
-    assert "knowledge neurons of" in text and "edit:" in text
+    assert "knowledge neurons of" in text and "edit:" in text and "ROME moves" in text
+    assert "counterfact" in text and "tokens" in text and "generation" in text
     assert res["weights_restored"] is True
+    assert res["rome"]["undone"] is True and res["rome"]["hooks_agree"] is True
     assert hooks.active_hook_count(model) == 0
     assert set(res["metrics"]) >= {"reliability", "generalisation", "locality", "dppl"}

@@ -9,10 +9,11 @@ from kn_lens.viz.figures import (
     plot_score_heatmap,
     plot_synapse_effects,
     plot_table,
+    plot_tradeoff,
 )
 
 __all__ = [
     "attention_view", "synapse_view", "plot_activation_heatmaps", "plot_cs_histogram",
     "plot_cumulative_share", "plot_grouped_bars", "plot_layer_distribution", "plot_score_heatmap",
-    "plot_synapse_effects", "plot_table",
+    "plot_synapse_effects", "plot_table", "plot_tradeoff",
 ]

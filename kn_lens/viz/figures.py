@@ -372,3 +372,31 @@ def plot_table(rows: Sequence[Sequence[Any]], columns: Sequence[str], path: str 
     if title:
         ax.set_title(title, fontsize=11)
     return _save(fig, path, dpi)
+
+
+def plot_tradeoff(points: Mapping[str, Sequence[float]], path: str | Path, *, xlabel: str,
+                  ylabel: str, title: str = "", dpi: int = DPI) -> Path:
+    """One labelled point per method: ``points[method] = (x, y)`` or ``(x, y, x_lo, x_hi, y_lo,
+    y_hi)`` with interval bars (e.g. edit success against locality, the trade-off at a glance)."""
+    if not points:
+        raise ValueError("no points to plot")
+    fig, axes = _new(5.2, 4.2)
+    ax = axes[0, 0]
+    for name, p in points.items():
+        p = [_num(v) for v in p]
+        x, y = p[0], p[1]
+        if not (np.isfinite(x) and np.isfinite(y)):
+            continue
+        xerr = yerr = None
+        if len(p) >= 6 and all(np.isfinite(p[2:6])):
+            xerr = [[x - p[2]], [p[3] - x]]
+            yerr = [[y - p[4]], [p[5] - y]]
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=name)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=11)
+    return _save(fig, path, dpi)
