@@ -1,0 +1,318 @@
+"""Editing benchmark: every registered editor on the same CounterFact-style requests, judged on the
+three protocols of ``kn_lens.evaluate.harness`` (never averaged across protocols), plus fluency,
+dPPL, the share of weights changed and seconds per edit.
+
+Requests: ``--n-requests`` known facts (default 200; answer top-1 on >= 60 % of templates,
+balanced over relations, each with its best template as the rewrite prompt), a counterfactual new
+object drawn from the relation's other objects (seeded), paraphrases = the relation's other
+templates, 10 neighbourhood prompts, relation-specificity and alias prompts, 5 training prefixes
+(``build_edit_requests``). Each editor edits one request at a time (batch size 1); MEMIT also edits
+them in batches of ``--memit-batch`` (100). A request an editor refuses with a typed error (QL's
+KN update when the old and new objects share their first token) is judged as no edit and counted.
+
+Resumable: each (method, request) row is appended to ``results/cache/edit_benchmark_<model>/`` as
+it is computed; a rerun with the same arguments continues where it stopped, and ``--methods``
+lets two processes share the work. The result file aggregates every method whose rows are
+complete.
+
+    python experiments/edit_benchmark.py --quick                  # CI: 2 requests, tiny budget
+    python experiments/edit_benchmark.py --threads 1              # 200 requests on SmolLM2
+    python experiments/edit_benchmark.py --model gemma-3-270m --n-requests 100
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+import _common  # noqa: E402
+
+NAME = "edit_benchmark"
+METHODS = ("ft_l", "rome", "memit", "kn_update", "kn_erase")
+SHOW = {"counterfact": ("Score", "ES", "PS", "NS", "EM", "NM", "ES_argmax", "NS_argmax",
+                        "prefix_success"),
+        "tokens": ("rewrite_acc", "paraphrase_acc", "prefix_acc", "locality", "locality_relation",
+                   "portability"),
+        "generation": ("rewrite_success", "paraphrase_success", "old_mentioned", "fluency", "dppl")}
+
+
+def _key(args) -> str:
+    cfg = {k: getattr(args, k) for k in ("n_requests", "seed", "quick", "max_new_tokens",
+                                         "no_known_filter")}
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def cache_dir(args) -> Path:
+    d = Path(args.results_dir) / "cache" / f"{NAME}_{args.model}{'_quick' if args.quick else ''}_{_key(args)}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def build_requests(args, model, ds):
+    import dataclasses
+
+    from kn_lens.datasets import build_edit_requests
+
+    chosen = _common.choose_facts(args, model, ds, args.n_requests)
+    out = []
+    for i, (fact, t) in enumerate(chosen):
+        (req,) = build_edit_requests(ds, [fact], seed=args.seed, rewrite_template=t)
+        out.append(dataclasses.replace(req, case_id=i))
+    return out
+
+
+def editor_configs(args) -> dict:
+    """Editor configs of this run (papers' defaults; quick mode shrinks every budget)."""
+    from kn_lens.edit.baselines.ft_l import FTLConfig
+    from kn_lens.edit.baselines.memit import MEMITConfig
+    from kn_lens.edit.baselines.rome import ROMEConfig
+    from kn_lens.edit.kn import KNEditorConfig
+
+    if args.quick:
+        return {"ft_l": FTLConfig(steps=3), "rome": ROMEConfig(v_steps=3, stats_tokens=4000),
+                "memit": MEMITConfig(v_steps=3, stats_tokens=4000),
+                "kn_update": KNEditorConfig(locator="contribution"),
+                "kn_erase": KNEditorConfig(locator="contribution")}
+    return {"ft_l": FTLConfig(), "rome": ROMEConfig(), "memit": MEMITConfig(),
+            "kn_update": KNEditorConfig(), "kn_erase": KNEditorConfig()}
+
+
+def _read_rows(path: Path) -> dict[int, dict]:
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                d = json.loads(line)
+                rows[d["row"]["case_id"]] = d
+    return rows
+
+
+def _append(path: Path, items: list[dict]) -> None:
+    with path.open("a") as f:
+        for it in items:
+            f.write(json.dumps(it) + "\n")
+        f.flush()
+
+
+def compute(args) -> None:
+    import torch
+
+    from kn_lens.datasets import builtin_dataset
+    from kn_lens.edit import Edit, edit, editor_version
+    from kn_lens.errors import KnLensError
+    from kn_lens.edit.baselines.stats import second_moments
+    from kn_lens.edit.layers import memit_layers, rome_layer
+    from kn_lens.evaluate import prepare_reference, reference_slices
+    from kn_lens.evaluate.harness import HarnessConfig, judge, measure
+    from kn_lens.evaluate.probes import probe_sets
+    from kn_lens.models import model_info
+
+    started = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model in _common.TINY_MODELS:  # real prompts + prefixes need more than 64 positions
+        from kn_lens import testing
+
+        model = getattr(testing, args.model.replace("-", "_"))(seed=args.seed, n_ctx=256)
+    else:
+        model = _common.load_experiment_model(args.model, args.seed)
+    ds = builtin_dataset()
+    requests = build_requests(args, model, ds)
+    hcfg = HarnessConfig(max_new_tokens=args.max_new_tokens, seed=args.seed,
+                         n_bootstrap=200 if args.quick else 1000)
+    cache = cache_dir(args)
+    print(f"{len(requests)} requests; rows in {cache}")
+    pss = probe_sets(model, requests, n_prefix_probes=hcfg.n_prefix_probes, seed=args.seed)
+    before_file = cache / "before.pkl"
+    if before_file.exists():
+        before = pickle.loads(before_file.read_bytes())
+    else:
+        t0 = time.perf_counter()
+        before = measure(model, pss, config=hcfg)
+        tmp = before_file.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(before))
+        tmp.replace(before_file)
+        print(f"pre-edit measurement: {time.perf_counter() - t0:.0f} s")
+    n_slices, slice_len = (2, 64) if args.quick else (8, 128)
+    reference = prepare_reference(model, reference_slices(model, n_slices, slice_len, seed=args.seed))
+    configs = editor_configs(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    stats_seconds = {}
+    for m in methods:  # one-time statistics outside the per-edit timing
+        if m in ("rome", "memit"):
+            layers = [rome_layer(model)] if m == "rome" else list(memit_layers(model))
+            t0 = time.perf_counter()
+            second_moments(model, layers, n_tokens=configs[m].stats_tokens)
+            stats_seconds[m] = time.perf_counter() - t0
+    runs = [(m, 1) for m in methods]
+    if "memit" in methods and args.memit_batch > 1:
+        runs.append(("memit", min(args.memit_batch, len(requests))))
+    for method, batch in runs:
+        label = method if batch == 1 else f"{method}@{batch}"
+        path = cache / f"{label}.jsonl"
+        done = _read_rows(path)
+        todo = [i for i in range(len(requests)) if i not in done]
+        print(f"{label}: {len(done)} done, {len(todo)} to go")
+        for s in range(0, len(todo), batch):
+            idx = todo[s:s + batch]
+            t0 = time.perf_counter()
+            refused = None
+            try:
+                e = edit(model, [requests[i] for i in idx], method=method, config=configs[method],
+                         seed=args.seed)
+            except KnLensError as exc:  # the method cannot make this edit: judged as no edit
+                refused = f"{type(exc).__name__}: {exc}"
+                e = Edit((), "refused", method, model_info(model))
+                print(f"  {label} {idx[0]}: refused ({refused})")
+            secs = time.perf_counter() - t0
+            rows = judge(model, e, [pss[i] for i in idx], [before[i] for i in idx], config=hcfg,
+                         reference=reference, edit_index=idx[0])
+            _append(path, [{"row": r.to_dict(), "seconds": secs, "n_params": e.n_params,
+                            "n_requests_in_edit": len(idx), "refused": refused} for r in rows])
+            r0 = rows[0].after
+            print(f"  {label} {idx[0]}/{len(requests)}: {secs:.1f} s, ES {r0['counterfact']['ES']:.2f} "
+                  f"NS {r0['counterfact']['NS']:.2f} gen {r0['generation']['rewrite_success']:.2f}",
+                  flush=True)
+    # aggregate every complete method file
+    from kn_lens.evaluate.harness import aggregate
+
+    n_total = sum(p.numel() for p in model.parameters())
+    out = {}
+    for path in sorted(cache.glob("*.jsonl")):
+        rows = _read_rows(path)
+        if len(rows) < len(requests):
+            print(f"{path.stem}: {len(rows)}/{len(requests)} rows, not aggregated yet")
+            continue
+        items = [rows[i] for i in range(len(requests))]
+        aft = aggregate([it["row"]["after"] for it in items], hcfg)
+        bef = aggregate([it["row"]["before"] for it in items], hcfg)
+        per_edit = {}
+        for it in items:
+            if not it.get("refused"):
+                per_edit.setdefault(it["row"]["edit_index"], it)
+        per_edit = per_edit or {0: {"seconds": float("nan"), "n_params": 0}}
+        out[path.stem] = {
+            "after": _aggs(aft), "before": _aggs(bef), "n_edits": len(per_edit),
+            "n_refused": sum(bool(it.get("refused")) for it in items),
+            "refused": [{"case_id": it["row"]["case_id"], "why": it["refused"]}
+                        for it in items if it.get("refused")][:20],
+            "batch": items[0]["n_requests_in_edit"],
+            "seconds_per_edit": sum(it["seconds"] for it in per_edit.values()) / len(per_edit),
+            "params_changed": sum(it["n_params"] for it in per_edit.values()) / len(per_edit),
+            "share_changed": sum(it["n_params"] for it in per_edit.values()) / len(per_edit) / n_total,
+            "rows": [_compact(it["row"]) for it in items],
+            "samples": [{"subject": it["row"]["subject"], "old": it["row"]["old"],
+                         "new": it["row"]["new"], "generations": it["row"]["generations"][:1]}
+                        for it in items[:5]],
+        }
+    payload = {"requests": [{"case_id": r.case_id, "subject": r.fact.subject,
+                             "relation": r.fact.relation, "old": r.fact.object,
+                             "new": r.new_object, "prompt": r.prompts[0]} for r in requests],
+               "methods": out, "stats_seconds": stats_seconds,
+               "editor_versions": {m: editor_version(m) for m in METHODS},
+               "layers": {"rome": rome_layer(model), "memit": list(memit_layers(model))}}
+    config = {"editors": configs, "harness": hcfg, "memit_batch": args.memit_batch,
+              "n_requests": len(requests), "reference": {"n_slices": n_slices,
+                                                         "slice_len": slice_len}}
+    _common.save_results(args, NAME, payload, config, model_info(model), started)
+
+
+def _aggs(d) -> dict:
+    return {p: {m: {"mean": _r(a.mean), "lo": _r(a.lo), "hi": _r(a.hi), "n": a.n}
+                for m, a in ms.items()} for p, ms in d.items()}
+
+
+def _r(x, digits=4):
+    return None if x is None or x != x else round(float(x), digits)
+
+
+def _compact(row: dict) -> dict:
+    return {"case_id": row["case_id"], "relation": row["relation"],
+            "after": {p: {m: _r(v) for m, v in ms.items()} for p, ms in row["after"].items()},
+            "before": {p: {m: _r(v) for m, v in ms.items()} for p, ms in row["before"].items()}}
+
+
+def _fmt(a: dict, scale: float = 1.0) -> str:
+    if a is None or a.get("mean") is None:
+        return "n/a"
+    if a.get("lo") is None:
+        return f"{a['mean'] * scale:.3g}"
+    return f"{a['mean'] * scale:.3g} ({a['lo'] * scale:.3g}-{a['hi'] * scale:.3g})"
+
+
+def report(args) -> None:
+    from kn_lens.viz import plot_grouped_bars, plot_tradeoff
+
+    doc = _common.load_results(args, NAME)
+    r = doc["results"]
+    methods = r["methods"]
+    if not methods:
+        print("no complete method yet")
+        return
+    names = list(methods)
+    n = len(r["requests"])
+    print(f"**{args.model}** ({doc['mode']}): {n} requests; ROME layer {r['layers']['rome']}, "
+          f"MEMIT layers {r['layers']['memit']}\n")
+    first = methods[names[0]]
+    for proto, metrics in SHOW.items():
+        print(f"\n{proto} protocol (mean, 95% bootstrap CI over requests):\n")
+        print("| metric | unedited | " + " | ".join(names) + " |")
+        print("|---|---:|" + "---:|" * len(names))
+        for m in metrics:
+            b = first["before"].get(proto, {}).get(m)
+            cells = [_fmt(methods[k]["after"].get(proto, {}).get(m)) for k in names]
+            print(f"| {m} | {_fmt(b)} | " + " | ".join(cells) + " |")
+    print("\n| method | edits | refused | s/edit | weights changed | share |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for k in names:
+        v = methods[k]
+        print(f"| {k} | {v['n_edits']} | {v.get('n_refused', 0)} | {v['seconds_per_edit']:.2f} | "
+              f"{v['params_changed']:.3g} | {v['share_changed']:.2e} |")
+    figs = []
+    for proto, metrics in (("counterfact", ("Score", "ES", "PS", "NS")),
+                           ("tokens", ("rewrite_acc", "paraphrase_acc", "locality", "portability")),
+                           ("generation", ("rewrite_success", "paraphrase_success", "old_mentioned"))):
+        data = {k: {m: methods[k]["after"][proto][m]["mean"] for m in metrics} for k in names}
+        data = {"unedited": {m: first["before"][proto][m]["mean"] for m in metrics}, **data}
+        figs.append(plot_grouped_bars(
+            {m: {k: data[k][m] for k in data} for m in metrics},
+            _common.figure_path(args, f"{NAME}_{proto}"), ylabel="mean over requests",
+            title=f"{proto} protocol: {n} requests ({args.model})"))
+    pts = {}
+    for k in names:
+        es = methods[k]["after"]["counterfact"]["ES"]
+        ns = methods[k]["after"]["counterfact"]["NS"]
+        pts[k] = (ns["mean"], es["mean"], ns["lo"], ns["hi"], es["lo"], es["hi"])
+    b = first["before"]["counterfact"]
+    pts["unedited"] = (b["NS"]["mean"], b["ES"]["mean"])
+    figs.append(plot_tradeoff(pts, _common.figure_path(args, f"{NAME}_tradeoff"),
+                              xlabel="NS (neighbourhood keeps P(true) > P(new))",
+                              ylabel="ES (P(new) > P(old) on the rewrite prompt)",
+                              title=f"edit success vs specificity ({args.model})"))
+    print("\nfigures " + " ".join(str(f) for f in figs))
+
+
+def main() -> None:
+    ap = _common.parser(__doc__.splitlines()[0])
+    _common.add_fact_args(ap)
+    ap.add_argument("--n-requests", type=int, default=None, help="default 200 (quick: 2)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of editors")
+    ap.add_argument("--memit-batch", type=int, default=100, help="MEMIT batch size (1 = off)")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="greedy continuation length (default 32; quick 8)")
+    args = ap.parse_args()
+    if args.n_requests is None:
+        args.n_requests = args.n_facts or (2 if args.quick else 200)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 8 if args.quick else 32
+    _common.run(args, compute, report)
+
+
+if __name__ == "__main__":
+    main()

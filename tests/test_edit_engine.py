@@ -1,0 +1,418 @@
+"""The editing engine on tiny random models: low-rank / dense deltas, the shared optimisation
+loop, the editor registry (FT-L, ROME, MEMIT, KN erasure / update) and their guarantees."""
+import pytest
+import torch
+
+from kn_lens import hooks as H
+from kn_lens.edit import (Edit, LowRankDelta, available_editors, compose, dense, edit,
+                          editor_version, low_rank, w_out_rows)
+from kn_lens.edit import optimise as O
+from kn_lens.edit.baselines.ft_l import FTLConfig
+from kn_lens.edit.baselines.memit import MEMITConfig
+from kn_lens.edit.baselines.rome import ROMEConfig, compute_rome
+from kn_lens.edit.baselines.stats import second_moment
+from kn_lens.edit.kn import KNEditorConfig
+from kn_lens.edit.requests import context_prefixes, essence_queries, rewrite_queries, sites
+from kn_lens.errors import ConfigError, DataFileError, InvalidFactError, NumericalError, TokenizationError
+from kn_lens.evaluate.scoring import score
+from kn_lens.facts import EditRequest, Fact, LabelledPrompt
+from kn_lens.models import model_info
+from kn_lens.neurons import NeuronSet
+
+STATS = 3000  # second-moment tokens on tiny models (the default is 100,000)
+
+
+def _reference_available():
+    from kn_lens.evaluate import reference_text
+
+    try:
+        reference_text()
+    except DataFileError:
+        return False
+    return True
+
+
+needs_prose = pytest.mark.skipif(not _reference_available(),
+                                 reason="reference prose not installed (scripts/setup.sh)")
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, snap):
+    now = model.state_dict()
+    return all(torch.equal(v, now[k]) for k, v in snap.items())
+
+
+def _request(subject="France", old="Paris", new="Rome", prompt="The capital of France is"):
+    f = Fact(subject, "capital", old, ("the French Republic",) if subject == "France" else ())
+    return EditRequest(
+        f, new, (prompt,), paraphrase_prompts=(f"{subject} has the capital",),
+        neighbourhood=(LabelledPrompt("The capital of Italy is", "Rome", Fact("Italy", "capital", "Rome")),),
+        relation_specificity=(LabelledPrompt(f"The currency of {subject} is the", "euro",
+                                             Fact(subject, "currency", "euro")),),
+        alias_prompts=(prompt.replace(subject, "the French Republic"),) if subject == "France" else (),
+        prefixes=("Yesterday, the dog stood. ", "The old house was quiet. "))
+
+
+CONFIGS = {
+    "ft_l": FTLConfig(steps=3),
+    "rome": ROMEConfig(v_steps=3, stats_tokens=STATS),
+    "memit": MEMITConfig(v_steps=3, stats_tokens=STATS),
+    "kn_erase": KNEditorConfig(locator="contribution"),
+    "kn_update": KNEditorConfig(locator="contribution"),
+}
+
+
+# --------------------------------------------------------------------------- deltas
+
+
+def _lowrank_edit(model, seed=0, kinds=("W_out", "W_in")):
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    deltas = []
+    for k in kinds:
+        rows, cols = (cfg.d_mlp, cfg.d_model) if k == "W_out" else (cfg.d_model, cfg.d_mlp)
+        deltas.append(low_rank(1, k, torch.randn(rows, 2, generator=g), torch.randn(cols, 2, generator=g)))
+    if cfg.gated_mlp:
+        deltas.append(low_rank(2, "W_gate", torch.randn(cfg.d_model, 1, generator=g),
+                               torch.randn(cfg.d_mlp, 1, generator=g)))
+    deltas.append(dense(0, "W_out", torch.randn(cfg.d_mlp, cfg.d_model, generator=g) * 0.1))
+    return Edit(tuple(deltas), "low-rank + dense", "test", model_info(model))
+
+
+def test_low_rank_and_dense_hooks_equal_materialised_and_undo_exact(tiny_model):
+    edit_ = _lowrank_edit(tiny_model)
+    snap = _snapshot(tiny_model)
+    toks = torch.randint(0, tiny_model.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = tiny_model(toks)
+        with tiny_model.hooks(fwd_hooks=edit_.hooks(tiny_model)):
+            hooked = tiny_model(toks)
+        with edit_.applied(tiny_model):
+            mat = tiny_model(toks)
+            assert not _same(tiny_model, snap)
+    assert (hooked - base).abs().max() > 1e-2
+    torch.testing.assert_close(hooked, mat, atol=5e-5, rtol=1e-5)
+    assert _same(tiny_model, snap) and H.active_hook_count(tiny_model) == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with edit_.applied(tiny_model):
+            raise RuntimeError("boom")
+    assert _same(tiny_model, snap)
+
+
+def test_low_rank_post_norm_model():
+    from kn_lens.testing import _build
+
+    model = _build(dict(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=48, act_fn="gelu",
+                        gated_mlp=True, normalization_type="RMS", positional_embedding_type="rotary",
+                        rotary_dim=8, use_normalization_before_and_after=True), 0, "tiny-post", True)
+    e = Edit((low_rank(1, "W_out", torch.randn(48, 1), torch.randn(32, 1)),))
+    toks = torch.randint(0, model.cfg.d_vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with model.hooks(fwd_hooks=e.hooks(model)):
+            hooked = model(toks)
+        with e.applied(model):
+            mat = model(toks)
+    torch.testing.assert_close(hooked, mat, atol=5e-5, rtol=1e-5)
+
+
+def test_low_rank_save_load_compose(tiny_model, tmp_path):
+    a = _lowrank_edit(tiny_model, 0)
+    b = _lowrank_edit(tiny_model, 1)
+    a.save(tmp_path / "a")
+    back = Edit.load(tmp_path / "a")
+    assert [type(d) for d in back.deltas] == [type(d) for d in a.deltas]
+    assert back.n_params == a.n_params and back.n_stored == a.n_stored
+    toks = torch.randint(0, tiny_model.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with a.applied(tiny_model):
+            ya = tiny_model(toks)
+        with back.applied(tiny_model):
+            yb = tiny_model(toks)
+        assert torch.equal(ya, yb)
+        c = a + b
+        lr = [d for d in c.deltas if isinstance(d, LowRankDelta) and d.kind == "W_out"][0]
+        assert lr.rank == 4  # factors concatenated: ranks add
+        with c.applied(tiny_model):
+            both = tiny_model(toks)
+        with a.applied(tiny_model), b.applied(tiny_model):
+            nested = tiny_model(toks)
+        with tiny_model.hooks(fwd_hooks=c.hooks(tiny_model)):
+            hooked = tiny_model(toks)
+    torch.testing.assert_close(both, nested, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(both, hooked, atol=5e-5, rtol=1e-5)
+    assert c.layers == (0, 1, 2) if tiny_model.cfg.gated_mlp else c.layers == (0, 1)
+
+
+def test_low_rank_rejects_bad_shapes(gpt2_tiny):
+    with pytest.raises(ConfigError, match="MLP"):
+        LowRankDelta("blocks.0.attn.W_Q", torch.ones(3, 1), torch.ones(3, 1))
+    with pytest.raises(ConfigError):
+        Edit((low_rank(0, "W_out", torch.ones(5, 1), torch.ones(gpt2_tiny.cfg.d_model, 1)),)).check(gpt2_tiny)
+    with pytest.raises(NumericalError):
+        low_rank(0, "W_out", torch.full((3, 1), float("nan")), torch.ones(3, 1))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _nll_setup(model):
+    req = _request()
+    qs = rewrite_queries(model, req, prefixes=context_prefixes(req, None))
+    return req, qs
+
+
+def test_nll_term_is_teacher_forced_per_token(tiny_model):
+    req = _request(new="Guido van Rossum")  # a multi-token object
+    qs = rewrite_queries(tiny_model, req)
+    assert qs[0].n_answer > 1
+    term = O.NLL(qs)
+    from kn_lens.evaluate.scoring import answer_logits
+
+    with torch.no_grad():
+        got = term.per_query(answer_logits(tiny_model, qs))
+    (s,) = score(tiny_model, qs)
+    assert abs(float(got[0]) - s.mean_nll) < 1e-5  # each token at its own position
+
+
+def test_zero_steps_give_zero_delta_and_gradients_reach_only_the_mask(tiny_model):
+    _, qs = _nll_setup(tiny_model)
+    snap = _snapshot(tiny_model)
+    flags = {n: p.requires_grad for n, p in tiny_model.named_parameters()}
+    res0 = O.optimise(tiny_model, [O.Target.rows(1, [3, 7])], [O.NLL(qs)],
+                      config=O.OptimConfig(steps=0))
+    assert torch.count_nonzero(res0.values[0]) == 0 and res0.steps == 0
+    res = O.optimise(tiny_model, [O.Target.rows(1, [3, 7])], [O.NLL(qs)],
+                     config=O.OptimConfig(steps=4, lr=1e-2))
+    assert res.values[0].shape == (2, tiny_model.cfg.d_model) and torch.count_nonzero(res.values[0])
+    assert res.history[-1]["nll"] < res.history[0]["nll"]
+    assert all(p.grad is None for p in tiny_model.parameters())  # nothing reached the model
+    assert {n: p.requires_grad for n, p in tiny_model.named_parameters()} == flags
+    assert _same(tiny_model, snap) and H.active_hook_count(tiny_model) == 0
+    # W_in columns of a gated MLP's gate, and attention heads, are maskable too
+    kinds = ["W_in", "W_Q", "W_O"] + (["W_gate"] if tiny_model.cfg.gated_mlp else [])
+    for kind in kinds:
+        r = O.optimise(tiny_model, [O.Target.rows(0, [1], kind)], [O.NLL(qs)],
+                       config=O.OptimConfig(steps=2, lr=1e-2))
+        assert torch.count_nonzero(r.values[0]) > 0, kind
+
+
+def test_linf_and_norm_clamps(tiny_model):
+    _, qs = _nll_setup(tiny_model)
+    r = O.optimise(tiny_model, [O.Target.matrix(1)], [O.NLL(qs)],
+                   config=O.OptimConfig(steps=5, lr=1.0, linf=1e-3))
+    assert float(r.values[0].abs().max()) <= 1e-3 + 1e-9
+    sites_ = sites(tiny_model, qs)
+    r = O.optimise(tiny_model, [O.Target.activation(1, norm_ref=[2.0])], [O.NLL(qs, sites=sites_)],
+                   config=O.OptimConfig(steps=5, lr=5.0, max_norm=0.5))
+    assert float(r.values[0].norm()) <= 1.0 + 1e-5
+
+
+def test_frozen_prefix_fast_path_is_exact(tiny_model):
+    req, qs = _nll_setup(tiny_model)
+    s = sites(tiny_model, qs)
+    eq = essence_queries(tiny_model, req)
+    es = sites(tiny_model, eq)
+
+    def terms():
+        return [O.NLL(qs, sites=s), O.KL([O.Example(tuple(q.prompt_ids), (p,), 0, p)
+                                          for q, p in zip(eq, es)], weight=0.3)]
+    for site in ("mlp_out", "resid_post"):
+        cfg = O.OptimConfig(steps=4, lr=0.3, norm_decay=0.5, max_norm=4.0)
+        t = O.Target.activation(1, site, norm_ref=[3.0])
+        fast = O.optimise(tiny_model, [t], terms(), config=cfg, fast_prefix=True)
+        slow = O.optimise(tiny_model, [t], terms(), config=cfg, fast_prefix=False)
+        assert fast.extras["frozen_prefix"] and not slow.extras["frozen_prefix"]
+        torch.testing.assert_close(fast.values[0], slow.values[0], atol=1e-4, rtol=1e-4)
+        for a, b in zip(fast.history, slow.history):
+            assert abs(a["loss"] - b["loss"]) < 1e-4
+
+
+class _Boom(O.LossTerm):
+    name = "boom"
+
+    def __init__(self, inner, at, value=None):
+        self.inner, self.at, self.value, self.calls = inner, at, value, 0
+        self.examples = inner.examples
+
+    def loss(self, logits):
+        self.calls += 1
+        if self.calls > self.at:
+            if self.value is None:
+                raise RuntimeError("injected failure")
+            return self.inner.loss(logits) * self.value
+        return self.inner.loss(logits)
+
+
+def test_exception_mid_loop_leaves_no_hooks_and_no_change(tiny_model):
+    _, qs = _nll_setup(tiny_model)
+    snap = _snapshot(tiny_model)
+    flags = {n: p.requires_grad for n, p in tiny_model.named_parameters()}
+    with pytest.raises(RuntimeError, match="injected"):
+        O.optimise(tiny_model, [O.Target.rows(1, [2])], [_Boom(O.NLL(qs), at=2)],
+                   config=O.OptimConfig(steps=5))
+    assert H.active_hook_count(tiny_model) == 0 and _same(tiny_model, snap)
+    assert {n: p.requires_grad for n, p in tiny_model.named_parameters()} == flags
+    with pytest.raises(NumericalError, match="loss"):
+        O.optimise(tiny_model, [O.Target.rows(1, [2])], [_Boom(O.NLL(qs), at=1, value=float("nan"))],
+                   config=O.OptimConfig(steps=5))
+    assert H.active_hook_count(tiny_model) == 0 and _same(tiny_model, snap)
+
+
+def test_repetition_penalty_and_kl_terms(tiny_model):
+    _, qs = _nll_setup(tiny_model)
+    kl = O.KL(O.kl_examples(qs, positions="prompt"))
+    rep = O.RepetitionPenalty(qs[:1])
+    res = O.optimise(tiny_model, [O.Target.rows(2, [0, 1])], [O.NLL(qs), kl, rep],
+                     config=O.OptimConfig(steps=1))
+    first = res.history[0]
+    assert abs(first["kl"]) < 1e-6  # zero delta: the edited model is the reference
+    assert first["repetition"] > 0
+
+
+def test_optimise_bad_config():
+    with pytest.raises(ConfigError):
+        O.OptimConfig(steps=-1)
+    with pytest.raises(ConfigError):
+        O.OptimConfig(stop_prob=1.5)
+    with pytest.raises(ConfigError):
+        O.Target("weight", "not.a.param")
+    with pytest.raises(ConfigError):
+        O.KL([], weight=1.0)
+
+
+# --------------------------------------------------------------------------- editors
+
+
+def test_registry_lists_editors_with_versions():
+    names = available_editors()
+    assert {"ft_l", "rome", "memit", "kn_erase", "kn_update"} <= set(names)
+    assert all(editor_version(n) >= 1 for n in names)
+    with pytest.raises(ConfigError, match="unknown editing method"):
+        editor_version("nope")
+
+
+@needs_prose
+@pytest.mark.parametrize("method", ["ft_l", "rome", "memit", "kn_erase", "kn_update"])
+def test_every_editor_returns_an_edit_and_leaves_the_model(tiny_model, method):
+    snap = _snapshot(tiny_model)
+    reqs = [_request(), _request("Germany", "Berlin", "Madrid", "The capital of Germany is")]
+    e = edit(tiny_model, reqs, method=method, config=CONFIGS[method], seed=3)
+    assert isinstance(e, Edit) and e.method == method and len(e.deltas) > 0
+    assert e.config["editor"] == method and e.config["seed"] == 3
+    assert _same(tiny_model, snap) and H.active_hook_count(tiny_model) == 0
+    e2 = edit(tiny_model, reqs, method=method, config=CONFIGS[method], seed=3)
+    for a, b in zip(e.deltas, e2.deltas):  # same seed -> identical deltas
+        if isinstance(a, LowRankDelta):
+            assert torch.equal(a.u, b.u) and torch.equal(a.v, b.v)
+        else:
+            assert torch.equal(a.values, b.values) and torch.equal(a.index, b.index)
+    toks = torch.randint(0, tiny_model.cfg.d_vocab, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        with tiny_model.hooks(fwd_hooks=e.hooks(tiny_model)):
+            hooked = tiny_model(toks)
+        with e.applied(tiny_model):
+            mat = tiny_model(toks)
+    torch.testing.assert_close(hooked, mat, atol=1e-4, rtol=1e-4)
+    assert _same(tiny_model, snap)
+
+
+@needs_prose
+def test_rome_maps_k_star_to_v_star(tiny_model):
+    req = _request()
+    C = second_moment(tiny_model, 1, n_tokens=STATS)
+    comp = compute_rome(tiny_model, req, config=ROMEConfig(v_steps=5, stats_tokens=STATS),
+                        layer=1, C=C)
+    assert float(comp.delta.norm()) > 0
+    e = Edit((comp.low_rank(),), model=model_info(tiny_model))
+    with e.applied(tiny_model):
+        mlp = tiny_model.blocks[1].mlp
+        out = comp.k_star @ mlp.W_out.detach() + mlp.b_out.detach()
+    rel = float((out - comp.v_star).norm() / comp.v_star.norm())
+    assert rel < 1e-4
+    zero = compute_rome(tiny_model, req, config=ROMEConfig(v_steps=0, stats_tokens=STATS),
+                        layer=1, C=C)
+    assert torch.count_nonzero(zero.delta) == 0 and torch.count_nonzero(zero.low_rank().dense()) == 0
+
+
+@needs_prose
+def test_zero_steps_editors(tiny_model):
+    e = edit(tiny_model, [_request()], method="ft_l", config=FTLConfig(steps=0))
+    assert all(torch.count_nonzero(d.values) == 0 for d in e.deltas)
+    e = edit(tiny_model, [_request()], method="memit",
+             config=MEMITConfig(v_steps=0, stats_tokens=STATS, layers=(1, 2)))
+    # z = h: nothing to write, so every layer's update is zero
+    assert all(float(d.dense().abs().max()) < 1e-4 for d in e.deltas)
+
+
+@needs_prose
+def test_editor_errors_are_typed_and_leave_the_model(tiny_model, tmp_path, llama_tiny, gpt2_tiny):
+    snap = _snapshot(tiny_model)
+    bad_subject = EditRequest(Fact("Spain", "capital", "Madrid"), "Rome", ("The capital of France is",))
+    with pytest.raises(InvalidFactError, match="does not occur"):
+        edit(tiny_model, [bad_subject], method="rome")
+    with pytest.raises(InvalidFactError):
+        EditRequest(Fact("France", "capital", "Paris"), "", ("The capital of France is",))
+    with pytest.raises(InvalidFactError, match="equals the old"):
+        EditRequest(Fact("France", "capital", "Paris"), "Paris", ("The capital of France is",))
+    with pytest.raises(ConfigError, match="unknown editing method"):
+        edit(tiny_model, [_request()], method="nonsense")
+    with pytest.raises(ConfigError, match="outside the model"):
+        edit(tiny_model, [_request()], method="rome", config=ROMEConfig(layer=99, stats_tokens=STATS))
+    with pytest.raises(ConfigError, match="outside the model"):
+        edit(tiny_model, [_request()], method="ft_l", config=FTLConfig(layer=-1))
+    with pytest.raises(ConfigError, match="takes a"):
+        edit(tiny_model, [_request()], method="rome", config=FTLConfig())
+    with pytest.raises(ConfigError, match="no edit requests"):
+        edit(tiny_model, [], method="rome")
+    assert _same(tiny_model, snap) and H.active_hook_count(tiny_model) == 0
+    # a saved edit for another model is refused
+    e = Edit((w_out_rows(0, [1], torch.ones(1, gpt2_tiny.cfg.d_model)),), model=model_info(gpt2_tiny))
+    e.save(tmp_path / "e")
+    with pytest.raises(ConfigError, match="another model"):
+        Edit.load(tmp_path / "e").check(llama_tiny)
+
+
+def test_untokenisable_object_is_a_typed_error(tiny_model, monkeypatch):
+    import kn_lens.edit.requests as R
+
+    real = R.encode_answer
+
+    def fake(tok, text):
+        if "\ufffd" in text:
+            raise TokenizationError(f"answer {text!r} does not survive tokenisation")
+        return real(tok, text)
+    monkeypatch.setattr(R, "encode_answer", fake)
+    with pytest.raises(TokenizationError, match="request 0"):
+        R.check_requests(tiny_model, [_request(new="Ro\ufffdme")])
+
+
+@needs_prose
+def test_kn_editors_take_neuron_sets(tiny_model):
+    kns = NeuronSet([(1, 2), (2, 5)])
+    e = edit(tiny_model, [_request()], method="kn_erase", neurons=kns)
+    assert e.touched_neurons() == kns
+    e = edit(tiny_model, [_request()], method="kn_update", neurons=kns)
+    assert e.touched_neurons() == kns
+    with pytest.raises(ConfigError):
+        edit(tiny_model, [_request()], method="rome", neurons=kns)
+
+
+@needs_prose
+def test_sequential_composition_equals_applying_in_order(tiny_model):
+    r1, r2 = _request(), _request("Germany", "Berlin", "Madrid", "The capital of Germany is")
+    cfg = ROMEConfig(v_steps=3, stats_tokens=STATS)
+    e1 = edit(tiny_model, [r1], method="rome", config=cfg)
+    with e1.applied(tiny_model):
+        e2 = edit(tiny_model, [r2], method="rome", config=cfg)
+    both = compose([e1, e2])
+    batch = edit(tiny_model, [r1, r2], method="rome", config=cfg)  # ROME batches sequentially
+    toks = torch.randint(0, tiny_model.cfg.d_vocab, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        with both.applied(tiny_model):
+            a = tiny_model(toks)
+        with batch.applied(tiny_model):
+            b = tiny_model(toks)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,59 @@
+"""End-to-end quick run of the editing benchmark on a random tiny model: every editor, all three
+protocols, the resumable row files, the result JSON and the figures; and the CLI's edit parser."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXP = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXP))
+
+import edit_benchmark  # noqa: E402
+
+
+def _prose():
+    from kn_lens.errors import DataFileError
+    from kn_lens.evaluate import reference_text
+
+    try:
+        reference_text()
+    except DataFileError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _prose(), reason="reference prose not installed (scripts/setup.sh)")
+def test_edit_benchmark_quick(tmp_path, monkeypatch, capsys):
+    argv = ["edit_benchmark.py", "--model", "tiny-llama", "--no-known-filter", "--quick",
+            "--memit-batch", "2", "--results-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    edit_benchmark.main()
+    doc = json.loads((tmp_path / "quick" / "edit_benchmark_tiny-llama.json").read_text())
+    methods = doc["results"]["methods"]
+    assert set(methods) == {"ft_l", "rome", "memit", "kn_update", "kn_erase", "memit@2"}
+    for name, m in methods.items():
+        assert set(m["after"]) == {"counterfact", "tokens", "generation"}, name
+        assert len(m["rows"]) == 2 and m["n_edits"] + m["n_refused"] >= 1
+        assert "Score" in m["after"]["counterfact"]
+    assert methods["memit@2"]["batch"] == 2 and methods["memit"]["batch"] == 1
+    out = capsys.readouterr().out
+    assert "counterfact protocol" in out and "| ES |" in out
+    figs = tmp_path / "quick" / "figures"
+    assert (figs / "edit_benchmark_tradeoff_tiny-llama.png").exists()
+    # resumable: a second run finds every row and recomputes nothing
+    edit_benchmark.main()
+    out = capsys.readouterr().out
+    assert "rome: 2 done, 0 to go" in out
+
+
+def test_cli_edit_parser():
+    from kn_lens.cli import build_parser
+
+    a = build_parser().parse_args(["edit", "The Eiffel Tower is located in", "Rome", "--subject",
+                                   "Eiffel Tower"])
+    assert a.method == "rome" and a.new_object == "Rome" and a.load is None
+    a = build_parser().parse_args(["edit", "The Eiffel Tower is located in", "--load", "dir"])
+    assert a.new_object is None and a.load == "dir"
