@@ -187,3 +187,18 @@ def test_harness_config_validation():
         HarnessConfig(protocols=("counterfact", "ql"))
     with pytest.raises(ConfigError):
         HarnessConfig(apply="sometimes")
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(tiny_model):
+    from kn_lens.facts import encode_prompt
+
+    prompts = ["The capital of France is", "Kenya is located in",
+               "Yesterday, the old house stood near the river. The iPhone is produced by"]
+    ids = [encode_prompt(tiny_model, p) for p in prompts]
+    e = Edit((w_out_rows(1, [0, 3], torch.randn(2, tiny_model.cfg.d_model,
+                                                generator=torch.Generator().manual_seed(0))),),
+             model=model_info(tiny_model))
+    for fwd in ([], e.hooks(tiny_model)):
+        one = [G.greedy(tiny_model, i, 12, fwd_hooks=fwd) for i in ids]
+        assert G.greedy_batch(tiny_model, ids, 12, fwd_hooks=fwd) == one
+    assert H.active_hook_count(tiny_model) == 0

@@ -105,7 +105,7 @@ def _block(block, x: Float[Tensor, "batch s d_model"], pk: Tensor, pv: Tensor,
            valid: Bool[Tensor, "batch P"], P: int, rotary: bool) -> Float[Tensor, "batch s d_model"]:
     from transformer_lens.utils import apply_softcap
 
-    from kn_lens.locate.mediation import _mlp_forward
+    from kn_lens._fast import mlp_forward as _mlp_forward
 
     attn, cfg = block.attn, block.cfg
     b, s, _ = x.shape

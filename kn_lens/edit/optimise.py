@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Sequence
 
@@ -37,6 +38,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kn_lens import hooks as H
+from kn_lens._fast import fast_forward
 from kn_lens.edit import _suffix
 from kn_lens.edit.delta import _KINDS, _param, delta_hooks, param_name, parse_param
 from kn_lens.errors import ConfigError, NumericalError
@@ -442,8 +444,9 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
             and _suffix.supported(model))
 
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
-    swapped = _fast_mlps(model)
+    scope = ExitStack()  # closed in finally: the modules' own forwards again
     try:
+        scope.enter_context(fast_forward(model))
         for p in model.parameters():
             p.requires_grad_(False)
         with torch.no_grad():
@@ -533,32 +536,11 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
             if not torch.isfinite(v).all():
                 raise NumericalError("the trained delta has NaN or infinite values")
     finally:
-        for mlp in swapped:  # the MLPs' own forward again
-            del mlp.forward
+        scope.close()
         for name, p in model.named_parameters():
             p.requires_grad_(requires[name])
     return OptimResult(values, tuple(targets), updates, stopped, tuple(history),
                        time.perf_counter() - t0, {"start_at_layer": start, "frozen_prefix": fast})
-
-
-def _fast_mlps(model) -> list:
-    """Give each gated MLP a forward without TransformerLens' per-call ``W.T.contiguous()`` weight
-    copies (the same hook points and arithmetic; a third of a step's time on SmolLM2). Instance
-    attributes, removed by the caller's ``finally``; returns the patched modules."""
-    import types
-
-    from transformer_lens.components.mlps.gated_mlp import GatedMLP
-
-    from kn_lens.locate.mediation import _mlp_forward
-
-    out = []
-    for block in model.blocks:
-        mlp = block.mlp
-        if type(mlp) is GatedMLP and not mlp.cfg.is_layer_norm_activation() \
-                and "forward" not in vars(mlp):
-            mlp.forward = types.MethodType(lambda self, x: _mlp_forward(self, x), mlp)
-            out.append(mlp)
-    return out
 
 
 def _rows_logits(model, resid: Tensor, positions: Sequence[Sequence[int]]) -> list[Tensor]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from kn_lens._fast import fast_forward
 from kn_lens.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def greedy(model: "HookedTransformer", prompt_ids: Sequence[int], max_new_tokens
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
     toks = torch.tensor([list(prompt_ids)], device=model.cfg.device)
     out: list[int] = []
-    with model.hooks(fwd_hooks=fwd_hooks or []):
+    with fast_forward(model), model.hooks(fwd_hooks=fwd_hooks or []):
         for _ in range(max_new_tokens):
             logits = model(toks, past_kv_cache=cache)[0, -1]
             nxt = int(logits.argmax())
@@ -86,7 +87,67 @@ def greedy(model: "HookedTransformer", prompt_ids: Sequence[int], max_new_tokens
     return out
 
 
+@torch.no_grad()
+def greedy_batch(model: "HookedTransformer", prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 *, fwd_hooks: list | None = None, batch_size: int = 64) -> list[list[int]]:
+    """Greedy continuations of many prompts at once: left-padded, with an attention mask and a
+    key/value cache (TransformerLens' own padded-generation path), one forward per new token for
+    the whole batch. Equal to :func:`greedy` per prompt up to float rounding (tested). Rows stop
+    after EOS (the rest of their continuation is dropped)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    if max_new_tokens < 0:
+        raise ConfigError("max_new_tokens must be >= 0")
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        return []
+    if any(not p for p in prompts):
+        raise ConfigError("empty prompt")
+    eos = getattr(model.tokenizer, "eos_token_id", None)
+    pad = getattr(model.tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    dev = model.cfg.device
+    outs: list[list[int]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        rows = [prompts[i] for i in idx]
+        width = max(len(r) for r in rows)
+        steps = min(max_new_tokens, model.cfg.n_ctx - width)
+        if steps <= 0:
+            continue
+        toks = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            toks[b, width - len(r):] = torch.tensor(r)
+            mask[b, width - len(r):] = 1
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, dev, len(rows))
+        done = torch.zeros(len(rows), dtype=torch.bool)
+        x, m = toks.to(dev), mask.to(dev)
+        with fast_forward(model), model.hooks(fwd_hooks=fwd_hooks or []):
+            for _ in range(steps):
+                logits = model(x, attention_mask=m, past_kv_cache=cache)[:, -1]
+                nxt = logits.argmax(-1).cpu()
+                for b, i in enumerate(idx):
+                    if not done[b]:
+                        outs[i].append(int(nxt[b]))
+                        if eos is not None and int(nxt[b]) == eos:
+                            done[b] = True
+                if bool(done.all()):
+                    break
+                x = nxt[:, None].to(dev)
+                m = torch.ones((len(rows), 1), dtype=torch.long, device=dev)
+    return outs
+
+
 def continue_text(model: "HookedTransformer", prompt_ids: Sequence[int], max_new_tokens: int, *,
                   fwd_hooks: list | None = None) -> str:
     return model.tokenizer.decode(greedy(model, prompt_ids, max_new_tokens, fwd_hooks=fwd_hooks),
                                   skip_special_tokens=True)
+
+
+def continue_texts(model: "HookedTransformer", prompts: Sequence[Sequence[int]],
+                   max_new_tokens: int, *, fwd_hooks: list | None = None) -> list[str]:
+    """Greedy continuations of many prompts (batched, :func:`greedy_batch`), decoded."""
+    return [model.tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in greedy_batch(model, prompts, max_new_tokens, fwd_hooks=fwd_hooks)]

@@ -111,9 +111,14 @@ def measure(model: "HookedTransformer", probesets: Sequence[ProbeSet], *,
             queries.append(q)
             owners.append(i)
     scores = score(model, queries, fwd_hooks=fwd_hooks, batch_size=config.batch_size)
+    gen_probes = [_generation_probes(ps, config) if "generation" in config.protocols else []
+                  for ps in probesets]
+    flat = [p for g in gen_probes for p in g]
+    texts = iter(G.continue_texts(model, [p.true.prompt_ids for p in flat], config.max_new_tokens,
+                                  fwd_hooks=fwd_hooks) if flat else [])
     out = []
     k = 0
-    for ps in probesets:
+    for ps, gp in zip(probesets, gen_probes):
         true, new = [], []
         for p in ps.probes:
             true.append(scores[k])
@@ -123,11 +128,7 @@ def measure(model: "HookedTransformer", probesets: Sequence[ProbeSet], *,
                 k += 1
             else:
                 new.append(None)
-        gens = ()
-        if "generation" in config.protocols:
-            gens = tuple((p.prompt, G.continue_text(model, p.true.prompt_ids, config.max_new_tokens,
-                                                    fwd_hooks=fwd_hooks))
-                         for p in _generation_probes(ps, config))
+        gens = tuple((p.prompt, next(texts)) for p in gp)
         out.append(RequestState(tuple(true), tuple(new), gens))
     return out
 

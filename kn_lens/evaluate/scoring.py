@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from kn_lens._fast import fast_forward
 from kn_lens.errors import ConfigError, InvalidFactError, NumericalError
 from kn_lens.facts import Query
 
@@ -138,7 +139,7 @@ def logits_at(model: "HookedTransformer", ids: Sequence[Sequence[int]],
     for r, ps in zip(ids, positions):
         if any(not 0 <= p < len(r) for p in ps):
             raise ConfigError(f"position outside a row of {len(r)} tokens: {list(ps)}")
-    with model.hooks(fwd_hooks=fwd_hooks or []):
+    with fast_forward(model), model.hooks(fwd_hooks=fwd_hooks or []):
         if start_at_layer:
             if resid is None:
                 raise ConfigError("start_at_layer needs the residual stream entering that block")

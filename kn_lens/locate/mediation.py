@@ -79,6 +79,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from kn_lens import hooks
+from kn_lens._fast import mlp_forward as _mlp_forward
 from kn_lens.errors import ConfigError, InvalidFactError, NumericalError
 from kn_lens.facts import Query, answer_logprobs, n_bos_tokens as _n_bos, subject_positions
 from kn_lens.models import model_info
@@ -328,19 +329,6 @@ def _block_shared_prefix(block, x: Float[Tensor, "batch suffix d_model"],
     resid_mid = x + attn_out
     mlp_out = _mlp_forward(block.mlp, block.ln2(resid_mid))
     return resid_mid + mlp_out
-
-
-def _mlp_forward(mlp, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-    """TransformerLens' gated MLP without its per-call ``W.T.contiguous()`` weight copies (same
-    hook points, same arithmetic); any other MLP runs as is."""
-    from transformer_lens.components.mlps.gated_mlp import GatedMLP
-
-    if type(mlp) is not GatedMLP or mlp.cfg.is_layer_norm_activation():
-        return mlp(x)
-    pre_act = mlp.hook_pre(x @ mlp.W_gate)
-    pre_linear = mlp.hook_pre_linear(x @ mlp.W_in)
-    post = mlp.hook_post(mlp.act_fn(pre_act) * pre_linear + mlp.b_in)
-    return torch.nn.functional.linear(post, mlp.W_out.T, mlp.b_out)
 
 
 @torch.inference_mode()
