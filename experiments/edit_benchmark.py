@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -268,12 +269,16 @@ def report(args) -> None:
             b = first["before"].get(proto, {}).get(m)
             cells = [_fmt(methods[k]["after"].get(proto, {}).get(m)) for k in names]
             print(f"| {m} | {_fmt(b)} | " + " | ".join(cells) + " |")
-    print("\n| method | edits | refused | s/edit | weights changed | share |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| method | edits | refused | s/edit | weights changed | share | dPPL median | dPPL > 1 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for k in names:
         v = methods[k]
+        d = [x["after"]["generation"]["dppl"] for x in v["rows"]
+             if x["after"]["generation"].get("dppl") is not None]
+        med = statistics.median(d) if d else float("nan")
         print(f"| {k} | {v['n_edits']} | {v.get('n_refused', 0)} | {v['seconds_per_edit']:.2f} | "
-              f"{v['params_changed']:.3g} | {v['share_changed']:.2e} |")
+              f"{v['params_changed']:.3g} | {v['share_changed']:.2e} | {med:.3g} | "
+              f"{sum(x > 1 for x in d)}/{len(d)} |")
     figs = []
     for proto, metrics in (("counterfact", ("Score", "ES", "PS", "NS")),
                            ("tokens", ("rewrite_acc", "paraphrase_acc", "locality", "portability")),
