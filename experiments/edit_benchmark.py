@@ -204,7 +204,9 @@ def compute(args) -> None:
             "refused": [{"case_id": it["row"]["case_id"], "why": it["refused"]}
                         for it in items if it.get("refused")][:20],
             "batch": items[0]["n_requests_in_edit"],
-            "seconds_per_edit": sum(it["seconds"] for it in per_edit.values()) / len(per_edit),
+            # median: robust to a machine hiccup (or a paused run) in one edit; the mean as well
+            "seconds_per_edit": statistics.median(it["seconds"] for it in per_edit.values()),
+            "seconds_per_edit_mean": sum(it["seconds"] for it in per_edit.values()) / len(per_edit),
             "params_changed": sum(it["n_params"] for it in per_edit.values()) / len(per_edit),
             "share_changed": sum(it["n_params"] for it in per_edit.values()) / len(per_edit) / n_total,
             "rows": [_compact(it["row"]) for it in items],
@@ -269,7 +271,7 @@ def report(args) -> None:
             b = first["before"].get(proto, {}).get(m)
             cells = [_fmt(methods[k]["after"].get(proto, {}).get(m)) for k in names]
             print(f"| {m} | {_fmt(b)} | " + " | ".join(cells) + " |")
-    print("\n| method | edits | refused | s/edit | weights changed | share | dPPL median | dPPL > 1 |")
+    print("\n| method | edits | refused | s/edit (median) | weights changed | share | dPPL median | dPPL > 1 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for k in names:
         v = methods[k]

@@ -84,3 +84,13 @@ def tiny_llama(seed: int = 0, n_layers: int = 3, d_model: int = 32, d_mlp: int =
                        d_mlp=d_mlp, act_fn="silu", gated_mlp=True, normalization_type="RMS",
                        positional_embedding_type="rotary", rotary_dim=8, final_rms=True),
                   seed, "tiny-llama", prepend_bos, n_ctx)
+
+
+def tiny_gemma(seed: int = 0, n_layers: int = 3, d_model: int = 32, d_mlp: int = 48,
+               prepend_bos: bool = True, n_ctx: int = 64):
+    """Gemma-style blocks: RMS norms before *and after* attention and MLP, gated GELU MLP."""
+    return _build(dict(n_layers=n_layers, d_model=d_model, d_head=8, n_heads=4, n_key_value_heads=2,
+                       d_mlp=d_mlp, act_fn="gelu_pytorch_tanh", gated_mlp=True,
+                       normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
+                       final_rms=True, use_normalization_before_and_after=True),
+                  seed, "tiny-gemma", prepend_bos, n_ctx)

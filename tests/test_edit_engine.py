@@ -416,3 +416,38 @@ def test_sequential_composition_equals_applying_in_order(tiny_model):
         with batch.applied(tiny_model):
             b = tiny_model(toks)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_prose
+@pytest.mark.parametrize("method", ["ft_l", "rome", "memit"])
+def test_baselines_on_post_norm_blocks(method):
+    """Gemma-style blocks (a norm after the MLP): every baseline returns an Edit that leaves the
+    model unchanged, hooks == materialised, and ROME's edited layer still maps k* to v* (v* is the
+    MLP's raw output, before the post-MLP norm)."""
+    from kn_lens.testing import tiny_gemma
+
+    model = tiny_gemma()
+    snap = _snapshot(model)
+    cfg = {"ft_l": FTLConfig(steps=3, layer=1), "rome": ROMEConfig(v_steps=3, stats_tokens=STATS, layer=1),
+           "memit": MEMITConfig(v_steps=3, stats_tokens=STATS, layers=(0, 1))}[method]
+    reqs = [_request(), _request("Germany", "Berlin", "Madrid", "The capital of Germany is")]
+    e = edit(model, reqs, method=method, config=cfg, seed=1)
+    assert _same(model, snap) and H.active_hook_count(model) == 0
+    assert any(float(d.dense().norm() if isinstance(d, LowRankDelta) else d.values.norm()) > 0
+               for d in e.deltas)
+    toks = torch.randint(0, model.cfg.d_vocab, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = model(toks)
+        with model.hooks(fwd_hooks=e.hooks(model)):
+            hooked = model(toks)
+        with e.applied(model):
+            mat = model(toks)
+    torch.testing.assert_close(hooked, mat, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(plain, hooked)
+    assert _same(model, snap)
+    if method == "rome":
+        comp = compute_rome(model, reqs[0], config=cfg, layer=1, C=second_moment(model, 1, n_tokens=STATS))
+        with Edit((comp.low_rank(),), model=model_info(model)).applied(model):
+            mlp = model.blocks[1].mlp
+            out = comp.k_star @ mlp.W_out.detach()
+        assert float((out - comp.v_star).norm() / comp.v_star.norm()) < 1e-4
