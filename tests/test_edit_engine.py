@@ -451,3 +451,29 @@ def test_baselines_on_post_norm_blocks(method):
             mlp = model.blocks[1].mlp
             out = comp.k_star @ mlp.W_out.detach()
         assert float((out - comp.v_star).norm() / comp.v_star.norm()) < 1e-4
+
+
+@needs_prose
+def test_second_moments_match_a_direct_computation_and_cache(tiny_model, tmp_path, monkeypatch):
+    from kn_lens.edit.baselines import stats
+
+    monkeypatch.setattr(stats, "_cache_file", lambda model, key: tmp_path / f"{key}.pt")
+    monkeypatch.setattr(stats, "_MEMORY", {})
+    rows = stats.stats_windows(tiny_model, 500, 32)
+    bos = int(bool(tiny_model.cfg.default_prepend_bos))
+    store = {}
+    with torch.no_grad(), tiny_model.hooks(fwd_hooks=[(H.mlp_post(1), lambda a, hook: store.__setitem__("k", a))]):
+        tiny_model(rows)
+    k = store["k"][:, bos:].reshape(-1, tiny_model.cfg.d_mlp).double()
+    direct = (k.T @ k / k.shape[0]).float()
+    fresh = stats.second_moments(tiny_model, [1], n_tokens=500, window=32, cache=False)[1]
+    torch.testing.assert_close(fresh, direct, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fresh, fresh.T) and float(torch.linalg.eigvalsh(fresh.double()).min()) > -1e-6
+    assert not list(tmp_path.rglob("*.pt"))  # cache=False stores nothing
+    cached = stats.second_moments(tiny_model, [0, 1], n_tokens=500, window=32)
+    assert len(list(tmp_path.rglob("*.pt"))) == 2 and torch.equal(cached[1], fresh)
+    stats._MEMORY.clear()  # from disk now
+    again = stats.second_moments(tiny_model, [1], n_tokens=500, window=32)[1]
+    assert torch.equal(again, fresh)
+    with pytest.raises(ConfigError):
+        stats.second_moments(tiny_model, [tiny_model.cfg.n_layers])

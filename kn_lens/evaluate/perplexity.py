@@ -26,17 +26,26 @@ if TYPE_CHECKING:
 DEFAULT_BOOKS = ("prideprejudice", "persuasion")
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenise(tokenizer, books: tuple[str, ...]) -> Tensor:
+@functools.lru_cache(maxsize=8)
+def _tokenise(tokenizer, books: tuple[str, ...], max_chars: int | None = None) -> Tensor:
     text = reference_text(books)
+    if max_chars is not None and max_chars < len(text):  # cut at a space: the tokens before the
+        text = text[: text.rfind(" ", 0, max_chars) + 1 or max_chars]  # cut are the full text's
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
-def reference_tokens(model: "HookedTransformer", books: Sequence[str] = DEFAULT_BOOKS
-                     ) -> Int[Tensor, "n"]:
-    """The reference text tokenised by the model's tokenizer (no BOS)."""
-    return _tokenise(model.tokenizer, tuple(books))
+def reference_tokens(model: "HookedTransformer", books: Sequence[str] = DEFAULT_BOOKS, *,
+                     min_tokens: int | None = None) -> Int[Tensor, "n"]:
+    """The reference text tokenised by the model's tokenizer (no BOS). ``min_tokens``: only a
+    prefix of the text that still yields at least that many tokens (the same first tokens as the
+    whole text; tokenising three novels for a few thousand tokens is slow with small tokenizers)."""
+    books = tuple(books)
+    if min_tokens is not None:
+        ids = _tokenise(model.tokenizer, books, 8 * min_tokens + 1000)
+        if ids.numel() >= min_tokens + 64:
+            return ids
+    return _tokenise(model.tokenizer, books)
 
 
 def reference_slices(model: "HookedTransformer", n_slices: int = 8, slice_len: int = 128,

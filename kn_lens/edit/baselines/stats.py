@@ -66,10 +66,10 @@ def stats_windows(model: "HookedTransformer", n_tokens: int, window: int,
     if n_tokens < 1 or window < 2:
         raise ConfigError(f"need n_tokens >= 1 and window >= 2 (got {n_tokens}, {window})")
     window = min(window, model.cfg.n_ctx)
-    ids = reference_tokens(model, books)
     bos = bool(model.cfg.default_prepend_bos)
     width = window - 1 if bos else window
     n_rows = -(-n_tokens // width)
+    ids = reference_tokens(model, books, min_tokens=n_rows * width)
     if n_rows * width > ids.numel():
         raise DataFileError(f"{'+'.join(books)} has {ids.numel()} tokens, fewer than the "
                             f"{n_rows * width} asked for second-moment statistics")
@@ -86,7 +86,8 @@ def second_moments(model: "HookedTransformer", layers: Sequence[int], *,
                    books: Sequence[str] = STATS_BOOKS, batch_size: int = 8, cache: bool = True,
                    verbose: bool = True) -> dict[int, Float[Tensor, "d_mlp d_mlp"]]:
     """C_l = E[k k^T] of ``hook_post`` at every layer in ``layers`` (one pass for all of them),
-    from the in-memory or disk cache when present. Returns float32 matrices on the CPU."""
+    from the in-memory or disk cache when present (``cache=False``: computed afresh and not stored).
+    Returns float32 matrices on the CPU."""
     layers = sorted({int(x) for x in layers})
     if not layers:
         raise ConfigError("second_moments needs at least one layer")
@@ -99,7 +100,7 @@ def second_moments(model: "HookedTransformer", layers: Sequence[int], *,
     todo = []
     for layer in layers:
         key = _key(model, layer, books, n_tokens, window)
-        if key in _MEMORY:
+        if cache and key in _MEMORY:
             out[layer] = _MEMORY[key]
             continue
         path = _cache_file(model, key)
@@ -135,8 +136,9 @@ def second_moments(model: "HookedTransformer", layers: Sequence[int], *,
         if not torch.isfinite(C).all():
             raise DataFileError(f"second moment of layer {layer} is not finite")
         key = _key(model, layer, books, n_tokens, window)
-        _MEMORY[key] = out[layer] = C
+        out[layer] = C
         if cache:
+            _MEMORY[key] = C
             path = _cache_file(model, key)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -145,7 +147,7 @@ def second_moments(model: "HookedTransformer", layers: Sequence[int], *,
             tmp.replace(path)
     if verbose:
         print(f"[kn-lens] second moments C = E[k k^T] of layers {todo}: {count} tokens of "
-              f"{', '.join(books)} in {seconds:.1f} s (cached)", file=sys.stderr)
+              f"{', '.join(books)} in {seconds:.1f} s" + (" (cached)" if cache else ""), file=sys.stderr)
     return out
 
 
