@@ -89,7 +89,10 @@ def _read_rows(path: Path) -> dict[int, dict]:
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip():
-                d = json.loads(line)
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError:  # a run killed mid-write: that row is redone
+                    continue
                 rows[d["row"]["case_id"]] = d
     return rows
 
@@ -145,14 +148,17 @@ def compute(args) -> None:
     configs = editor_configs(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     stats_seconds = {}
-    for m in methods:  # one-time statistics outside the per-edit timing
-        if m in ("rome", "memit"):
+    for m in dict.fromkeys(x.partition("@")[0] for x in methods):  # one-time statistics,
+        if m in ("rome", "memit"):  # outside the per-edit timing
             layers = [rome_layer(model)] if m == "rome" else list(memit_layers(model))
             t0 = time.perf_counter()
             second_moments(model, layers, n_tokens=configs[m].stats_tokens)
             stats_seconds[m] = time.perf_counter() - t0
-    runs = [(m, 1) for m in methods]
-    if "memit" in methods and args.memit_batch > 1:
+    runs = []  # (editor, batch size): "memit@100" in --methods asks for one batch size explicitly
+    for m in methods:
+        name, _, k = m.partition("@")
+        runs.append((name, min(int(k), len(requests)) if k else 1))
+    if "memit" in methods and args.memit_batch > 1 and not any(b > 1 for _, b in runs):
         runs.append(("memit", min(args.memit_batch, len(requests))))
     for method, batch in runs:
         label = method if batch == 1 else f"{method}@{batch}"
@@ -309,7 +315,7 @@ def main() -> None:
     ap = _common.parser(__doc__.splitlines()[0])
     _common.add_fact_args(ap)
     ap.add_argument("--n-requests", type=int, default=None, help="default 200 (quick: 2)")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of editors")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of editors; NAME@K: batches of K requests (e.g. memit@100)")
     ap.add_argument("--memit-batch", type=int, default=100, help="MEMIT batch size (1 = off)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="greedy continuation length (default 32; quick 8)")
