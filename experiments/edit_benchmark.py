@@ -13,7 +13,9 @@ KN update when the old and new objects share their first token) is judged as no 
 Resumable: each (method, request) row is appended to ``results/cache/edit_benchmark_<model>/`` as
 it is computed; a rerun with the same arguments continues where it stopped, and ``--methods``
 lets two processes share the work. The result file aggregates every method whose rows are
-complete.
+complete (``--partial``: also the others, marked n/N). ``--archive-rows`` gzips every raw row to
+``results/edit_benchmark_<model>.rows.jsonl.gz``; a run on another machine seeds its cache from
+that file and continues.
 
     python experiments/edit_benchmark.py --quick                  # CI: 2 requests, tiny budget
     python experiments/edit_benchmark.py --threads 1              # 200 requests on SmolLM2
@@ -132,6 +134,7 @@ def compute(args) -> None:
                          n_bootstrap=200 if args.quick else 1000)
     cache = cache_dir(args)
     print(f"{len(requests)} requests; rows in {cache}")
+    _seed_from_archive(args, cache)
     pss = probe_sets(model, requests, n_prefix_probes=hcfg.n_prefix_probes, seed=args.seed)
     before_file = cache / "before.pkl"
     if before_file.exists():
@@ -193,10 +196,12 @@ def compute(args) -> None:
     out = {}
     for path in sorted(cache.glob("*.jsonl")):
         rows = _read_rows(path)
-        if len(rows) < len(requests):
-            print(f"{path.stem}: {len(rows)}/{len(requests)} rows, not aggregated yet")
+        complete = len(rows) >= len(requests)
+        if not complete and not (args.partial and rows):
+            print(f"{path.stem}: {len(rows)}/{len(requests)} rows, not aggregated yet (--partial "
+                  "aggregates what is done)")
             continue
-        items = [rows[i] for i in range(len(requests))]
+        items = [rows[i] for i in range(len(requests)) if i in rows]
         aft = aggregate([it["row"]["after"] for it in items], hcfg)
         bef = aggregate([it["row"]["before"] for it in items], hcfg)
         per_edit = {}
@@ -205,6 +210,7 @@ def compute(args) -> None:
                 per_edit.setdefault(it["row"]["edit_index"], it)
         per_edit = per_edit or {0: {"seconds": float("nan"), "n_params": 0}}
         out[path.stem] = {
+            "complete": complete, "n_requests_done": len(items),
             "after": _aggs(aft), "before": _aggs(bef), "n_edits": len(per_edit),
             "n_refused": sum(bool(it.get("refused")) for it in items),
             "refused": [{"case_id": it["row"]["case_id"], "why": it["refused"]}
@@ -230,6 +236,49 @@ def compute(args) -> None:
               "n_requests": len(requests), "reference": {"n_slices": n_slices,
                                                          "slice_len": slice_len}}
     _common.save_results(args, NAME, payload, config, model_info(model), started)
+    if args.archive_rows:
+        _archive(args, cache)
+
+
+def _archive_path(args) -> Path:
+    return _common.result_path(args, NAME).with_suffix(".rows.jsonl.gz")
+
+
+def _archive(args, cache: Path) -> None:
+    """Every raw row computed so far, gzipped next to the results (per-request results a later
+    machine can resume from: ``results/cache`` is not committed)."""
+    import gzip
+
+    path, n = _archive_path(args), 0
+    tmp = path.with_suffix(".tmp")
+    with gzip.open(tmp, "wt") as f:
+        for p in sorted(cache.glob("*.jsonl")):
+            for d in _read_rows(p).values():
+                f.write(json.dumps({"key": _key(args), "label": p.stem, **d}) + "\n")
+                n += 1
+    tmp.replace(path)
+    print(f"{n} rows archived in {path}")
+
+
+def _seed_from_archive(args, cache: Path) -> None:
+    """Rows of the archive with this run's key that the cache lacks are appended to it."""
+    import gzip
+
+    path = _archive_path(args)
+    if not path.exists():
+        return
+    by_label: dict[str, list[dict]] = {}
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            d = json.loads(line)
+            if d.pop("key") == _key(args):
+                by_label.setdefault(d.pop("label"), []).append(d)
+    for label, items in by_label.items():
+        have = _read_rows(cache / f"{label}.jsonl")
+        new = [d for d in items if d["row"]["case_id"] not in have]
+        if new:
+            _append(cache / f"{label}.jsonl", new)
+            print(f"{label}: {len(new)} rows from {path.name}")
 
 
 def _aggs(d) -> dict:
@@ -264,14 +313,16 @@ def report(args) -> None:
     if not methods:
         print("no complete method yet")
         return
-    names = list(methods)
+    names = sorted(methods, key=lambda k: not methods[k].get("complete", True))
     n = len(r["requests"])
+    label = {k: k if methods[k].get("complete", True)
+             else f"{k} ({methods[k]['n_requests_done']}/{n})" for k in names}
     print(f"**{args.model}** ({doc['mode']}): {n} requests; ROME layer {r['layers']['rome']}, "
           f"MEMIT layers {r['layers']['memit']}\n")
     first = methods[names[0]]
     for proto, metrics in SHOW.items():
         print(f"\n{proto} protocol (mean, 95% bootstrap CI over requests):\n")
-        print("| metric | unedited | " + " | ".join(names) + " |")
+        print("| metric | unedited | " + " | ".join(label[k] for k in names) + " |")
         print("|---|---:|" + "---:|" * len(names))
         for m in metrics:
             b = first["before"].get(proto, {}).get(m)
@@ -284,14 +335,14 @@ def report(args) -> None:
         d = [x["after"]["generation"]["dppl"] for x in v["rows"]
              if x["after"]["generation"].get("dppl") is not None]
         med = statistics.median(d) if d else float("nan")
-        print(f"| {k} | {v['n_edits']} | {v.get('n_refused', 0)} | {v['seconds_per_edit']:.2f} | "
+        print(f"| {label[k]} | {v['n_edits']} | {v.get('n_refused', 0)} | {v['seconds_per_edit']:.2f} | "
               f"{v['params_changed']:.3g} | {v['share_changed']:.2e} | {med:.3g} | "
               f"{sum(x > 1 for x in d)}/{len(d)} |")
     figs = []
     for proto, metrics in (("counterfact", ("Score", "ES", "PS", "NS")),
                            ("tokens", ("rewrite_acc", "paraphrase_acc", "locality", "portability")),
                            ("generation", ("rewrite_success", "paraphrase_success", "old_mentioned"))):
-        data = {k: {m: methods[k]["after"][proto][m]["mean"] for m in metrics} for k in names}
+        data = {label[k]: {m: methods[k]["after"][proto][m]["mean"] for m in metrics} for k in names}
         data = {"unedited": {m: first["before"][proto][m]["mean"] for m in metrics}, **data}
         figs.append(plot_grouped_bars(
             {m: {k: data[k][m] for k in data} for m in metrics},
@@ -301,7 +352,7 @@ def report(args) -> None:
     for k in names:
         es = methods[k]["after"]["counterfact"]["ES"]
         ns = methods[k]["after"]["counterfact"]["NS"]
-        pts[k] = (ns["mean"], es["mean"], ns["lo"], ns["hi"], es["lo"], es["hi"])
+        pts[label[k]] = (ns["mean"], es["mean"], ns["lo"], ns["hi"], es["lo"], es["hi"])
     b = first["before"]["counterfact"]
     pts["unedited"] = (b["NS"]["mean"], b["ES"]["mean"])
     figs.append(plot_tradeoff(pts, _common.figure_path(args, f"{NAME}_tradeoff"),
@@ -317,6 +368,10 @@ def main() -> None:
     ap.add_argument("--n-requests", type=int, default=None, help="default 200 (quick: 2)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list of editors; NAME@K: batches of K requests (e.g. memit@100)")
     ap.add_argument("--memit-batch", type=int, default=100, help="MEMIT batch size (1 = off)")
+    ap.add_argument("--partial", action="store_true",
+                    help="also aggregate methods whose rows are not complete (marked n/N)")
+    ap.add_argument("--archive-rows", action="store_true",
+                    help="gzip every raw row next to the results (a later run resumes from it)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="greedy continuation length (default 32; quick 8)")
     args = ap.parse_args()

@@ -47,6 +47,35 @@ def test_edit_benchmark_quick(tmp_path, monkeypatch, capsys):
     edit_benchmark.main()
     out = capsys.readouterr().out
     assert "rome: 2 done, 0 to go" in out
+    # archived rows seed a fresh cache (another machine); --partial aggregates unfinished methods
+    monkeypatch.setattr(sys, "argv", argv + ["--methods", "ft_l", "--archive-rows"])
+    edit_benchmark.main()
+    archive = tmp_path / "quick" / "edit_benchmark_tiny-llama.rows.jsonl.gz"
+    assert archive.exists()
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache")
+    cache = edit_benchmark.cache_dir(edit_benchmark_args(argv))
+    edit_benchmark._seed_from_archive(edit_benchmark_args(argv), cache)
+    assert len(edit_benchmark._read_rows(cache / "rome.jsonl")) == 2
+    rows = (cache / "ft_l.jsonl").read_text().splitlines()
+    (cache / "ft_l.jsonl").write_text(rows[0] + "\n" + rows[1][:40])  # one row, one cut off
+    (tmp_path / "quick" / "edit_benchmark_tiny-llama.rows.jsonl.gz").unlink()
+    monkeypatch.setattr(sys, "argv", argv + ["--methods", "rome", "--partial"])
+    edit_benchmark.main()
+    methods = json.loads((tmp_path / "quick" / "edit_benchmark_tiny-llama.json").read_text())[
+        "results"]["methods"]
+    assert methods["ft_l"]["complete"] is False and methods["ft_l"]["n_requests_done"] == 1
+    assert methods["rome"]["complete"] is True
+    assert "ft_l (1/2)" in capsys.readouterr().out
+
+
+def edit_benchmark_args(argv):
+    import argparse
+
+    return argparse.Namespace(results_dir=argv[argv.index("--results-dir") + 1], model="tiny-llama",
+                              quick=True, n_requests=2, seed=0, max_new_tokens=8,
+                              no_known_filter=True)
 
 
 def test_cli_edit_parser():
