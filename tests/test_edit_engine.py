@@ -45,6 +45,18 @@ def _same(model, snap):
     return all(torch.equal(v, now[k]) for k, v in snap.items())
 
 
+def _three_forwards(model, e, shape, seed):
+    """Logits of random tokens: unedited, with the edit's hooks, with the edit materialised."""
+    toks = torch.randint(0, model.cfg.d_vocab, shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        base = model(toks)
+        with model.hooks(fwd_hooks=e.hooks(model)):
+            hooked = model(toks)
+        with e.applied(model):
+            mat = model(toks)
+    return base, hooked, mat
+
+
 def _request(subject="France", old="Paris", new="Rome", prompt="The capital of France is"):
     f = Fact(subject, "capital", old, ("the French Republic",) if subject == "France" else ())
     return EditRequest(
@@ -309,12 +321,7 @@ def test_every_editor_returns_an_edit_and_leaves_the_model(tiny_model, method):
             assert torch.equal(a.u, b.u) and torch.equal(a.v, b.v)
         else:
             assert torch.equal(a.values, b.values) and torch.equal(a.index, b.index)
-    toks = torch.randint(0, tiny_model.cfg.d_vocab, (1, 6), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        with tiny_model.hooks(fwd_hooks=e.hooks(tiny_model)):
-            hooked = tiny_model(toks)
-        with e.applied(tiny_model):
-            mat = tiny_model(toks)
+    _, hooked, mat = _three_forwards(tiny_model, e, (1, 6), 4)
     torch.testing.assert_close(hooked, mat, atol=1e-4, rtol=1e-4)
     assert _same(tiny_model, snap)
 
@@ -435,13 +442,7 @@ def test_baselines_on_post_norm_blocks(method):
     assert _same(model, snap) and H.active_hook_count(model) == 0
     assert any(float(d.dense().norm() if isinstance(d, LowRankDelta) else d.values.norm()) > 0
                for d in e.deltas)
-    toks = torch.randint(0, model.cfg.d_vocab, (2, 7), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        plain = model(toks)
-        with model.hooks(fwd_hooks=e.hooks(model)):
-            hooked = model(toks)
-        with e.applied(model):
-            mat = model(toks)
+    plain, hooked, mat = _three_forwards(model, e, (2, 7), 2)
     torch.testing.assert_close(hooked, mat, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(plain, hooked)
     assert _same(model, snap)
