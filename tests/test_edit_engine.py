@@ -478,3 +478,37 @@ def test_second_moments_match_a_direct_computation_and_cache(tiny_model, tmp_pat
     assert torch.equal(again, fresh)
     with pytest.raises(ConfigError):
         stats.second_moments(tiny_model, [tiny_model.cfg.n_layers])
+
+
+@needs_prose
+def test_memit_update_reaches_its_target_residual_pre_and_post_norm(llama_tiny):
+    """One layer, bare prompt only, lambda ~ 0: the edited layer moves the residual to Z exactly on
+    pre-norm blocks; with a norm after the MLP (Gemma) it reaches the nearest residual a
+    normalised MLP output can produce (and without the pull-back through the norm it would not)."""
+    from kn_lens.edit.baselines import _keys
+    from kn_lens.edit.baselines import memit as M
+    from kn_lens.testing import tiny_gemma
+
+    cfg = MEMITConfig(v_steps=5, stats_tokens=STATS, layers=(1,), n_prefixes=0, mom2_update_weight=1e-8)
+    req = _request()
+    for model in (llama_tiny, tiny_gemma()):
+        Z, H0, _ = M.compute_z(model, [req], config=cfg, layer=1)
+        rq, rs, _, _ = M._request_queries(model, req, 0)
+        e = edit(model, [req], method="memit", config=cfg)
+        with e.applied(model):
+            h = _keys.at_sites(model, rq[:1], rs[:1], [H.resid_post(1)])[H.resid_post(1)]
+        err = float((Z - h).norm() / (Z - H0).norm())
+        if not model.cfg.use_normalization_before_and_after:
+            assert err < 1e-4
+            continue
+        k = _keys.keys(model, rq[:1], rs[:1], 1)
+        m = _keys.mlp_output(model, k, 1)
+        w = model.blocks[1].ln2_post.w.detach()
+
+        def post(x):
+            return x / (x.pow(2).mean(-1, keepdim=True) + model.blocks[1].ln2_post.eps).sqrt() * w
+
+        best = (Z - H0) - (post(m + M.raw_output_change(model, 1, m, Z - H0)) - post(m))
+        assert abs(err - float(best.norm() / (Z - H0).norm())) < 1e-4
+        naive = (Z - H0) - (post(m + (Z - H0)) - post(m))  # R added to the raw output as is
+        assert float(best.norm()) < float(naive.norm())

@@ -12,7 +12,9 @@ update spread over a range of MLP layers R = (l_1 .. l_L).
    mean over the contexts of W_out's input at the subject's last token, one column per request),
    the residual still missing at l_L, R = (Z - H_current) / (number of layers left), and
    dW_l = (lambda C_l + K K^T)^-1 K R^T, stored as a rank-n factorised delta. C_l = E[k k^T] on
-   local prose (:mod:`kn_lens.edit.baselines.stats`).
+   local prose (:mod:`kn_lens.edit.baselines.stats`). Blocks with a norm after the MLP (Gemma)
+   get R pulled back through that norm first (:func:`raw_output_change`); MEMIT's derivation
+   assumes the MLP output is added to the residual as is.
 
 ``lambda`` (``mom2_update_weight``): MEMIT uses 15,000 for GPT-J (d_mlp = 16,384). Since
 k^T C^-1 k averages d_mlp for keys like C's samples, the balance between the edit and the
@@ -115,6 +117,26 @@ def compute_z(model: "HookedTransformer", requests: Sequence[EditRequest], *, co
     return torch.cat(zs), torch.cat(hs), info
 
 
+def raw_output_change(model: "HookedTransformer", layer: int, m: Tensor, R: Tensor) -> Tensor:
+    """For blocks that normalise the MLP's output before adding it (Gemma's ``ln2_post``: the
+    residual receives w * m / rms(m)), the change of the raw output m that moves the normalised
+    output by ``R`` as far as a normalised vector can: the target t = post(m) + R is pulled back
+    through the norm (m' = t / w, rescaled to m's rms, which the norm ignores), so
+    post(m') = t / rms(t / w), the nearest output the norm can produce. Without this MEMIT would
+    add its residual-space R to the raw output, which the norm then rescales and rotates."""
+    norm = model.blocks[layer].ln2_post
+    w = norm.w.detach().float().cpu()
+    w = torch.where(w.abs() < 1e-6, torch.full_like(w, 1e-6), w)
+    eps = float(getattr(norm, "eps", 1e-6))
+
+    def rms(x):
+        return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+    t = m / rms(m) * w + R
+    u = t / w
+    return u / rms(u) * rms(m) - m
+
+
 def memit(model: "HookedTransformer", requests: Sequence[EditRequest], *,
           config: MEMITConfig | None = None, neurons=None,
           generator: torch.Generator | None = None) -> Edit:
@@ -146,6 +168,8 @@ def memit(model: "HookedTransformer", requests: Sequence[EditRequest], *,
         K = torch.zeros(len(requests), k_all.shape[1]).index_add_(0, owner, k_all)
         K = K / torch.bincount(owner, minlength=len(requests))[:, None].float()  # mean over contexts
         R = (Z - hz) / (len(layers) - i)
+        if getattr(model.cfg, "use_normalization_before_and_after", False):
+            R = raw_output_change(model, layer, _keys.mlp_output(model, K, layer), R)
         A = lam * Cs[layer].double() + K.double().T @ K.double()
         U = solve_spd(A.float(), K.T, cfg.ridge).float()  # [d_mlp, n]
         deltas.append(LowRankDelta(param_name(layer, "W_out"), U, R.T.contiguous()))
