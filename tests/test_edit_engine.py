@@ -97,14 +97,9 @@ def _lowrank_edit(model, seed=0, kinds=("W_out", "W_in")):
 def test_low_rank_and_dense_hooks_equal_materialised_and_undo_exact(tiny_model):
     edit_ = _lowrank_edit(tiny_model)
     snap = _snapshot(tiny_model)
-    toks = torch.randint(0, tiny_model.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        base = tiny_model(toks)
-        with tiny_model.hooks(fwd_hooks=edit_.hooks(tiny_model)):
-            hooked = tiny_model(toks)
-        with edit_.applied(tiny_model):
-            mat = tiny_model(toks)
-            assert not _same(tiny_model, snap)
+    with edit_.applied(tiny_model):
+        assert not _same(tiny_model, snap)
+    base, hooked, mat = _three_forwards(tiny_model, edit_, (2, 9), 1)
     assert (hooked - base).abs().max() > 1e-2
     torch.testing.assert_close(hooked, mat, atol=5e-5, rtol=1e-5)
     assert _same(tiny_model, snap) and H.active_hook_count(tiny_model) == 0

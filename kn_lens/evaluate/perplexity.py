@@ -17,6 +17,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from kn_lens import hooks
+from kn_lens._fast import fast_forward
 from kn_lens.errors import ConfigError, DataFileError, NumericalError
 from kn_lens.evaluate.reference import reference_text
 
@@ -94,8 +95,6 @@ def token_nll(model: "HookedTransformer", token_slices: Tensor | Sequence[Tensor
         raise ConfigError("no token slices to score")
     total, count = 0.0, 0
     device = model.cfg.device
-    from kn_lens._fast import fast_forward
-
     with torch.no_grad(), fast_forward(model), model.hooks(fwd_hooks=fwd_hooks or []):
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
@@ -154,8 +153,6 @@ class PreparedReference:
             total, _ = token_nll(model, self.tokens, fwd_hooks=fwd_hooks)
             return math.exp(total / self.n_tokens)
         total = 0.0
-        from kn_lens._fast import fast_forward
-
         with torch.no_grad(), fast_forward(model), model.hooks(fwd_hooks=fwd_hooks or []):
             for s in range(0, self.tokens.shape[0], 4):
                 toks = self.tokens[s:s + 4].to(model.cfg.device)
