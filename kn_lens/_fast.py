@@ -1,12 +1,17 @@
 """Faster TransformerLens forwards with the same hook points and the same arithmetic.
 
-TransformerLens 3.9's gated MLP and unembedding call ``F.linear(x, W.T.contiguous())`` on every
-forward (to match Hugging Face's bfloat16 accumulation order), copying every MLP matrix and the
-whole unembedding (49k x 576 floats for SmolLM2, 262k x 640 for Gemma-3) per call: half the time of
-a one-token generation step on CPU. ``x @ W`` computes the same product from the stored layout
-(float32 results agree to rounding). :func:`fast_forward` gives the model's gated MLPs and its
-unembedding such forwards as *instance* attributes for the duration of a ``with`` block and
-removes them in ``finally``; nested use is a no-op.
+TransformerLens 3.9 copies weights on every forward: its gated MLP and unembedding call
+``F.linear(x, W.T.contiguous())`` (to match Hugging Face's bfloat16 accumulation order), copying
+every MLP matrix and the whole unembedding (49k x 576 floats for SmolLM2, 262k x 640 for Gemma-3)
+per call, and its attention rearranges W_Q / W_K / W_V to ``(head d_head) d_model`` and W_O to
+``d_model (head d_head)`` with strided copies per call. On CPU with the short prompts of editing
+that is half the time of a one-token generation step and a third of an editing step.
+:func:`fast_forward` gives the model's gated MLPs, attention layers and unembedding forwards that
+compute the same products from the stored layout (float32 results agree to rounding; every hook
+point fires with the same shapes) as *instance* attributes for the duration of a ``with`` block and
+removes them in ``finally``; nested use is a no-op. Attention falls back to TransformerLens' own
+code for any configuration the fast path does not cover (split q/k/v inputs, per-head results,
+4-bit weights, ALiBi / relative biases, attention sinks, QK clipping, log-n scaling).
 """
 from __future__ import annotations
 
@@ -32,6 +37,78 @@ def mlp_forward(mlp, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "ba
     return torch.nn.functional.linear(post, mlp.W_out.T, mlp.b_out)
 
 
+_OLMO = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def _project(x: Float[Tensor, "batch pos d_model"], W: Float[Tensor, "head d_model d_head"],
+             b: Float[Tensor, "head d_head"]) -> Float[Tensor, "batch pos head d_head"]:
+    n, d_in, d_head = W.shape
+    return (x @ W.transpose(0, 1).reshape(d_in, n * d_head)).view(
+        *x.shape[:-1], n, d_head) + b
+
+
+def qkv_forward(attn, query_input: Tensor, key_input: Tensor, value_input: Tensor):
+    """``calculate_qkv_matrices`` without TransformerLens' strided weight copies (hook_q / k / v
+    fire on the same tensors); split per-head inputs and 4-bit weights run as is."""
+    cfg = attn.cfg
+    if query_input.ndim != 3 or cfg.load_in_4bit or cfg.use_split_qkv_input or cfg.use_attn_in:
+        return type(attn).calculate_qkv_matrices(attn, query_input, key_input, value_input)
+    grouped = hasattr(attn, "_W_K") and not getattr(cfg, "ungroup_grouped_query_attention", False)
+    W_K, b_K = (attn._W_K, attn._b_K) if grouped else (attn.W_K, attn.b_K)
+    W_V, b_V = (attn._W_V, attn._b_V) if grouped else (attn.W_V, attn.b_V)
+    q = attn.hook_q(_project(query_input, attn.W_Q, attn.b_Q))
+    k = attn.hook_k(_project(key_input, W_K, b_K))
+    v = attn.hook_v(_project(value_input, W_V, b_V))
+    if cfg.use_qk_norm:
+        q = attn._apply_qk_norm(q, attn.q_norm)
+        k = attn._apply_qk_norm(k, attn.k_norm)
+    return q, k, v
+
+
+def _attn_fast_ok(attn) -> bool:
+    cfg = attn.cfg
+    return (cfg.positional_embedding_type in ("standard", "rotary", "shortformer")
+            and not (cfg.use_attn_result or cfg.load_in_4bit or cfg.use_split_qkv_input
+                     or cfg.use_attn_in or cfg.use_attention_sinks)
+            and cfg.clip_qkv is None and not cfg.use_logn_attn
+            and cfg.original_architecture not in _OLMO)
+
+
+def attn_forward(attn, query_input: Tensor, key_input: Tensor, value_input: Tensor,
+                 past_kv_cache_entry=None, additive_attention_mask=None, attention_mask=None,
+                 position_bias=None) -> Float[Tensor, "batch pos d_model"]:
+    """TransformerLens' attention forward (same steps, same hook points) with the projections
+    of :func:`qkv_forward` and ``W_O`` read as a view; any configuration outside
+    :func:`_attn_fast_ok` (checked per call: ``use_attn_result`` can be switched on later) runs
+    TransformerLens' own forward."""
+    if not _attn_fast_ok(attn):
+        return type(attn).forward(attn, query_input, key_input, value_input,
+                                  past_kv_cache_entry, additive_attention_mask, attention_mask,
+                                  position_bias)
+    q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
+    if past_kv_cache_entry is not None:
+        offset = past_kv_cache_entry.past_keys.size(1)
+        k, v = past_kv_cache_entry.append(k, v)
+    else:
+        offset = 0
+    if attn.cfg.positional_embedding_type == "rotary":
+        q = attn.hook_rot_q(attn.apply_rotary(q, offset, attention_mask))
+        k = attn.hook_rot_k(attn.apply_rotary(k, 0, attention_mask))
+    scores = attn.calculate_attention_scores(q, k)
+    if (attn._attention_dir_override or attn.cfg.attention_dir) == "causal":
+        scores = attn.apply_causal_mask(scores, offset, attention_mask)
+    if additive_attention_mask is not None:
+        scores = scores + additive_attention_mask
+    scores = attn.hook_attn_scores(scores)
+    pattern = torch.nn.functional.softmax(scores, dim=-1)
+    pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+    pattern = attn.hook_pattern(pattern).to(device=v.device, dtype=v.dtype)
+    z = attn.calculate_z_scores(v, pattern)  # hook_z fires here
+    n, d_head, d_model = attn.W_O.shape
+    z = z.reshape(z.shape[0], z.shape[1], n * d_head).to(attn.W_O.dtype)
+    return torch.nn.functional.linear(z, attn.W_O.reshape(n * d_head, d_model).T, attn.b_O)
+
+
 def _unembed_forward(self, residual: Tensor) -> Tensor:
     return self.hook_out(self.hook_in(residual) @ self.W_U + self.b_U)
 
@@ -39,22 +116,28 @@ def _unembed_forward(self, residual: Tensor) -> Tensor:
 @contextmanager
 def fast_forward(model) -> Iterator:
     """Scope in which ``model``'s gated MLPs and unembedding skip the weight copies."""
-    from transformer_lens.components import Unembed
+    from transformer_lens.components import Attention, GroupedQueryAttention, Unembed
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
 
-    patched = []
+    patched = []  # (module, attribute names set on the instance)
     try:
         for block in model.blocks:
             mlp = block.mlp
             if type(mlp) is GatedMLP and not mlp.cfg.is_layer_norm_activation() \
                     and "forward" not in vars(mlp):
                 mlp.forward = types.MethodType(mlp_forward, mlp)
-                patched.append(mlp)
+                patched.append((mlp, ("forward",)))
+            attn = getattr(block, "attn", None)
+            if type(attn) in (Attention, GroupedQueryAttention) and "forward" not in vars(attn):
+                attn.forward = types.MethodType(attn_forward, attn)
+                attn.calculate_qkv_matrices = types.MethodType(qkv_forward, attn)
+                patched.append((attn, ("forward", "calculate_qkv_matrices")))
         ue = getattr(model, "unembed", None)
         if type(ue) is Unembed and "forward" not in vars(ue):
             ue.forward = types.MethodType(_unembed_forward, ue)
-            patched.append(ue)
+            patched.append((ue, ("forward",)))
         yield model
     finally:
-        for mod in patched:
-            del mod.forward
+        for mod, names in patched:
+            for name in names:
+                mod.__dict__.pop(name, None)

@@ -538,6 +538,12 @@ def _merge(deltas: tuple[Delta, ...]) -> tuple[Delta, ...]:
 
 
 def _param(model, name: str) -> Tensor:
+    try:  # attribute walk: much cheaper than listing every parameter
+        p = model.get_parameter(name)
+        if p is not None:
+            return p
+    except AttributeError:
+        pass
     params = dict(model.named_parameters())
     if name in params:
         return params[name]

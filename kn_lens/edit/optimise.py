@@ -475,14 +475,15 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
         history: list[dict] = []
         stopped = "budget"
         updates = 0
+        # the hooks read the trained tensors, which the optimiser updates in place: attach once
+        step_hooks = model.hooks(fwd_hooks=_hooks(model, targets, tensors, run_examples))
+        scope.enter_context(step_hooks)
         for step in range(config.steps):
             opt.zero_grad(set_to_none=True)
-            fwd = _hooks(model, targets, tensors, run_examples)
             if fast:
-                logits = _suffix_logits(model, frozen, run_examples, fwd)
+                logits = _suffix_logits(model, frozen, run_examples)
             else:
-                logits = logits_at(model, ids, positions, fwd_hooks=fwd, start_at_layer=start,
-                                   resid=resid)
+                logits = logits_at(model, ids, positions, start_at_layer=start, resid=resid)
             parts = {}
             total = torch.zeros((), device=device)
             min_p = None
@@ -552,7 +553,5 @@ def _rows_logits(model, resid: Tensor, positions: Sequence[Sequence[int]]) -> li
     return list(logits.split([len(ps) for ps in positions]))
 
 
-def _suffix_logits(model, frozen, examples: Sequence[Example], fwd) -> list[Tensor]:
-    with model.hooks(fwd_hooks=fwd):
-        out = frozen.final_resid(model)
-    return _rows_logits(model, out, [e.positions for e in examples])
+def _suffix_logits(model, frozen, examples: Sequence[Example]) -> list[Tensor]:
+    return _rows_logits(model, frozen.final_resid(model), [e.positions for e in examples])

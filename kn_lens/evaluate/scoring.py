@@ -19,6 +19,8 @@ answer token (TNF-DA's released code) cannot happen here: positions come from
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -139,7 +141,8 @@ def logits_at(model: "HookedTransformer", ids: Sequence[Sequence[int]],
     for r, ps in zip(ids, positions):
         if any(not 0 <= p < len(r) for p in ps):
             raise ConfigError(f"position outside a row of {len(r)} tokens: {list(ps)}")
-    with fast_forward(model), model.hooks(fwd_hooks=fwd_hooks or []):
+    # model.hooks() walks every hook point on exit: skip it when there is nothing to add
+    with fast_forward(model), (model.hooks(fwd_hooks=fwd_hooks) if fwd_hooks else nullcontext()):
         if start_at_layer:
             if resid is None:
                 raise ConfigError("start_at_layer needs the residual stream entering that block")
