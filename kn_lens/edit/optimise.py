@@ -476,8 +476,7 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
         stopped = "budget"
         updates = 0
         # the hooks read the trained tensors, which the optimiser updates in place: attach once
-        step_hooks = model.hooks(fwd_hooks=_hooks(model, targets, tensors, run_examples))
-        scope.enter_context(step_hooks)
+        scope.enter_context(model.hooks(fwd_hooks=_hooks(model, targets, tensors, run_examples)))
         for step in range(config.steps):
             opt.zero_grad(set_to_none=True)
             if fast:

@@ -19,9 +19,8 @@ answer token (TNF-DA's released code) cannot happen here: positions come from
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
