@@ -446,7 +446,7 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
     scope = ExitStack()  # closed in finally: the modules' own forwards again
     try:
-        scope.enter_context(fast_forward(model))
+        scope.enter_context(fast_forward(model, frozen_weights=True))
         for p in model.parameters():
             p.requires_grad_(False)
         with torch.no_grad():

@@ -76,7 +76,8 @@ def greedy(model: "HookedTransformer", prompt_ids: Sequence[int], max_new_tokens
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
     toks = torch.tensor([list(prompt_ids)], device=model.cfg.device)
     out: list[int] = []
-    with fast_forward(model), model.hooks(fwd_hooks=fwd_hooks or []):
+    with fast_forward(model, frozen_weights=True), \
+            model.hooks(fwd_hooks=fwd_hooks or []):
         for _ in range(max_new_tokens):
             logits = model(toks, past_kv_cache=cache)[0, -1]
             nxt = int(logits.argmax())
@@ -124,7 +125,8 @@ def greedy_batch(model: "HookedTransformer", prompts: Sequence[Sequence[int]], m
         cache = TransformerLensKeyValueCache.init_cache(model.cfg, dev, len(rows))
         done = torch.zeros(len(rows), dtype=torch.bool)
         x, m = toks.to(dev), mask.to(dev)
-        with fast_forward(model), model.hooks(fwd_hooks=fwd_hooks or []):
+        with fast_forward(model, frozen_weights=True), \
+                model.hooks(fwd_hooks=fwd_hooks or []):
             for _ in range(steps):
                 logits = model(x, attention_mask=m, past_kv_cache=cache)[:, -1]
                 nxt = logits.argmax(-1).cpu()

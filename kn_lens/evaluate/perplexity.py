@@ -95,7 +95,8 @@ def token_nll(model: "HookedTransformer", token_slices: Tensor | Sequence[Tensor
         raise ConfigError("no token slices to score")
     total, count = 0.0, 0
     device = model.cfg.device
-    with torch.no_grad(), fast_forward(model), model.hooks(fwd_hooks=fwd_hooks or []):
+    with torch.no_grad(), fast_forward(model, frozen_weights=True), \
+            model.hooks(fwd_hooks=fwd_hooks or []):
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
             lengths = {int(r.numel()) for r in chunk}
@@ -153,7 +154,8 @@ class PreparedReference:
             total, _ = token_nll(model, self.tokens, fwd_hooks=fwd_hooks)
             return math.exp(total / self.n_tokens)
         total = 0.0
-        with torch.no_grad(), fast_forward(model), model.hooks(fwd_hooks=fwd_hooks or []):
+        with torch.no_grad(), fast_forward(model, frozen_weights=True), \
+                model.hooks(fwd_hooks=fwd_hooks or []):
             for s in range(0, self.tokens.shape[0], 4):
                 toks = self.tokens[s:s + 4].to(model.cfg.device)
                 total += _nll_sum(model(self.resid_pre[start_at_layer][s:s + 4],

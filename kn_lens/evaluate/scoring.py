@@ -141,7 +141,8 @@ def logits_at(model: "HookedTransformer", ids: Sequence[Sequence[int]],
         if any(not 0 <= p < len(r) for p in ps):
             raise ConfigError(f"position outside a row of {len(r)} tokens: {list(ps)}")
     # model.hooks() walks every hook point on exit: skip it when there is nothing to add
-    with fast_forward(model), (model.hooks(fwd_hooks=fwd_hooks) if fwd_hooks else nullcontext()):
+    with fast_forward(model, frozen_weights=True), \
+            (model.hooks(fwd_hooks=fwd_hooks) if fwd_hooks else nullcontext()):
         if start_at_layer:
             if resid is None:
                 raise ConfigError("start_at_layer needs the residual stream entering that block")
