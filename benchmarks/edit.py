@@ -9,7 +9,8 @@ one warm-up edit (loads the cached statistics), then ``--n`` timed edits of diff
 (batch size 1; MEMIT also once with ``--memit-batch`` requests). Prints a markdown table: median
 and max seconds per edit, peak RSS. Targets on this 2-core CPU for SmolLM2-135M: ROME and FT-L
 <= 5 s per edit once C is cached, C <= 5 min per layer (once), peak memory <= 4 GiB. Timings
-depend on the machine and its load; the load average and thread count are printed with them.
+depend on the machine and its load; the load average, thread count, CPU model and a measured matmul
+rate are printed with them.
 """
 from __future__ import annotations
 
@@ -49,6 +50,36 @@ def _requests(model, n: int, seed: int):
         if len(out) == n:
             break
     return out
+
+
+def machine(threads: int) -> str:
+    """CPU model, widest vector ISA and the fp32 matmul rate at a ROME-step shape (70 x 576 by
+    576 x 1536, SmolLM2's MLP), so figures from different machines can be compared: the same
+    2-core sandbox has been an AVX-512 Xeon (~160 GFLOP/s per thread) and an AVX2 EPYC (~60)."""
+    import platform
+
+    import torch
+
+    name, flags = platform.processor() or "?", ""
+    try:
+        info = open("/proc/cpuinfo").read()
+        name = next((x.split(":", 1)[1].strip() for x in info.splitlines()
+                     if x.startswith("model name")), name)
+        flags = next((x for x in info.splitlines() if x.startswith("flags")), "")
+    except OSError:
+        pass
+    isa = "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else "other"
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(70, 576), torch.randn(576, 1536)
+    for _ in range(50):
+        a @ b
+    n, t0 = 1000, time.perf_counter()
+    for _ in range(n):
+        a @ b
+    rate = 2 * 70 * 576 * 1536 * n / (time.perf_counter() - t0) / 1e9
+    torch.set_num_threads(before)
+    return f"cpu {name} ({isa}); fp32 matmul {rate:.0f} GFLOP/s at {threads} thread(s)"
 
 
 def child(args) -> None:
@@ -112,7 +143,7 @@ def main() -> None:
     if args.stats:
         jobs.insert(0, "stats")
     print(f"model {args.model}; torch threads {args.threads}; cpu count {os.cpu_count()}; "
-          f"load average {os.getloadavg()[0]:.1f}\n")
+          f"load average {os.getloadavg()[0]:.1f}\n{machine(args.threads)}\n")
     results = []
     for job in jobs:
         cmd = [sys.executable, __file__, "--child", job, "--model", args.model, "--n", str(args.n),
