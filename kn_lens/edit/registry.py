@@ -29,6 +29,7 @@ _SPECS: dict[str, tuple[str, str, str]] = {
     "memit": ("kn_lens.edit.baselines.memit", "memit", "MEMITConfig"),
     "kn_erase": ("kn_lens.edit.kn", "kn_erase", "KNEditorConfig"),
     "kn_update": ("kn_lens.edit.kn", "kn_update", "KNEditorConfig"),
+    "fine": ("kn_lens.edit.fine", "fine", "FiNEConfig"),
 }
 _VERSIONS: dict[str, int] = {}
 
