@@ -37,7 +37,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 import _common  # noqa: E402
 
 NAME = "edit_benchmark"
-METHODS = ("ft_l", "rome", "memit", "kn_update", "kn_erase")
+METHODS = ("ft_l", "rome", "memit", "kn_update", "kn_erase", "fine")
 SHOW = {"counterfact": ("Score", "ES", "PS", "NS", "EM", "NM", "ES_argmax", "NS_argmax",
                         "prefix_success"),
         "tokens": ("rewrite_acc", "paraphrase_acc", "prefix_acc", "locality", "locality_relation",
@@ -75,15 +75,16 @@ def editor_configs(args) -> dict:
     from kn_lens.edit.baselines.ft_l import FTLConfig
     from kn_lens.edit.baselines.memit import MEMITConfig
     from kn_lens.edit.baselines.rome import ROMEConfig
+    from kn_lens.edit.fine import FiNEConfig
     from kn_lens.edit.kn import KNEditorConfig
 
     if args.quick:
         return {"ft_l": FTLConfig(steps=3), "rome": ROMEConfig(v_steps=3, stats_tokens=4000),
                 "memit": MEMITConfig(v_steps=3, stats_tokens=4000),
                 "kn_update": KNEditorConfig(locator="contribution"),
-                "kn_erase": KNEditorConfig(locator="contribution")}
+                "kn_erase": KNEditorConfig(locator="contribution"), "fine": FiNEConfig(steps=3, freeze_last=1)}
     return {"ft_l": FTLConfig(), "rome": ROMEConfig(), "memit": MEMITConfig(),
-            "kn_update": KNEditorConfig(), "kn_erase": KNEditorConfig()}
+            "kn_update": KNEditorConfig(), "kn_erase": KNEditorConfig(), "fine": FiNEConfig()}
 
 
 def _read_rows(path: Path) -> dict[int, dict]:

@@ -1,10 +1,11 @@
-"""What only a trained model shows (SmolLM2-135M): ROME, FT-L, MEMIT and FiNE each move the Eiffel
-Tower to Rome, and the harness sees it on all three protocols; the CLI edits, saves and reloads.
+"""What only a trained model shows (SmolLM2-135M): ROME, FT-L, MEMIT, FiNE and KNE each move the
+Eiffel Tower to Rome, and the harness sees it on all three protocols; the CLI edits, saves and reloads.
 
 Measured when written (2 cores): P(" Rome") after the edit 0.999 (ROME, layer 5), 0.986 (FT-L,
 layer 5, L-inf 5e-3), 0.999 (MEMIT, layers 1-5), 0.93 (FiNE: 5 neurons in layers 22-25, stopped
-at P >= 0.9 after 10 steps); " Paris" before, p = 0.62. The first run computes the key statistics
-C of layers 1-5 (100k tokens, about 1.5 min per pass on 2 cores; cached).
+at P >= 0.9 after 10 steps), 0.987 (KNE: 47 neurons in 15 layers, 2 steps); " Paris" before,
+p = 0.62. The first run computes the key statistics C of layers 1-5 (100k tokens, about 1.5 min
+per pass on 2 cores; cached).
 """
 import pytest
 import torch
@@ -26,7 +27,7 @@ def request_():
     return edit_request(ds, Fact("Eiffel Tower", "landmark_city", "Paris"), "Rome", prompt=PROMPT)
 
 
-@pytest.mark.parametrize("method", ["rome", "ft_l", "memit", "fine"])
+@pytest.mark.parametrize("method", ["rome", "ft_l", "memit", "fine", "kne"])
 def test_editor_moves_the_eiffel_tower_to_rome(default_model, request_, method):
     model = default_model
     snap = {k: v.clone() for k, v in model.state_dict().items()

@@ -208,7 +208,12 @@ class Target:
     (None: every slice, a dense matrix delta). Activation targets: a vector per group added to
     block ``layer``'s MLP output (``site="mlp_out"``, ROME) or residual stream after the block
     (``site="resid_post"``, MEMIT) at each example's edit site. ``norm_ref`` (per group / slice)
-    scales the relative regularisers (ROME: the norm of the original output)."""
+    scales the relative regularisers (ROME: the norm of the original output).
+
+    ``scale`` s (KNE eq. 11, ``W + alpha / sqrt(n) * dW``): Adam trains ``dW`` and the model sees
+    ``s * dW``. The loop holds the applied delta ``D = s * dW`` and gives its Adam parameter group
+    ``lr * s`` and ``eps / s``, which is Adam on ``dW`` exactly (Adam's moments scale with the
+    gradient); the regularisers and clamps of :class:`OptimConfig` act on ``D``."""
 
     kind: Literal["weight", "activation"]
     param: str | None = None
@@ -217,8 +222,11 @@ class Target:
     site: Literal["mlp_out", "resid_post"] = "mlp_out"
     n_groups: int = 1
     norm_ref: tuple[float, ...] | None = None
+    scale: float = 1.0  # KNE eq. 11: the applied delta is scale x the trained matrix (see below)
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.scale, (int, float)) and self.scale > 0 and math.isfinite(self.scale)):
+            raise ConfigError(f"target scale must be a finite number > 0, got {self.scale!r}")
         if self.kind == "weight":
             if self.param is None or parse_param(self.param) is None:
                 raise ConfigError(f"weight target needs a block parameter name, not {self.param!r}")
@@ -239,10 +247,11 @@ class Target:
 
     # constructors ------------------------------------------------------------
     @classmethod
-    def rows(cls, layer: int, index: Sequence[int], kind: str = "W_out") -> "Target":
+    def rows(cls, layer: int, index: Sequence[int], kind: str = "W_out", *,
+             scale: float = 1.0) -> "Target":
         """Neurons' output vectors (rows of W_out) or input vectors (columns of W_in / W_gate),
         or heads of W_Q/W_K/W_V/W_O: the kind's unit slices ``index``."""
-        return cls("weight", param_name(layer, kind), tuple(index))
+        return cls("weight", param_name(layer, kind), tuple(index), scale=scale)
 
     @classmethod
     def matrix(cls, layer: int, kind: str = "W_out") -> "Target":
@@ -471,7 +480,9 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
                 raise ConfigError(f"init for target {k} has shape {tuple(x.shape)}, expected "
                                   f"{t.shape(model)}")
             tensors.append(x.requires_grad_(True))
-        opt = torch.optim.Adam(tensors, lr=config.lr, weight_decay=config.weight_decay)
+        opt = torch.optim.Adam(  # one group per target: KNE's scale (see Target)
+            [{"params": [x], "lr": config.lr * t.scale, "eps": 1e-8 / t.scale}
+             for t, x in zip(targets, tensors)], lr=config.lr, weight_decay=config.weight_decay)
         history: list[dict] = []
         stopped = "budget"
         updates = 0

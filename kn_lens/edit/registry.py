@@ -30,6 +30,7 @@ _SPECS: dict[str, tuple[str, str, str]] = {
     "kn_erase": ("kn_lens.edit.kn", "kn_erase", "KNEditorConfig"),
     "kn_update": ("kn_lens.edit.kn", "kn_update", "KNEditorConfig"),
     "fine": ("kn_lens.edit.fine", "fine", "FiNEConfig"),
+    "kne": ("kn_lens.edit.kne", "kne", "KNEConfig"),
 }
 _VERSIONS: dict[str, int] = {}
 
