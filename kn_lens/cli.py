@@ -209,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the model's greedy next word)")
     ed.add_argument("--relation", default=None, help="a built-in relation id (paraphrases, "
                     "neighbours)")
-    ed.add_argument("--method", default="rome", help="an editor: rome, memit, ft_l, fine, kne, kn_update, "
-                    "kn_erase (kn_lens.edit.available_editors())")
+    ed.add_argument("--method", default="rome", help="an editor: rome, memit, ft_l, fine, kne, "
+                    "tnf_da, kn_update, kn_erase (kn_lens.edit.available_editors())")
     ed.add_argument("--save", default=None, help="save the edit to this folder")
     ed.add_argument("--load", default=None, help="apply the edit saved in this folder to PROMPT")
     ed.add_argument("--model", default=None)

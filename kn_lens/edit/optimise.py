@@ -311,6 +311,7 @@ class OptimConfig:
     max_norm: float | None = None  # clamp ||delta|| <= max_norm * ||ref|| per group (ROME: 4)
     stop_loss: float | None = None  # stop once the total loss is below (ROME: 5e-2)
     stop_prob: float | None = None  # stop once every NLL query's P(answer) >= this (FiNE: 0.9)
+    stop_nll: float | None = None  # stop once the NLL terms' mean loss is <= this (TNF-DA eq. 14)
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -320,7 +321,7 @@ class OptimConfig:
         for name in ("weight_decay", "l2", "norm_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
-        for name in ("linf", "max_norm", "stop_loss"):
+        for name in ("linf", "max_norm", "stop_loss", "stop_nll"):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ConfigError(f"{name} must be > 0 or None, got {v}")
@@ -335,7 +336,7 @@ class OptimResult:
     values: tuple[Tensor, ...]
     targets: tuple[Target, ...]
     steps: int  # optimiser updates made
-    stopped: str  # "stop_loss" | "stop_prob" | "budget"
+    stopped: str  # "stop_loss" | "stop_prob" | "stop_nll" | "budget"
     history: tuple[dict, ...]  # per evaluated step: total and per-term losses, min P(answer)
     seconds: float
     extras: dict = field(default_factory=dict, compare=False)
@@ -523,6 +524,9 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
                 break
             if config.stop_prob is not None and min_p is not None and min_p >= config.stop_prob:
                 stopped = "stop_prob"
+                break
+            if config.stop_nll is not None and "nll" in parts and parts["nll"] <= config.stop_nll:
+                stopped = "stop_nll"
                 break
             total.backward()
             for x in tensors:

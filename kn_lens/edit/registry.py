@@ -31,6 +31,7 @@ _SPECS: dict[str, tuple[str, str, str]] = {
     "kn_update": ("kn_lens.edit.kn", "kn_update", "KNEditorConfig"),
     "fine": ("kn_lens.edit.fine", "fine", "FiNEConfig"),
     "kne": ("kn_lens.edit.kne", "kne", "KNEConfig"),
+    "tnf_da": ("kn_lens.edit.tnf_da", "tnf_da", "TNFDAConfig"),
 }
 _VERSIONS: dict[str, int] = {}
 
