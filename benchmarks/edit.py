@@ -8,7 +8,8 @@ Each editor runs in a fresh subprocess (so its peak resident memory is its own: 
 one warm-up edit (loads the cached statistics), then ``--n`` timed edits of different known facts
 (batch size 1; MEMIT also once with ``--memit-batch`` requests). Prints a markdown table: median
 and max seconds per edit, peak RSS. Targets on this 2-core CPU for SmolLM2-135M: ROME and FT-L
-<= 5 s per edit once C is cached, C <= 5 min per layer (once), peak memory <= 4 GiB. Timings
+<= 5 s per edit once C is cached, C <= 5 min per layer (once), peak memory <= 4 GiB; the
+neuron-level editors' times include their localisation: FiNE <= 3 s, KNE <= 10 s, TNF-DA <= 30 s. Timings
 depend on the machine and its load; the load average, thread count, CPU model and a measured matmul
 rate are printed with them.
 """
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import time
 
-EDITORS = ("ft_l", "rome", "memit", "kn_update", "kn_erase")
+EDITORS = ("ft_l", "rome", "memit", "kn_update", "kn_erase", "fine", "kne", "tnf_da")
 
 
 def _requests(model, n: int, seed: int):

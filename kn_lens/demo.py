@@ -115,13 +115,15 @@ def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
                 f"(P({p.query.answer.strip()}) = {p.answer_prob:.3f})")
 
     # -- 5. move the fact with ROME, judge it on the three protocols, undo it
-    rome_res = _rome_section(model, ds, fact, new_object, seed, stats_tokens, out)
+    rome_res, req, ref = _rome_section(model, ds, fact, new_object, seed, stats_tokens, out)
+    # -- 6. the same request with FiNE (a few neurons' W_out rows), next to ROME
+    fine_res = _fine_section(model, req, ref, rome_res, seed, out)
     same = all(torch.equal(v, model.state_dict()[k]) for k, v in weights_before.items())
     out(f"  after the demo: weights unchanged = {same}, hooks attached = "
         f"{hooks.active_hook_count(model)}")
     out(f"\n== done in {time.perf_counter() - t0:.0f} s")
     return {"metrics": metrics.summary(), "n_known": len(known), "weights_restored": same,
-            "rome": rome_res}
+            "rome": rome_res, "fine": fine_res}
 
 
 def _rome_section(model, ds, fact, new_object: str, seed: int, stats_tokens: int, out) -> dict:
@@ -165,9 +167,7 @@ def _rome_section(model, ds, fact, new_object: str, seed: int, stats_tokens: int
     rep = evaluate(model, e, [req], config=HarnessConfig(n_bootstrap=0, max_new_tokens=24),
                    reference=ref)
     out("  judged on three protocols (each value tagged with its protocol; before -> after):")
-    picks = {"counterfact": ("ES", "PS", "NS", "Score"),
-             "tokens": ("rewrite_acc", "paraphrase_acc", "locality", "portability"),
-             "generation": ("rewrite_success", "paraphrase_success", "fluency", "dppl")}
+    picks = _PICKS
     for proto, ms in picks.items():
         cells = ", ".join(f"{m} {rep.before[proto][m].fmt()} -> {rep.after[proto][m].fmt()}"
                           for m in ms)
@@ -180,7 +180,43 @@ def _rome_section(model, ds, fact, new_object: str, seed: int, stats_tokens: int
     return {"edit": repr(e), "seconds": t_edit, "after": {p: {m: rep.after[p][m].mean for m in ms}
                                                           for p, ms in picks.items()},
             "before": {p: {m: rep.before[p][m].mean for m in ms} for p, ms in picks.items()},
-            "undone": undone and changed, "hooks_agree": agree}
+            "n_params": e.n_params, "undone": undone and changed, "hooks_agree": agree}, req, ref
+
+
+_PICKS = {"counterfact": ("ES", "PS", "NS", "Score"),
+          "tokens": ("rewrite_acc", "paraphrase_acc", "locality", "portability"),
+          "generation": ("rewrite_success", "paraphrase_success", "fluency", "dppl")}
+
+
+def _fine_section(model, req, ref, rome_res: dict, seed: int, out) -> dict:
+    from kn_lens.edit import edit
+    from kn_lens.evaluate.harness import HarnessConfig, evaluate
+
+    out(f"\n== edit: FiNE moves the same fact (FiNE eq. 3 neurons, their W_out rows trained on "
+        "eq. 7), next to ROME")
+    t1 = time.perf_counter()
+    from kn_lens.edit.fine import FiNEConfig
+
+    # FiNE's l_f = 3 frozen last layers (tiny test models have 3 layers: keep one editable)
+    cfg = FiNEConfig(freeze_last=min(3, model.cfg.n_layers - 1))
+    e = edit(model, [req], method="fine", config=cfg, seed=seed)
+    t_edit = time.perf_counter() - t1
+    d = e.config["details"]
+    layers = sorted({n[0] for n in d["neurons"]})
+    out(f"  {len(d['neurons'])} neurons in layers {layers}, {e.n_params} weights changed "
+        f"(ROME: {rome_res['n_params']}); {d['steps']} steps ({d['stopped']}), {t_edit:.1f} s")
+    rep = evaluate(model, e, [req], config=HarnessConfig(n_bootstrap=0, max_new_tokens=24),
+                   reference=ref)
+    out("  after the edit, ROME | FiNE (same request, same protocols):")
+    after = {}
+    for proto, ms in _PICKS.items():
+        after[proto] = {m: rep.after[proto][m].mean for m in ms}
+        cells = ", ".join(f"{m} {rome_res['after'][proto][m]:.2f} | {after[proto][m]:.2f}"
+                          for m in ms)
+        out(f"    {proto:12s} {cells}")
+    g = rep.rows[0].generations[0]
+    out(f"  FiNE generated: {g['prompt']!r} ->{g['after']!r}")
+    return {"edit": repr(e), "seconds": t_edit, "n_params": e.n_params, "after": after}
 
 
 def _lp(model, q, fwd_hooks):

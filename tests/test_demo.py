@@ -23,5 +23,8 @@ def test_demo_runs_and_leaves_no_trace():
     assert "counterfact" in text and "tokens" in text and "generation" in text
     assert res["weights_restored"] is True
     assert res["rome"]["undone"] is True and res["rome"]["hooks_agree"] is True
+    assert "FiNE moves the same fact" in text and "ROME | FiNE" in text
+    assert 0 < res["fine"]["n_params"] < res["rome"]["n_params"]
+    assert set(res["fine"]["after"]) == {"counterfact", "tokens", "generation"}
     assert hooks.active_hook_count(model) == 0
     assert set(res["metrics"]) >= {"reliability", "generalisation", "locality", "dppl"}
