@@ -37,7 +37,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 import _common  # noqa: E402
 
 NAME = "edit_benchmark"
-METHODS = ("ft_l", "rome", "memit", "kn_update", "kn_erase", "fine")
+METHODS = ("ft_l", "rome", "memit", "kn_update", "kn_erase", "fine", "kne", "tnf_da")
 SHOW = {"counterfact": ("Score", "ES", "PS", "NS", "EM", "NM", "ES_argmax", "NS_argmax",
                         "prefix_success"),
         "tokens": ("rewrite_acc", "paraphrase_acc", "prefix_acc", "locality", "locality_relation",
@@ -77,14 +77,19 @@ def editor_configs(args) -> dict:
     from kn_lens.edit.baselines.rome import ROMEConfig
     from kn_lens.edit.fine import FiNEConfig
     from kn_lens.edit.kn import KNEditorConfig
+    from kn_lens.edit.kne import KNEConfig
+    from kn_lens.edit.tnf_da import TNFDAConfig
 
     if args.quick:
         return {"ft_l": FTLConfig(steps=3), "rome": ROMEConfig(v_steps=3, stats_tokens=4000),
                 "memit": MEMITConfig(v_steps=3, stats_tokens=4000),
                 "kn_update": KNEditorConfig(locator="contribution"),
-                "kn_erase": KNEditorConfig(locator="contribution"), "fine": FiNEConfig(steps=3, freeze_last=1)}
+                "kn_erase": KNEditorConfig(locator="contribution"),
+                "fine": FiNEConfig(steps=3, freeze_last=1),
+                "kne": KNEConfig(ig_steps=2, steps=3), "tnf_da": TNFDAConfig(n_noise=1, steps=3)}
     return {"ft_l": FTLConfig(), "rome": ROMEConfig(), "memit": MEMITConfig(),
-            "kn_update": KNEditorConfig(), "kn_erase": KNEditorConfig(), "fine": FiNEConfig()}
+            "kn_update": KNEditorConfig(), "kn_erase": KNEditorConfig(), "fine": FiNEConfig(),
+            "kne": KNEConfig(), "tnf_da": TNFDAConfig()}
 
 
 def _read_rows(path: Path) -> dict[int, dict]:

@@ -33,13 +33,15 @@ def test_edit_benchmark_quick(tmp_path, monkeypatch, capsys):
     edit_benchmark.main()
     doc = json.loads((tmp_path / "quick" / "edit_benchmark_tiny-llama.json").read_text())
     methods = doc["results"]["methods"]
-    assert set(methods) == {"ft_l", "rome", "memit", "kn_update", "kn_erase", "fine", "memit@2"}
+    assert set(methods) == {"ft_l", "rome", "memit", "kn_update", "kn_erase", "fine", "kne",
+                            "tnf_da", "memit@2"}
     for name, m in methods.items():
         assert set(m["after"]) == {"counterfact", "tokens", "generation"}, name
         assert len(m["rows"]) == 2 and m["n_edits"] + m["n_refused"] >= 1
         assert "Score" in m["after"]["counterfact"]
     assert methods["memit@2"]["batch"] == 2 and methods["memit"]["batch"] == 1
-    assert methods["fine"]["n_refused"] == 0 and methods["fine"]["n_edits"] == 2
+    for name in ("fine", "kne", "tnf_da"):
+        assert methods[name]["n_refused"] == 0 and methods[name]["n_edits"] == 2, name
     out = capsys.readouterr().out
     assert "counterfact protocol" in out and "| ES |" in out
     figs = tmp_path / "quick" / "figures"
