@@ -92,6 +92,35 @@ def editor_configs(args) -> dict:
             "kne": KNEConfig(), "tnf_da": TNFDAConfig()}
 
 
+# The papers' ablations as named variants: label -> (editor, changes to its config). They run
+# through the same resumable loop and harness as the editors (``--methods fine_random,...``).
+VARIANTS = {
+    "fine_random": ("fine", {"neurons": "random"}),  # FiNE Table 2 "w/o Loc."
+    "fine_no_lf": ("fine", {"freeze_last": 0}),  # FiNE Table 2 "w/o LF"
+    "fine_no_kl": ("fine", {"alpha": 0.0}),  # FiNE Table 12 "w/o L_KL"
+    "fine_no_pen": ("fine", {"beta": 0.0}),  # FiNE Table 12 "w/o L_pen"
+    "kne_w_in": ("kne", {"module": "W_in"}),  # KNE Sec. 4.3 module study
+    "kne_w_gate": ("kne", {"module": "W_gate"}),
+    "tnf_da_atp": ("tnf_da", {"locator": "atp"}),  # AtP-ranked targeted neurons (fast)
+    "tnf_da_tnwp": ("tnf_da", {"prefixes": False}),  # TNF-DA Table 3 TNWP
+    "tnf_da_rn": ("tnf_da", {"neurons": "random"}),  # TNF-DA Table 4 Ours-RN
+    "tnf_da_da": ("tnf_da", {"augment": "random"}),  # TNF-DA Table 4 Ours-DA
+}
+
+
+def resolve(label: str, configs: dict):
+    """(editor name, config) of a method label: an editor or one of :data:`VARIANTS`."""
+    import dataclasses
+
+    if label in VARIANTS:
+        editor, changes = VARIANTS[label]
+        return editor, dataclasses.replace(configs[editor], **changes)
+    if label not in configs:
+        raise SystemExit(f"unknown method {label!r}: choose from {sorted(configs)} or the "
+                         f"variants {sorted(VARIANTS)}")
+    return label, configs[label]
+
+
 def _read_rows(path: Path) -> dict[int, dict]:
     rows = {}
     if path.exists():
@@ -126,6 +155,9 @@ def compute(args) -> None:
     from kn_lens.models import model_info
 
     started = time.time()
+    for m in args.methods.split(","):  # fail on a bad name before any model work
+        if m.strip():
+            resolve(m.strip().partition("@")[0], editor_configs(args))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model in _common.TINY_MODELS:  # real prompts + prefixes need more than 64 positions
@@ -169,8 +201,9 @@ def compute(args) -> None:
         runs.append((name, min(int(k), len(requests)) if k else 1))
     if "memit" in methods and args.memit_batch > 1 and not any(b > 1 for _, b in runs):
         runs.append(("memit", min(args.memit_batch, len(requests))))
-    for method, batch in runs:
-        label = method if batch == 1 else f"{method}@{batch}"
+    for name, batch in runs:
+        method, config = resolve(name, configs)
+        label = name if batch == 1 else f"{name}@{batch}"
         path = cache / f"{label}.jsonl"
         done = _read_rows(path)
         todo = [i for i in range(len(requests)) if i not in done]
@@ -180,7 +213,7 @@ def compute(args) -> None:
             t0 = time.perf_counter()
             refused = None
             try:
-                e = edit(model, [requests[i] for i in idx], method=method, config=configs[method],
+                e = edit(model, [requests[i] for i in idx], method=method, config=config,
                          seed=args.seed)
             except KnLensError as exc:  # the method cannot make this edit: judged as no edit
                 refused = f"{type(exc).__name__}: {exc}"
@@ -372,7 +405,8 @@ def main() -> None:
     ap = _common.parser(__doc__.splitlines()[0])
     _common.add_fact_args(ap)
     ap.add_argument("--n-requests", type=int, default=None, help="default 200 (quick: 2)")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of editors; NAME@K: batches of K requests (e.g. memit@100)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of editors or ablation variants (VARIANTS: fine_random, tnf_da_tnwp, ...); "
+                    "NAME@K: batches of K requests (e.g. memit@100)")
     ap.add_argument("--memit-batch", type=int, default=100, help="MEMIT batch size (1 = off)")
     ap.add_argument("--partial", action="store_true",
                     help="also aggregate methods whose rows are not complete (marked n/N)")

@@ -89,3 +89,27 @@ def test_cli_edit_parser():
     assert a.method == "rome" and a.new_object == "Rome" and a.load is None
     a = build_parser().parse_args(["edit", "The Eiffel Tower is located in", "--load", "dir"])
     assert a.new_object is None and a.load == "dir"
+
+
+def test_benchmark_ablation_variants(tmp_path, monkeypatch):
+    """Each variant is its editor with the paper's ablation applied; a bad name fails before any
+    model work; a variant runs through the same loop (rows under its own label)."""
+    args = edit_benchmark_args(["--results-dir", str(tmp_path)])
+    configs = edit_benchmark.editor_configs(args)
+    for label, (editor, changes) in edit_benchmark.VARIANTS.items():
+        name, cfg = edit_benchmark.resolve(label, configs)
+        assert name == editor and type(cfg) is type(configs[editor])
+        assert all(getattr(cfg, k) == v for k, v in changes.items()), label
+        assert any(getattr(configs[editor], k) != v for k, v in changes.items()), label
+    assert edit_benchmark.resolve("rome", configs) == ("rome", configs["rome"])
+    argv = ["edit_benchmark.py", "--model", "tiny-llama", "--no-known-filter", "--quick",
+            "--results-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv + ["--methods", "fine,nope"])
+    with pytest.raises(SystemExit, match="unknown method 'nope'"):
+        edit_benchmark.main()
+    assert not (tmp_path / "quick").exists() or not list((tmp_path / "quick").rglob("*.jsonl"))
+    monkeypatch.setattr(sys, "argv", argv + ["--methods", "fine_random"])
+    edit_benchmark.main()
+    doc = json.loads((tmp_path / "quick" / "edit_benchmark_tiny-llama.json").read_text())
+    m = doc["results"]["methods"]["fine_random"]
+    assert m["n_edits"] == 2 and m["n_refused"] == 0
