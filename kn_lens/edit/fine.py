@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import torch
 
 from kn_lens.edit.delta import Edit, w_out_rows
+from kn_lens.edit.kn import _by_layer, _check_neurons
 from kn_lens.edit.optimise import (KL, NLL, OptimConfig, RepetitionPenalty, Target, kl_examples,
                                    optimise)
 from kn_lens.edit.requests import check_layer, check_requests, rewrite_queries
@@ -146,11 +147,8 @@ def fine(model: "HookedTransformer", requests: Sequence[EditRequest], *,
         if bad:
             raise ConfigError(f"neurons outside the layers FiNE may edit ({layers[0]}..{layers[-1]}"
                               f" x {model.cfg.d_mlp}): {bad[:5]}")
-    if not len(neurons):
-        raise ConfigError("FiNE: no neurons to edit (the neuron set is empty)")
-    by_layer: dict[int, list[int]] = {}
-    for n in neurons:
-        by_layer.setdefault(n.layer, []).append(n.index)
+    _check_neurons(model, neurons)  # typed errors: empty, outside the model
+    by_layer = _by_layer(neurons)
     queries = [q for r in requests for q in rewrite_queries(model, r)]
     terms = [NLL(queries)]
     if cfg.alpha:

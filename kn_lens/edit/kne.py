@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import torch
 
 from kn_lens.edit.delta import Edit, WeightDelta, param_name
+from kn_lens.edit.kn import _by_layer, _check_neurons
 from kn_lens.edit.optimise import KL, NLL, OptimConfig, Target, kl_examples, optimise
 from kn_lens.edit.requests import check_requests, essence_queries, rewrite_queries
 from kn_lens.errors import ConfigError
@@ -95,18 +96,12 @@ def kne(model: "HookedTransformer", requests: Sequence[EditRequest], *,
         raise ConfigError("KNE module W_gate: the model's MLP is not gated")
     if neurons is None:
         neurons = locate_ensemble(model, requests, config=cfg)
-    else:
-        neurons = neurons if isinstance(neurons, NeuronSet) else NeuronSet(neurons)
-        bad = [n for n in neurons
-               if not (0 <= n.layer < model.cfg.n_layers and 0 <= n.index < model.cfg.d_mlp)]
-        if bad:
-            raise ConfigError(f"ensemble neurons outside the model: {bad[:5]}")
-    if not len(neurons):
-        raise ConfigError("KNE: the ensemble is empty (no attribution reaches the quantile "
-                          "threshold); lower KNEConfig.quantile")
-    by_layer: dict[int, list[int]] = {}
-    for n in neurons:
-        by_layer.setdefault(n.layer, []).append(n.index)
+        if not len(neurons):
+            raise ConfigError("KNE: the ensemble is empty (no attribution reaches the quantile "
+                              "threshold); lower KNEConfig.quantile")
+    neurons = neurons if isinstance(neurons, NeuronSet) else NeuronSet(neurons)
+    _check_neurons(model, neurons)  # typed errors: empty, outside the model
+    by_layer = _by_layer(neurons)
     targets = [Target.rows(layer, idx, cfg.module, scale=cfg.alpha / math.sqrt(len(idx)))
                for layer, idx in sorted(by_layer.items())]
     queries = [q for r in requests for q in rewrite_queries(model, r)]

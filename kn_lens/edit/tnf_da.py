@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import torch
 
 from kn_lens.edit.delta import Edit, w_in_columns, w_out_rows
+from kn_lens.edit.kn import _by_layer, _check_neurons
 from kn_lens.edit.optimise import KL, NLL, OptimConfig, Target, kl_examples, optimise
 from kn_lens.edit.requests import check_requests, rewrite_queries
 from kn_lens.errors import ConfigError
 from kn_lens.facts import EditRequest, query_from_prompt
 from kn_lens.models import model_info
-from kn_lens.neurons import Neuron, NeuronSet, top_fraction, union
+from kn_lens.neurons import NeuronSet, random_like, top_fraction, union
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -102,9 +103,7 @@ def targeted_neurons(model: "HookedTransformer", requests: Sequence[EditRequest]
         return located
     if generator is None:
         raise ConfigError("random TNF-DA neurons need a generator (edit(..., seed=...) passes one)")
-    d = model.cfg.d_mlp
-    flat = torch.randperm(model.cfg.n_layers * d, generator=generator)[:len(located)]
-    return NeuronSet(Neuron(int(i) // d, int(i) % d) for i in flat)
+    return random_like(located, model.cfg.n_layers, model.cfg.d_mlp, generator=generator)
 
 
 def augmentation_prompts(request: EditRequest, config: TNFDAConfig,
@@ -150,17 +149,9 @@ def tnf_da(model: "HookedTransformer", requests: Sequence[EditRequest], *,
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     if neurons is None:
         neurons = targeted_neurons(model, requests, config=cfg, generator=generator)
-    else:
-        neurons = neurons if isinstance(neurons, NeuronSet) else NeuronSet(neurons)
-        bad = [n for n in neurons
-               if not (0 <= n.layer < model.cfg.n_layers and 0 <= n.index < model.cfg.d_mlp)]
-        if bad:
-            raise ConfigError(f"targeted neurons outside the model: {bad[:5]}")
-    if not len(neurons):
-        raise ConfigError("TNF-DA: no targeted neurons (the neuron set is empty)")
-    by_layer: dict[int, list[int]] = {}
-    for n in neurons:
-        by_layer.setdefault(n.layer, []).append(n.index)
+    neurons = neurons if isinstance(neurons, NeuronSet) else NeuronSet(neurons)
+    _check_neurons(model, neurons)  # typed errors: empty, outside the model
+    by_layer = _by_layer(neurons)
     kinds = ["W_in", "W_gate", "W_out"] if model.cfg.gated_mlp else ["W_in", "W_out"]
     targets = [Target.rows(layer, idx, kind) for layer, idx in sorted(by_layer.items())
                for kind in kinds]
