@@ -103,3 +103,13 @@ def test_synapse_view():
         viz.synapse_view(tokens, pats, layer=5)
     with pytest.raises(ValueError):
         viz.attention_view(tokens[:3], pats[0])
+
+
+def test_curves(tmp_path):
+    panels = {"ES": {"rome": [(1, 1.0, 0.9, 1.0), (10, 0.8, 0.7, 0.9), (100, 0.3, 0.2, 0.4)],
+                     "fine": [(1, 1.0), (10, None), (100, float("nan"))]},  # gaps are skipped
+              "dppl": {"rome": [(100, 2.5, None, None), (1, 0.01, None, None)]}}  # unsorted
+    _check_png(viz.plot_curves(panels, tmp_path / "c.png", xlabel="edits", log_x=True,
+                               title="sequential"))
+    with pytest.raises(ValueError):
+        viz.plot_curves({}, tmp_path / "bad.png", xlabel="x")

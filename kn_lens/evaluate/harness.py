@@ -347,6 +347,16 @@ def _dppl(model, edit: Edit, reference, fwd_hooks) -> float | None:
     return relative_ppl_change(before, perplexity(model, reference, fwd_hooks=fwd_hooks))
 
 
+def edit_dppl(model: "HookedTransformer", edit: Edit, reference: PreparedReference, *,
+              apply: str = "hooks") -> float:
+    """dPPL of ``edit`` on prepared reference prose (the generation protocol's dPPL, for runs
+    that judge without generating: sequential and batch curves)."""
+    if reference is None:
+        raise ConfigError("edit_dppl needs a PreparedReference (prepare_reference)")
+    with edit_active(model, edit, apply) as fwd:
+        return _dppl(model, edit, reference, fwd)
+
+
 def _probesets(model, items, cfg: HarnessConfig) -> list[ProbeSet]:
     out = []
     for it in items:

@@ -1,5 +1,6 @@
 """Figures (matplotlib, Agg, PNG files from plain data) and circuitsvis views."""
 from kn_lens.viz.attention import attention_view, synapse_view
+from kn_lens.viz.experiments import plot_curves, plot_violins
 from kn_lens.viz.figures import (
     plot_activation_heatmaps,
     plot_cs_histogram,
@@ -15,5 +16,5 @@ from kn_lens.viz.figures import (
 __all__ = [
     "attention_view", "synapse_view", "plot_activation_heatmaps", "plot_cs_histogram",
     "plot_cumulative_share", "plot_grouped_bars", "plot_layer_distribution", "plot_score_heatmap",
-    "plot_synapse_effects", "plot_table", "plot_tradeoff",
+    "plot_synapse_effects", "plot_table", "plot_tradeoff", "plot_curves", "plot_violins",
 ]

@@ -9,7 +9,7 @@ import numpy as np
 
 from kn_lens.viz.figures import DPI, _new, _save
 
-__all__ = ["plot_violins"]
+__all__ = ["plot_curves", "plot_violins"]
 
 
 def plot_violins(data: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, *,
@@ -52,4 +52,61 @@ def plot_violins(data: Mapping[str, Mapping[str, Sequence[float]]], path: str | 
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
     ax.legend(fontsize=8)
+    return _save(fig, path, dpi)
+
+
+def plot_curves(panels: Mapping[str, Mapping[str, Sequence[Sequence[float | None]]]],
+                path: str | Path, *, xlabel: str, log_x: bool = False, title: str = "",
+                dpi: int = DPI) -> Path:
+    """One panel per metric, one line per series: ``panels[metric][series]`` is a list of
+    ``(x, y)`` or ``(x, y, lo, hi)`` points (None / NaN are skipped; lo/hi draw a band).
+    Sequential-editing curves (metric against edits applied) and batch-size curves."""
+    if not panels or not any(panels.values()):
+        raise ValueError("no curves to plot")
+    names = list(panels)
+    ncols = min(3, len(names))
+    nrows = -(-len(names) // ncols)
+    fig, axes = _new(4.0 * ncols, 3.2 * nrows, nrows, ncols)
+    series: list[str] = []
+    for name in names:
+        for s in panels[name]:
+            if s not in series:
+                series.append(s)
+    colour = {s: f"C{i % 10}" for i, s in enumerate(series)}
+    for k, name in enumerate(names):
+        ax = axes[k // ncols, k % ncols]
+        for s, pts in panels[name].items():
+            pts = sorted((p for p in pts if p[1] is not None and math.isfinite(p[1])),
+                         key=lambda p: p[0])
+            if not pts:
+                continue
+            x = np.array([p[0] for p in pts], dtype=float)
+            y = np.array([p[1] for p in pts], dtype=float)
+            ax.plot(x, y, "o-", color=colour[s], ms=3, lw=1.2, label=s)
+            band = [p for p in pts if len(p) >= 4 and p[2] is not None and p[3] is not None]
+            if len(band) == len(pts) and len(pts) > 1:
+                ax.fill_between(x, [p[2] for p in pts], [p[3] for p in pts], color=colour[s],
+                                alpha=0.15, lw=0)
+        if log_x:
+            ax.set_xscale("log")
+            xs = sorted({p[0] for pts in panels[name].values() for p in pts})
+            if 0 < len(xs) <= 8:  # the checkpoints / batch sizes themselves, in plain numbers
+                ax.set_xticks(xs, [f"{v:g}" for v in xs])
+                ax.minorticks_off()
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    for k in range(len(names), nrows * ncols):
+        axes[k // ncols, k % ncols].set_visible(False)
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 7),
+                   fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
     return _save(fig, path, dpi)

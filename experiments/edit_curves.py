@@ -1,0 +1,489 @@
+"""Sequential- and batch-editing curves: how fast each editor forgets or collapses as edits pile
+up, and what one edit of K requests costs against K single edits.
+
+Requests: the first ``--n-requests`` (default 100) of the editing benchmark's requests
+(``edit_benchmark.py``: same facts, new objects, probe sets and seed; the pool is the benchmark's
+200 on SmolLM2, 100 on Gemma-3). Judged on the CounterFact and token-accuracy protocols of
+``kn_lens.evaluate.harness`` (generation is left out: it would multiply the cost by ~3) plus dPPL
+of every judged edit on the benchmark's reference prose.
+
+- ``--mode sequential``: N edits applied one after another, each computed on the model with all
+  earlier edits materialised (``harness.sequential``'s definition); at each checkpoint n
+  (``--checkpoints``, default 1, 10, 25, 50, 100) requests 1..n are re-judged under the
+  composition of the n edits. Resumable after every edit: the composed edit is saved to
+  ``results/cache/edit_curves_<model>_<key>/seq_<method>/step/`` with the step count.
+- ``--mode batch``: the requests edited in consecutive batches of K (``--batch-sizes``, default
+  1, 10, 100), each request judged under its batch's edit. K = 1 reuses the benchmark's rows of
+  the same requests when they exist (its cache or rows archive), else computes them here.
+
+``--archive-rows`` gzips the rows (and the sequential checkpoints) next to the results; a run on
+another machine resumes from that file (the composed edit of an unfinished sequential run is
+rebuilt by replaying its edits, which are deterministic for a fixed seed).
+
+    python experiments/edit_curves.py --quick                                  # CI
+    python experiments/edit_curves.py --mode sequential --methods rome,memit --threads 1
+    python experiments/edit_curves.py --mode batch --methods memit,fine --batch-sizes 1,10,100
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import pickle
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+import _common  # noqa: E402
+import edit_benchmark as bench  # noqa: E402  (the benchmark's requests and editor configs)
+
+NAME = "edit_curves"
+SEQ_METHODS = ("ft_l", "rome", "memit", "kn_update", "fine", "kne", "tnf_da_atp")
+BATCH_METHODS = ("ft_l", "rome", "memit", "fine", "kne", "tnf_da_atp")
+PROTOCOLS = ("counterfact", "tokens")
+PLOT = (("counterfact", "ES"), ("counterfact", "PS"), ("counterfact", "NS"),
+        ("tokens", "locality"), ("tokens", "rewrite_acc"), ("dppl", "dppl"))
+
+
+def _pool(args) -> int:
+    if args.quick:
+        return args.n_requests
+    return 100 if args.model.startswith("gemma") else 200
+
+
+def _bench_args(args) -> argparse.Namespace:
+    """The benchmark's arguments whose requests these are (same pool, seed and filter)."""
+    return argparse.Namespace(results_dir=args.results_dir, model=args.model, quick=args.quick,
+                              n_requests=_pool(args), seed=args.seed, n_facts=None,
+                              max_new_tokens=8 if args.quick else 32,
+                              no_known_filter=args.no_known_filter)
+
+
+def _key(args) -> str:
+    cfg = {k: getattr(args, k) for k in ("n_requests", "seed", "quick", "no_known_filter")}
+    cfg["pool"] = _pool(args)
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def cache_dir(args) -> Path:
+    d = Path(args.results_dir) / "cache" / f"{NAME}_{args.model}{'_quick' if args.quick else ''}_{_key(args)}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        out = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit(f"--{what} must be a comma list of integers, got {text!r}") from None
+    if not out or out[0] < 1:
+        raise SystemExit(f"--{what} must be positive integers, got {text!r}")
+    return out
+
+
+def _read_jsonl(path: Path, key) -> dict:
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError:  # killed mid-write: that line is redone
+                    continue
+                out[key(d)] = d
+    return out
+
+
+def _append(path: Path, items) -> None:
+    with path.open("a") as f:
+        for it in items:
+            f.write(json.dumps(it) + "\n")
+        f.flush()
+
+
+# --------------------------------------------------------------------------- compute
+
+
+def compute(args) -> None:
+    import torch
+
+    from kn_lens.datasets import builtin_dataset
+    from kn_lens.evaluate import prepare_reference, reference_slices
+    from kn_lens.evaluate.harness import HarnessConfig, measure
+    from kn_lens.evaluate.probes import probe_sets
+    from kn_lens.models import model_info
+
+    started = time.time()
+    configs = bench.editor_configs(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:  # a bad name fails before any model work
+        bench.resolve(m, configs)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model in _common.TINY_MODELS:
+        from kn_lens import testing
+
+        model = getattr(testing, args.model.replace("-", "_"))(seed=args.seed, n_ctx=256)
+    else:
+        model = _common.load_experiment_model(args.model, args.seed)
+    bargs = _bench_args(args)
+    pool = bench.build_requests(bargs, model, builtin_dataset())
+    if args.n_requests > len(pool):
+        raise SystemExit(f"--n-requests {args.n_requests} > the benchmark's {len(pool)} requests")
+    requests = pool[:args.n_requests]
+    hcfg = HarnessConfig(protocols=PROTOCOLS, seed=args.seed,
+                         n_bootstrap=200 if args.quick else 1000)
+    cache = cache_dir(args)
+    print(f"{args.mode}: {len(requests)} requests; state in {cache}")
+    _seed_from_archive(args, cache)
+    pss = probe_sets(model, requests, n_prefix_probes=hcfg.n_prefix_probes, seed=args.seed)
+    before_file = cache / "before.pkl"
+    if before_file.exists():
+        before = pickle.loads(before_file.read_bytes())
+    else:
+        before = measure(model, pss, config=hcfg)
+        tmp = before_file.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(before))
+        tmp.replace(before_file)
+    n_slices, slice_len = (2, 64) if args.quick else (8, 128)
+    reference = prepare_reference(model, reference_slices(model, n_slices, slice_len,
+                                                          seed=args.seed))
+    ctx = dict(model=model, requests=requests, pss=pss, before=before, hcfg=hcfg,
+               reference=reference, configs=configs, cache=cache)
+    if args.mode == "sequential":
+        cps = [c for c in _ints(args.checkpoints, "checkpoints") if c <= len(requests)]
+        if len(requests) not in cps:
+            cps.append(len(requests))
+        for m in methods:
+            _sequential(args, m, cps, **ctx)
+    else:
+        for m in methods:
+            for k in _ints(args.batch_sizes, "batch-sizes"):
+                _batch(args, m, min(k, len(requests)), **ctx)
+    _save(args, cache, requests, hcfg, model, configs, started, model_info(model))
+
+
+def _judge(model, e, pss, before, hcfg, reference, edit_index):
+    from kn_lens.evaluate.harness import edit_dppl, judge
+
+    rows = judge(model, e, pss, before, config=hcfg, edit_index=edit_index)
+    return [r.to_dict() for r in rows], edit_dppl(model, e, reference)
+
+
+def _sequential(args, label, cps, *, model, requests, pss, before, hcfg, reference, configs,
+                cache) -> None:
+    from kn_lens.edit import Edit, compose, edit
+    from kn_lens.models import model_info
+
+    method, config = bench.resolve(label, configs)
+    folder = cache / f"seq_{label}"
+    folder.mkdir(exist_ok=True)
+    cp_file = folder / "checkpoints.jsonl"
+    done = _read_jsonl(cp_file, lambda d: d["n"])
+    state_dir = folder / "step"
+    if (state_dir / "state.json").exists():
+        state = json.loads((state_dir / "state.json").read_text())
+        total = Edit.load(state_dir / "edit")
+    else:
+        state = {"k": 0, "seconds": [], "n_params": []}
+        total = Edit((), model=model_info(model))
+    k = state["k"]
+    if k >= len(requests) and all(c in done for c in cps):
+        print(f"sequential {label}: {k} edits done")
+        return
+    if k == 0 and done:  # checkpoints from the archive but no saved edit: replay the edits
+        print(f"sequential {label}: replaying edits up to checkpoint {max(done)}")
+    print(f"sequential {label}: {k} edits done, {len(requests) - k} to go")
+    for i in range(k, len(requests)):
+        t0 = time.perf_counter()
+        with total.applied(model):  # each edit is computed on the model with every earlier one
+            e = edit(model, [requests[i]], method=method, config=config, seed=args.seed)
+        secs = time.perf_counter() - t0
+        total = compose([total, e], description=f"{label}: {i + 1} sequential edits")
+        total = Edit(total.deltas, total.description, total.method, total.model,
+                     {"n_edits": i + 1})  # not the 100 configs of the parts
+        state["seconds"].append(secs)
+        state["n_params"].append(e.n_params)
+        n = i + 1
+        if n in cps and n not in done:
+            t1 = time.perf_counter()
+            rows, dppl = _judge(model, total, pss[:n], before[:n], hcfg, reference, i)
+            item = {"n": n, "dppl": dppl, "composite_params": total.n_params,
+                    "seconds_per_edit": sum(state["seconds"]) / n, "rows": rows}
+            _append(cp_file, [item])
+            done[n] = item
+            print(f"  {label} n={n}: ES {_mean(rows, 'counterfact', 'ES'):.2f} NS "
+                  f"{_mean(rows, 'counterfact', 'NS'):.2f} locality "
+                  f"{_mean(rows, 'tokens', 'locality'):.2f} dPPL {dppl:.3g} "
+                  f"(judged in {time.perf_counter() - t1:.0f} s)", flush=True)
+        state["k"] = n
+        _save_state(state_dir, total, state)
+        if n % 10 == 0:
+            print(f"  {label}: {n} edits, {secs:.1f} s for the last", flush=True)
+
+
+def _save_state(state_dir: Path, total, state: dict) -> None:
+    """The composed edit and the step count, replaced as one directory (never half-written)."""
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    total.save(tmp / "edit")
+    (tmp / "state.json").write_text(json.dumps(state))
+    old = state_dir.with_name(state_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if state_dir.exists():
+        state_dir.rename(old)
+    tmp.rename(state_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _mean(rows, proto, metric) -> float:
+    vals = [r["after"][proto][metric] for r in rows
+            if r["after"].get(proto, {}).get(metric) is not None
+            and r["after"][proto][metric] == r["after"][proto][metric]]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _bench_rows(args, label: str) -> dict[int, dict]:
+    """The benchmark's batch-size-1 rows of these requests (its cache, seeded from its archive)."""
+    bargs = _bench_args(args)
+    bcache = bench.cache_dir(bargs)
+    bench._seed_from_archive(bargs, bcache)
+    rows = bench._read_rows(bcache / f"{label}.jsonl")
+    return {i: rows[i] for i in range(args.n_requests) if i in rows}
+
+
+def _batch(args, label, k, *, model, requests, pss, before, hcfg, reference, configs,
+           cache) -> None:
+    from kn_lens.edit import Edit, edit
+    from kn_lens.errors import KnLensError
+    from kn_lens.models import model_info
+
+    method, config = bench.resolve(label, configs)
+    path = cache / f"batch_{label}@{k}.jsonl"
+    done = _read_jsonl(path, lambda d: d["row"]["case_id"])
+    if k == 1 and len(done) < len(requests):
+        reuse = {i: d for i, d in _bench_rows(args, label).items() if i not in done}
+        if reuse:  # the benchmark's rows, restricted to this run's protocols
+            _append(path, [{"row": {**d["row"], "after": {p: d["row"]["after"][p] for p in PROTOCOLS},
+                                    "before": {p: d["row"]["before"][p] for p in PROTOCOLS}},
+                            "seconds": d["seconds"], "n_params": d["n_params"],
+                            "dppl": d["row"]["after"].get("generation", {}).get("dppl"),
+                            "n_requests_in_edit": 1, "refused": d.get("refused"),
+                            "from": "edit_benchmark"} for d in reuse.values()])
+            done.update(_read_jsonl(path, lambda d: d["row"]["case_id"]))
+            print(f"batch {label}@1: {len(reuse)} rows from the edit benchmark")
+    todo = [i for i in range(len(requests)) if i not in done]
+    print(f"batch {label}@{k}: {len(done)} done, {len(todo)} to go")
+    # whole batches only: a batch is the same K requests whether or not the run was interrupted
+    starts = sorted({(i // k) * k for i in todo})
+    for s in starts:
+        idx = list(range(s, min(s + k, len(requests))))
+        t0 = time.perf_counter()
+        refused = None
+        try:
+            e = edit(model, [requests[i] for i in idx], method=method, config=config,
+                     seed=args.seed)
+        except KnLensError as exc:  # judged as no edit, counted
+            refused = f"{type(exc).__name__}: {exc}"
+            e = Edit((), "refused", method, model_info(model))
+        secs = time.perf_counter() - t0
+        rows, dppl = _judge(model, e, [pss[i] for i in idx], [before[i] for i in idx], hcfg,
+                            reference, s)
+        _append(path, [{"row": r, "seconds": secs, "n_params": e.n_params, "dppl": dppl,
+                        "n_requests_in_edit": len(idx), "refused": refused} for r in rows])
+        print(f"  {label}@{k} {s}: {secs:.1f} s, ES {_mean(rows, 'counterfact', 'ES'):.2f} "
+              f"NS {_mean(rows, 'counterfact', 'NS'):.2f} dPPL {dppl:.3g}", flush=True)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _aggs(rows, hcfg) -> dict:
+    from kn_lens.evaluate.harness import aggregate
+
+    agg = aggregate([r["after"] for r in rows], hcfg)
+    return {p: {m: {"mean": bench._r(a.mean), "lo": bench._r(a.lo), "hi": bench._r(a.hi),
+                    "n": a.n} for m, a in ms.items()} for p, ms in agg.items()}
+
+
+def _save(args, cache, requests, hcfg, model, configs, started, info) -> None:
+    import statistics
+
+    from kn_lens.evaluate.harness import aggregate
+
+    n_total = sum(p.numel() for p in model.parameters())
+    seq, batch = {}, {}
+    for folder in sorted(cache.glob("seq_*")):
+        if not folder.is_dir():
+            continue
+        cps = _read_jsonl(folder / "checkpoints.jsonl", lambda d: d["n"])
+        if not cps:
+            continue
+        seq[folder.name[4:]] = {str(n): {
+            "after": _aggs(d["rows"], hcfg), "dppl": bench._r(d["dppl"]),
+            "composite_params": d["composite_params"],
+            "share_changed": d["composite_params"] / n_total,
+            "seconds_per_edit": bench._r(d["seconds_per_edit"], 2)} for n, d in sorted(cps.items())}
+    for path in sorted(cache.glob("batch_*.jsonl")):
+        label, _, k = path.stem[6:].rpartition("@")
+        items = _read_jsonl(path, lambda d: d["row"]["case_id"])
+        items = [items[i] for i in range(len(requests)) if i in items]
+        if not items:
+            continue
+        per_edit = {}
+        for it in items:
+            per_edit.setdefault(it["row"]["edit_index"], it)
+        d = [it["dppl"] for it in per_edit.values() if it.get("dppl") is not None]
+        batch.setdefault(label, {})[k] = {
+            "complete": len(items) >= len(requests), "n_requests_done": len(items),
+            "n_edits": len(per_edit), "n_refused": sum(bool(it.get("refused")) for it in items),
+            "after": _aggs([it["row"] for it in items], hcfg),
+            "before": {p: {m: {"mean": bench._r(a.mean)} for m, a in ms.items()}
+                       for p, ms in aggregate([it["row"]["before"] for it in items], hcfg).items()},
+            "dppl_median": bench._r(statistics.median(d)) if d else None,
+            "seconds_per_edit": bench._r(statistics.median(it["seconds"] for it in per_edit.values()), 2),
+            "seconds_per_request": bench._r(sum(it["seconds"] for it in per_edit.values()) / len(items), 3),
+            "params_changed": sum(it["n_params"] for it in per_edit.values()) / len(per_edit),
+            "from_benchmark": sum(it.get("from") == "edit_benchmark" for it in items)}
+    old = {}
+    path = _common.result_path(args, NAME)
+    if path.exists():  # the other mode's results are kept
+        old = json.loads(path.read_text())["results"]
+    payload = {"requests": [{"case_id": r.case_id, "subject": r.fact.subject, "old": r.fact.object,
+                             "new": r.new_object} for r in requests],
+               "sequential": {**old.get("sequential", {}), **seq},
+               "batch": {**old.get("batch", {}), **batch}}
+    config = {"editors": configs, "harness": hcfg, "n_requests": len(requests),
+              "pool": _pool(args)}
+    _common.save_results(args, NAME, payload, config, info, started)
+    if args.archive_rows:
+        _archive(args, cache)
+
+
+def _archive_path(args) -> Path:
+    return _common.result_path(args, NAME).with_suffix(".rows.jsonl.gz")
+
+
+def _archive(args, cache: Path) -> None:
+    path, n = _archive_path(args), 0
+    tmp = path.with_suffix(".tmp")
+    with gzip.open(tmp, "wt") as f:
+        for p in sorted(cache.glob("batch_*.jsonl")):
+            for d in _read_jsonl(p, lambda d: d["row"]["case_id"]).values():
+                f.write(json.dumps({"key": _key(args), "file": p.name, **d}) + "\n")
+                n += 1
+        for p in sorted(cache.glob("seq_*/checkpoints.jsonl")):
+            for d in _read_jsonl(p, lambda d: d["n"]).values():
+                f.write(json.dumps({"key": _key(args), "file": f"{p.parent.name}/{p.name}", **d})
+                        + "\n")
+                n += 1
+    tmp.replace(path)
+    print(f"{n} rows / checkpoints archived in {path}")
+
+
+def _seed_from_archive(args, cache: Path) -> None:
+    path = _archive_path(args)
+    if not path.exists():
+        return
+    by_file: dict[str, list[dict]] = {}
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            d = json.loads(line)
+            if d.pop("key") == _key(args):
+                by_file.setdefault(d.pop("file"), []).append(d)
+    for name, items in by_file.items():
+        target = cache / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        key = (lambda d: d["n"]) if name.startswith("seq_") else (lambda d: d["row"]["case_id"])
+        have = _read_jsonl(target, key)
+        new = [d for d in items if key(d) not in have]
+        if new:
+            _append(target, new)
+            print(f"{name}: {len(new)} from {path.name}")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(args) -> None:
+    from kn_lens.viz import plot_curves
+
+    r = _common.load_results(args, NAME)["results"]
+    figs = []
+    if r["sequential"]:
+        print(f"\nsequential editing ({len(r['requests'])} requests; mean over requests 1..n "
+              "after n edits):\n")
+        print("| method | n | ES | PS | NS | locality | rewrite_acc | dPPL | weights changed |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        curves: dict[str, dict[str, list]] = {}
+        for m, cps in r["sequential"].items():
+            for n, d in cps.items():
+                a = d["after"]
+                vals = [a[p][x]["mean"] if p != "dppl" else d["dppl"] for p, x in PLOT]
+                print(f"| {m} | {n} | " + " | ".join(_f(v) for v in vals[:5]) +
+                      f" | {_f(vals[5])} | {d['composite_params']:.3g} |")
+                for (p, x), v in zip(PLOT, vals):
+                    lo = hi = None
+                    if p != "dppl":
+                        lo, hi = a[p][x]["lo"], a[p][x]["hi"]
+                    curves.setdefault(x, {}).setdefault(m, []).append((int(n), v, lo, hi))
+        figs.append(plot_curves(curves, _common.figure_path(args, f"{NAME}_sequential"),
+                                xlabel="edits applied (n)", log_x=True,
+                                title=f"sequential editing ({args.model})"))
+    if r["batch"]:
+        print(f"\nbatch editing ({len(r['requests'])} requests, each judged under its batch's "
+              "edit):\n")
+        print("| method | batch | requests | ES | PS | NS | locality | rewrite_acc | dPPL median | "
+              "s/request |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        curves = {}
+        for m, ks in r["batch"].items():
+            for k, d in sorted(ks.items(), key=lambda kv: int(kv[0])):
+                a = d["after"]
+                vals = [a[p][x]["mean"] for p, x in PLOT[:5]]
+                print(f"| {m} | {k} | {d['n_requests_done']} | " + " | ".join(_f(v) for v in vals)
+                      + f" | {_f(d['dppl_median'])} | {d['seconds_per_request']:.2f} |")
+                for (p, x), v in zip(PLOT[:5], vals):
+                    curves.setdefault(x, {}).setdefault(m, []).append(
+                        (int(k), v, a[p][x]["lo"], a[p][x]["hi"]))
+                curves.setdefault("dppl", {}).setdefault(m, []).append(
+                    (int(k), d["dppl_median"], None, None))
+        figs.append(plot_curves(curves, _common.figure_path(args, f"{NAME}_batch"),
+                                xlabel="requests per edit (K)", log_x=True,
+                                title=f"batch editing ({args.model})"))
+    print("\nfigures " + " ".join(str(f) for f in figs))
+
+
+def _f(v) -> str:
+    return "n/a" if v is None or v != v else f"{v:.3g}"
+
+
+def main() -> None:
+    ap = _common.parser(__doc__.splitlines()[0])
+    _common.add_fact_args(ap)
+    ap.add_argument("--mode", choices=("sequential", "batch"), default="sequential")
+    ap.add_argument("--n-requests", type=int, default=None, help="default 100 (quick: 4)")
+    ap.add_argument("--methods", default=None,
+                    help=f"editors or benchmark variants (default: sequential {','.join(SEQ_METHODS)}; "
+                    f"batch {','.join(BATCH_METHODS)})")
+    ap.add_argument("--checkpoints", default="1,10,25,50,100")
+    ap.add_argument("--batch-sizes", default="1,10,100")
+    ap.add_argument("--archive-rows", action="store_true",
+                    help="gzip rows and checkpoints next to the results (a later run resumes)")
+    args = ap.parse_args()
+    if args.n_requests is None:
+        args.n_requests = args.n_facts or (4 if args.quick else 100)
+    if args.n_requests < 1:
+        raise SystemExit("--n-requests must be >= 1")
+    if args.methods is None:
+        args.methods = ",".join(SEQ_METHODS if args.mode == "sequential" else BATCH_METHODS)
+    _common.run(args, compute, report)
+
+
+if __name__ == "__main__":
+    main()
