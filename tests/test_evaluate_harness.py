@@ -51,6 +51,35 @@ def test_scorer_matches_full_forward(tiny_model):
         assert s.exact == all(x == y for x, y in zip(s.argmax, q.answer_ids))
 
 
+def test_scorer_shares_rows_of_identical_inputs(tiny_model):
+    """True and new one-token objects of one prompt read the same forward row: one row is run,
+    and every query gets exactly what scoring it alone gives."""
+    one = []  # objects that are one token after the prompt
+    for t in range(5, 5000):
+        word = tiny_model.tokenizer.decode([t]).strip()
+        if word.isalpha() and word not in one:
+            q = make_query(tiny_model, Fact("France", "capital", word), "The capital of {} is")
+            if q.n_answer == 1:
+                one.append(word)
+        if len(one) == 2:
+            break
+    qs = [make_query(tiny_model, Fact("France", "capital", w), "The capital of {} is")
+          for w in one] + [make_query(tiny_model, Fact("Japan", "capital", "Tokyo"),
+                                      "The capital of {} is")]
+    assert qs[0].input_ids == qs[1].input_ids and qs[0].answer_ids != qs[1].answer_ids
+    rows = []
+    hook = ("hook_embed", lambda act, hook: rows.append(act.shape[0]))
+    with tiny_model.hooks(fwd_hooks=[hook]):
+        got = score(tiny_model, qs)
+    assert rows == [2]  # three queries, two distinct inputs
+    for q, s in zip(qs, got):
+        (alone,) = score(tiny_model, [q])
+        assert s.answer_ids == tuple(q.answer_ids)
+        assert all(abs(x - y) < 1e-5 for x, y in zip(s.token_logprobs, alone.token_logprobs))
+        assert s.argmax == alone.argmax and s.ranks == alone.ranks
+    assert got[0].token_logprobs != got[1].token_logprobs
+
+
 def test_fluency_and_mentions():
     assert G.n_gram_entropy("a b a b a b") < G.n_gram_entropy("a b c d e f")
     # all-distinct bigrams and trigrams of 6 words: log2(5) x 2/3 and log2(4) x 4/3, averaged

@@ -178,17 +178,25 @@ def token_logprobs(logits: Float[Tensor, "_answer d_vocab"], answer_ids: Sequenc
 def score(model: "HookedTransformer", queries: Sequence[Query], *, fwd_hooks: list | None = None,
           batch_size: int = 32, top_k: int = 0) -> list[AnswerScore]:
     """:class:`AnswerScore` of every query (in order). Queries are grouped by length into
-    batches of ``batch_size``; ``top_k > 0`` also records the top-k tokens at the first answer
-    position. Raises NumericalError on non-finite logits."""
+    batches of ``batch_size``; queries with the same input tokens and answer positions (the
+    true and the new object of a probe when both are one token: the same prompt) share one
+    forward row. ``top_k > 0`` also records the top-k tokens at the first answer position.
+    Raises NumericalError on non-finite logits."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     queries = list(queries)
     out: list[AnswerScore | None] = [None] * len(queries)
-    order = sorted(range(len(queries)), key=lambda i: len(queries[i].input_ids))
+    users: dict[tuple, list[int]] = {}  # (input ids, answer positions) -> the queries reading it
+    for i, q in enumerate(queries):
+        users.setdefault((tuple(q.input_ids), tuple(q.answer_positions)), []).append(i)
+    rows = list(users.values())
+    order = sorted(range(len(rows)), key=lambda j: len(queries[rows[j][0]].input_ids))
     for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        chunk = [queries[i] for i in idx]
-        for i, q, lg in zip(idx, chunk, answer_logits(model, chunk, fwd_hooks=fwd_hooks)):
+        group = [rows[j] for j in order[s:s + batch_size]]
+        logits = answer_logits(model, [queries[g[0]] for g in group], fwd_hooks=fwd_hooks)
+        pairs = [(i, lg) for g, lg in zip(group, logits) for i in g]
+        for i, lg in pairs:
+            q = queries[i]
             lg = lg.float()
             if not torch.isfinite(lg).all():
                 raise NumericalError(f"non-finite logits while scoring {q.prompt!r}: the model or "
