@@ -237,6 +237,38 @@ def test_frozen_prefix_fast_path_is_exact(tiny_model):
             assert abs(a["loss"] - b["loss"]) < 1e-4
 
 
+def test_weight_deltas_share_rows_of_prefix_examples(tiny_model, monkeypatch):
+    """FiNE's NLL, KL and repetition rows are prefixes of one another: with weight deltas they
+    are read from one forward row each request, and the training is the same as with a row per
+    example (the causal model's logits at a position see only the tokens up to it)."""
+    _, qs = _nll_setup(tiny_model)
+
+    def terms():
+        return [O.NLL(qs), O.KL(O.kl_examples(qs, positions="prompt")),
+                O.RepetitionPenalty(qs, weight=0.5)]
+    cfg = O.OptimConfig(steps=4, lr=0.05)
+    targets = [O.Target.rows(1, [2, 5]), O.Target.rows(0, [1], "W_in")]
+    widths = []
+    hook = ("hook_embed", lambda act, hook: widths.append(act.shape[0]))
+    with tiny_model.hooks(fwd_hooks=[hook]):
+        shared = O.optimise(tiny_model, targets, terms(), config=cfg)
+    n_examples = sum(len(t.examples) for t in terms())
+    assert max(widths) == len({q.prompt for q in qs}) < n_examples
+
+    class Unshared(O._SharedRows):  # one row per example, the previous behaviour
+        def __init__(self, examples):
+            self.ids = [e.ids for e in examples]
+            self.positions = [list(e.positions) for e in examples]
+            self.owner = list(range(len(examples)))
+            self.index = [torch.arange(len(e.positions)) for e in examples]
+    monkeypatch.setattr(O, "_SharedRows", Unshared)
+    plain = O.optimise(tiny_model, targets, terms(), config=cfg)
+    for a, b in zip(shared.values, plain.values):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(shared.history, plain.history):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+
+
 class _Boom(O.LossTerm):
     name = "boom"
 

@@ -462,14 +462,23 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
         with torch.no_grad():
             frozen = _suffix.FrozenPrefix.build(model, ids, [e.site for e in examples], start) \
                 if fast else None
+            # weight deltas act on every position alike, so an example whose tokens begin
+            # another's reads its logits from that row (FiNE: NLL, KL and the repetition
+            # penalty all come from prompt + o* + o*): fewer, shared forward rows
+            rows = _SharedRows(examples) if not fast and all(
+                t.kind != "activation" for t in targets) else None
             if any(term.needs_reference for term in terms):
                 if frozen is not None:  # the same unedited forward pass
                     reference = _rows_logits(model, frozen.clean_final, positions)
+                elif rows is not None:
+                    reference = rows.split(logits_at(model, rows.ids, rows.positions))
                 else:
                     reference = logits_at(model, ids, positions)
                 for term, sl in zip(terms, spans):
                     term.prepare(reference[sl])
-            resid = model(pad_ids(model, ids), stop_at_layer=start) if (start and not fast) else None
+            run_ids = rows.ids if rows is not None else ids
+            resid = model(pad_ids(model, run_ids), stop_at_layer=start) \
+                if (start and not fast) else None
         run_examples = examples if not fast else [
             Example(e.ids, tuple(p - e.site for p in e.positions), e.group, 0) for e in examples]
         tensors = []
@@ -493,6 +502,9 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
             opt.zero_grad(set_to_none=True)
             if fast:
                 logits = _suffix_logits(model, frozen, run_examples)
+            elif rows is not None:
+                logits = rows.split(logits_at(model, rows.ids, rows.positions,
+                                              start_at_layer=start, resid=resid))
             else:
                 logits = logits_at(model, ids, positions, start_at_layer=start, resid=resid)
             parts = {}
@@ -556,6 +568,38 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
             p.requires_grad_(requires[name])
     return OptimResult(values, tuple(targets), updates, stopped, tuple(history),
                        time.perf_counter() - t0, {"start_at_layer": start, "frozen_prefix": fast})
+
+
+class _SharedRows:
+    """The forward rows for ``examples`` when each may read its logits from a longer example
+    whose tokens begin with its own (a causal model's logits at a position depend only on the
+    tokens up to it). ``split`` maps the rows' logits back to one tensor per example."""
+
+    def __init__(self, examples: Sequence[Example]):
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))
+        self.ids: list[tuple[int, ...]] = []
+        owner = [0] * len(examples)
+        for i in order:
+            e = examples[i].ids
+            for r, row in enumerate(self.ids):
+                if row[:len(e)] == e:
+                    owner[i] = r
+                    break
+            else:
+                owner[i] = len(self.ids)
+                self.ids.append(e)
+        wanted: list[set[int]] = [set() for _ in self.ids]
+        for i, e in enumerate(examples):
+            wanted[owner[i]].update(e.positions)
+        self.positions = [sorted(w) for w in wanted]
+        at = [{p: k for k, p in enumerate(ps)} for ps in self.positions]
+        self.owner = owner
+        self.index = [torch.tensor([at[owner[i]][p] for p in e.positions], dtype=torch.long)
+                      for i, e in enumerate(examples)]
+
+    def split(self, row_logits: list[Tensor]) -> list[Tensor]:
+        return [row_logits[r][idx.to(row_logits[r].device)]
+                for r, idx in zip(self.owner, self.index)]
 
 
 def _rows_logits(model, resid: Tensor, positions: Sequence[Sequence[int]]) -> list[Tensor]:
