@@ -101,6 +101,10 @@ VARIANTS = {
     "fine_no_pen": ("fine", {"beta": 0.0}),  # FiNE Table 12 "w/o L_pen"
     "kne_w_in": ("kne", {"module": "W_in"}),  # KNE Sec. 4.3 module study
     "kne_w_gate": ("kne", {"module": "W_gate"}),
+    "kne_w_q": ("kne", {"module": "W_Q"}),  # attention heads' slices (q/k/v/o_proj)
+    "kne_w_k": ("kne", {"module": "W_K"}),
+    "kne_w_v": ("kne", {"module": "W_V"}),
+    "kne_w_o": ("kne", {"module": "W_O"}),
     # TNF-DA with AtP-ranked targeted neurons: exact mediation (the paper's IE, the tnf_da
     # default) takes minutes per edit on this CPU; AtP ranks neurons like it (Spearman >= 0.99,
     # top-1 % overlap >= 0.98 on SmolLM2, README). Its ablations change one thing from tnf_da_atp.
@@ -422,7 +426,9 @@ PAPER_TABLES = (
       ("Locality (relations)", "tokens", "locality_relation"),
       ("Locality (neighbours)", "tokens", "locality"), ("Fluency", "generation", "fluency")],
      [("FT-L", "ft_l"), ("ROME", "rome"), ("MEMIT", "memit"), ("KNE (W_out)", "kne"),
-      ("KNE W_in (up_proj)", "kne_w_in"), ("KNE W_gate (gate_proj)", "kne_w_gate")]),
+      ("KNE W_in (up_proj)", "kne_w_in"), ("KNE W_gate (gate_proj)", "kne_w_gate"),
+      ("KNE W_Q (q_proj)", "kne_w_q"), ("KNE W_K (k_proj)", "kne_w_k"),
+      ("KNE W_V (v_proj)", "kne_w_v"), ("KNE W_O (o_proj)", "kne_w_o")]),
     ("TNF-DA Table 2 / 3 / 4 (CounterFact: Efficacy = ES, Generalization = PS, Specificity = NS, "
      "probability comparisons)",
      [("Score", "counterfact", "Score"), ("Efficacy", "counterfact", "ES"),

@@ -118,7 +118,8 @@ def test_kne_errors_are_typed(tiny_model, gpt2_tiny):
         edit(tiny_model, [_request()], method="kne", config=CFG, neurons=NeuronSet([Neuron(99, 0)]))
     with pytest.raises(ConfigError, match="not gated"):
         edit(gpt2_tiny, [_request()], method="kne", config=KNEConfig(module="W_gate"))
-    for bad in (dict(quantile=1.0), dict(alpha=0.0), dict(module="W_Q"), dict(attribute_to="x"),
+    for bad in (dict(quantile=1.0), dict(alpha=0.0), dict(module="q_proj"), dict(attribute_to="x"),
+                dict(head_quantile=1.0),
                 dict(ig_steps=0), dict(lr=-1.0), dict(stop_prob=0.0)):
         with pytest.raises(ConfigError):
             KNEConfig(**bad)
@@ -126,3 +127,48 @@ def test_kne_errors_are_typed(tiny_model, gpt2_tiny):
         O.Target.rows(0, (1,), scale=0.0)
     assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in snap.items())
     assert H.active_hook_count(tiny_model) == 0
+
+
+@pytest.mark.parametrize("module", ["W_Q", "W_K", "W_V", "W_O"])
+def test_head_attributions_are_complete_and_kne_edits_only_the_heads(tiny_model, module):
+    """Sec. 4.3's attention modules: per-head IG of gates on the module's slices sums to P(answer)
+    minus P with the projection zeroed (completeness, Riemann error shrinking with m); the edit
+    touches only the ensemble heads' slices, scaled by alpha / sqrt(n), and undoes exactly."""
+    from kn_lens.edit.kne import head_attributions, n_heads_of
+    from kn_lens.evaluate.scoring import score
+
+    r = _request()
+    (q,) = rewrite_queries(tiny_model, r, target=r.fact.object, all_prompts=False)
+    hook = {"W_Q": "hook_q", "W_K": "hook_k", "W_V": "hook_v", "W_O": "hook_z"}[module]
+    zero = [(f"blocks.{l}.attn.{hook}", lambda act, hook: act * 0)
+            for l in range(tiny_model.cfg.n_layers)]  # the tiny models' projections: no bias
+    p_full = sum(math.exp(x) for x in score(tiny_model, [q])[0].token_logprobs)
+    p_zero = sum(math.exp(x) for x in score(tiny_model, [q], fwd_hooks=zero)[0].token_logprobs)
+    errs = []
+    for m in (4, 512):
+        a = head_attributions(tiny_model, q, module, steps=m)
+        assert a.shape == (tiny_model.cfg.n_layers, n_heads_of(tiny_model, module))
+        errs.append(abs(float(a.sum()) - (p_full - p_zero)))
+    assert errs[1] < errs[0] and errs[1] < 0.03 * abs(p_full - p_zero) + 1e-6
+    snap = _snapshot(tiny_model)
+    cfg = KNEConfig(**{**CFG.__dict__, "module": module, "head_quantile": 0.5, "alpha": 2.0})
+    e = edit(tiny_model, [r], method="kne", config=cfg, seed=0)
+    assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in snap.items())
+    heads = NeuronSet(tuple(n) for n in e.config["details"]["neurons"])
+    assert heads == locate_ensemble(tiny_model, [r], config=cfg) and len(heads)
+    counts = heads.layers()
+    for layer, s in e.config["details"]["scales"].items():
+        assert s == pytest.approx(2.0 / math.sqrt(counts[int(layer)]))
+    with e.applied(tiny_model):
+        after = _snapshot(tiny_model)
+    assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in snap.items())  # undo exact
+    changed = set()
+    for k, v in after.items():
+        diff = (v != snap[k])
+        if diff.any():
+            assert f".attn." in k and k.split(".")[-1].lstrip("_") == module, k
+            layer = int(k.split(".")[1])
+            changed |= {(layer, int(h)) for h in diff.reshape(diff.shape[0], -1).any(1).nonzero()}
+    assert changed and changed <= {(n.layer, n.index) for n in heads}
+    with pytest.raises(ConfigError, match="heads outside"):
+        edit(tiny_model, [r], method="kne", config=cfg, neurons=NeuronSet([Neuron(0, 99)]))
