@@ -141,7 +141,32 @@ def _read_rows(path: Path) -> dict[int, dict]:
     return rows
 
 
-def _append(path: Path, items: list[dict]) -> None:
+def load_model(args):
+    """The run's model; a tiny test model gets 256 positions (real prompts + prefixes)."""
+    if args.model in _common.TINY_MODELS:
+        from kn_lens import testing
+
+        return getattr(testing, args.model.replace("-", "_"))(seed=args.seed, n_ctx=256)
+    return _common.load_experiment_model(args.model, args.seed)
+
+
+def measure_before(model, pss, hcfg, cache: Path):
+    """The unedited model's measurement of ``pss``, cached as ``cache/before.pkl``."""
+    from kn_lens.evaluate.harness import measure
+
+    path = cache / "before.pkl"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    t0 = time.perf_counter()
+    before = measure(model, pss, config=hcfg)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps(before))
+    tmp.replace(path)
+    print(f"pre-edit measurement: {time.perf_counter() - t0:.0f} s")
+    return before
+
+
+def append_rows(path: Path, items: list[dict]) -> None:
     with path.open("a") as f:
         for it in items:
             f.write(json.dumps(it) + "\n")
@@ -157,7 +182,7 @@ def compute(args) -> None:
     from kn_lens.edit.baselines.stats import second_moments
     from kn_lens.edit.layers import memit_layers, rome_layer
     from kn_lens.evaluate import prepare_reference, reference_slices
-    from kn_lens.evaluate.harness import HarnessConfig, judge, measure
+    from kn_lens.evaluate.harness import HarnessConfig, judge
     from kn_lens.evaluate.probes import probe_sets
     from kn_lens.models import model_info
 
@@ -167,12 +192,7 @@ def compute(args) -> None:
             resolve(m.strip().partition("@")[0], editor_configs(args))
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model in _common.TINY_MODELS:  # real prompts + prefixes need more than 64 positions
-        from kn_lens import testing
-
-        model = getattr(testing, args.model.replace("-", "_"))(seed=args.seed, n_ctx=256)
-    else:
-        model = _common.load_experiment_model(args.model, args.seed)
+    model = load_model(args)
     ds = builtin_dataset()
     requests = build_requests(args, model, ds)
     hcfg = HarnessConfig(max_new_tokens=args.max_new_tokens, seed=args.seed,
@@ -181,16 +201,7 @@ def compute(args) -> None:
     print(f"{len(requests)} requests; rows in {cache}")
     _seed_from_archive(args, cache)
     pss = probe_sets(model, requests, n_prefix_probes=hcfg.n_prefix_probes, seed=args.seed)
-    before_file = cache / "before.pkl"
-    if before_file.exists():
-        before = pickle.loads(before_file.read_bytes())
-    else:
-        t0 = time.perf_counter()
-        before = measure(model, pss, config=hcfg)
-        tmp = before_file.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps(before))
-        tmp.replace(before_file)
-        print(f"pre-edit measurement: {time.perf_counter() - t0:.0f} s")
+    before = measure_before(model, pss, hcfg, cache)
     n_slices, slice_len = (2, 64) if args.quick else (8, 128)
     reference = prepare_reference(model, reference_slices(model, n_slices, slice_len, seed=args.seed))
     configs = editor_configs(args)
@@ -229,7 +240,7 @@ def compute(args) -> None:
             secs = time.perf_counter() - t0
             rows = judge(model, e, [pss[i] for i in idx], [before[i] for i in idx], config=hcfg,
                          reference=reference, edit_index=idx[0])
-            _append(path, [{"row": r.to_dict(), "seconds": secs, "n_params": e.n_params,
+            append_rows(path, [{"row": r.to_dict(), "seconds": secs, "n_params": e.n_params,
                             "n_requests_in_edit": len(idx), "refused": refused} for r in rows])
             r0 = rows[0].after
             print(f"  {label} {idx[0]}/{len(requests)}: {secs:.1f} s, ES {r0['counterfact']['ES']:.2f} "
@@ -323,7 +334,7 @@ def _seed_from_archive(args, cache: Path) -> None:
         have = _read_rows(cache / f"{label}.jsonl")
         new = [d for d in items if d["row"]["case_id"] not in have]
         if new:
-            _append(cache / f"{label}.jsonl", new)
+            append_rows(cache / f"{label}.jsonl", new)
             print(f"{label}: {len(new)} rows from {path.name}")
 
 

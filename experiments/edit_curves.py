@@ -30,7 +30,6 @@ import argparse
 import gzip
 import hashlib
 import json
-import pickle
 import shutil
 import sys
 import time
@@ -99,13 +98,6 @@ def _read_jsonl(path: Path, key) -> dict:
     return out
 
 
-def _append(path: Path, items) -> None:
-    with path.open("a") as f:
-        for it in items:
-            f.write(json.dumps(it) + "\n")
-        f.flush()
-
-
 # --------------------------------------------------------------------------- compute
 
 
@@ -114,7 +106,7 @@ def compute(args) -> None:
 
     from kn_lens.datasets import builtin_dataset
     from kn_lens.evaluate import prepare_reference, reference_slices
-    from kn_lens.evaluate.harness import HarnessConfig, measure
+    from kn_lens.evaluate.harness import HarnessConfig
     from kn_lens.evaluate.probes import probe_sets
     from kn_lens.models import model_info
 
@@ -125,12 +117,7 @@ def compute(args) -> None:
         bench.resolve(m, configs)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model in _common.TINY_MODELS:
-        from kn_lens import testing
-
-        model = getattr(testing, args.model.replace("-", "_"))(seed=args.seed, n_ctx=256)
-    else:
-        model = _common.load_experiment_model(args.model, args.seed)
+    model = bench.load_model(args)
     bargs = _bench_args(args)
     pool = bench.build_requests(bargs, model, builtin_dataset())
     if args.n_requests > len(pool):
@@ -142,14 +129,7 @@ def compute(args) -> None:
     print(f"{args.mode}: {len(requests)} requests; state in {cache}")
     _seed_from_archive(args, cache)
     pss = probe_sets(model, requests, n_prefix_probes=hcfg.n_prefix_probes, seed=args.seed)
-    before_file = cache / "before.pkl"
-    if before_file.exists():
-        before = pickle.loads(before_file.read_bytes())
-    else:
-        before = measure(model, pss, config=hcfg)
-        tmp = before_file.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps(before))
-        tmp.replace(before_file)
+    before = bench.measure_before(model, pss, hcfg, cache)
     n_slices, slice_len = (2, 64) if args.quick else (8, 128)
     reference = prepare_reference(model, reference_slices(model, n_slices, slice_len,
                                                           seed=args.seed))
@@ -215,7 +195,7 @@ def _sequential(args, label, cps, *, model, requests, pss, before, hcfg, referen
             rows, dppl = _judge(model, total, pss[:n], before[:n], hcfg, reference, i)
             item = {"n": n, "dppl": dppl, "composite_params": total.n_params,
                     "seconds_per_edit": sum(state["seconds"]) / n, "rows": rows}
-            _append(cp_file, [item])
+            bench.append_rows(cp_file, [item])
             done[n] = item
             print(f"  {label} n={n}: ES {_mean(rows, 'counterfact', 'ES'):.2f} NS "
                   f"{_mean(rows, 'counterfact', 'NS'):.2f} locality "
@@ -269,7 +249,7 @@ def _batch(args, label, k, *, model, requests, pss, before, hcfg, reference, con
     if k == 1 and len(done) < len(requests):
         reuse = {i: d for i, d in _bench_rows(args, label).items() if i not in done}
         if reuse:  # the benchmark's rows, restricted to this run's protocols
-            _append(path, [{"row": {**d["row"], "after": {p: d["row"]["after"][p] for p in PROTOCOLS},
+            bench.append_rows(path, [{"row": {**d["row"], "after": {p: d["row"]["after"][p] for p in PROTOCOLS},
                                     "before": {p: d["row"]["before"][p] for p in PROTOCOLS}},
                             "seconds": d["seconds"], "n_params": d["n_params"],
                             "dppl": d["row"]["after"].get("generation", {}).get("dppl"),
@@ -294,7 +274,7 @@ def _batch(args, label, k, *, model, requests, pss, before, hcfg, reference, con
         secs = time.perf_counter() - t0
         rows, dppl = _judge(model, e, [pss[i] for i in idx], [before[i] for i in idx], hcfg,
                             reference, s)
-        _append(path, [{"row": r, "seconds": secs, "n_params": e.n_params, "dppl": dppl,
+        bench.append_rows(path, [{"row": r, "seconds": secs, "n_params": e.n_params, "dppl": dppl,
                         "n_requests_in_edit": len(idx), "refused": refused} for r in rows])
         print(f"  {label}@{k} {s}: {secs:.1f} s, ES {_mean(rows, 'counterfact', 'ES'):.2f} "
               f"NS {_mean(rows, 'counterfact', 'NS'):.2f} dPPL {dppl:.3g}", flush=True)
@@ -403,7 +383,7 @@ def _seed_from_archive(args, cache: Path) -> None:
         have = _read_jsonl(target, key)
         new = [d for d in items if key(d) not in have]
         if new:
-            _append(target, new)
+            bench.append_rows(target, new)
             print(f"{name}: {len(new)} from {path.name}")
 
 

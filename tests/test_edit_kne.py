@@ -166,7 +166,7 @@ def test_head_attributions_are_complete_and_kne_edits_only_the_heads(tiny_model,
     for k, v in after.items():
         diff = (v != snap[k])
         if diff.any():
-            assert f".attn." in k and k.split(".")[-1].lstrip("_") == module, k
+            assert ".attn." in k and k.split(".")[-1].lstrip("_") == module, k
             layer = int(k.split(".")[1])
             changed |= {(layer, int(h)) for h in diff.reshape(diff.shape[0], -1).any(1).nonzero()}
     assert changed and changed <= {(n.layer, n.index) for n in heads}
