@@ -221,3 +221,25 @@ def run(args: argparse.Namespace, compute, report) -> None:
     if not args.plot_only:
         compute(args)
     report(args)
+
+
+def write_archive(path: Path, key: str, items) -> int:
+    """Rewrite the gzipped rows archive ``path`` with ``items`` (dicts, each written with
+    ``"key": key``) in place of the archive's rows of ``key``; rows of other keys (other run
+    settings) are kept as they were. Atomic (temp file + rename). Returns the rows written."""
+    import gzip
+    import json
+
+    tmp = path.with_suffix(".tmp")
+    n = 0
+    with gzip.open(tmp, "wt") as f:
+        if path.exists():
+            with gzip.open(path, "rt") as old:
+                for line in old:
+                    if line.strip() and json.loads(line).get("key") != key:
+                        f.write(line if line.endswith("\n") else line + "\n")
+        for d in items:
+            f.write(json.dumps({"key": key, **d}) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n

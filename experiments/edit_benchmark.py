@@ -304,16 +304,11 @@ def _archive_path(args) -> Path:
 def _archive(args, cache: Path) -> None:
     """Every raw row computed so far, gzipped next to the results (per-request results a later
     machine can resume from: ``results/cache`` is not committed)."""
-    import gzip
-
-    path, n = _archive_path(args), 0
-    tmp = path.with_suffix(".tmp")
-    with gzip.open(tmp, "wt") as f:
-        for p in sorted(cache.glob("*.jsonl")):
-            for d in _read_rows(p).values():
-                f.write(json.dumps({"key": _key(args), "label": p.stem, **d}) + "\n")
-                n += 1
-    tmp.replace(path)
+    _seed_from_archive(args, cache)  # archived rows this cache lacks are kept
+    path = _archive_path(args)
+    n = _common.write_archive(path, _key(args), ({"label": p.stem, **d}
+                                                 for p in sorted(cache.glob("*.jsonl"))
+                                                 for d in _read_rows(p).values()))
     print(f"{n} rows archived in {path}")
 
 
@@ -485,6 +480,8 @@ def main() -> None:
     ap.add_argument("--memit-batch", type=int, default=100, help="MEMIT batch size (1 = off)")
     ap.add_argument("--partial", action="store_true",
                     help="also aggregate methods whose rows are not complete (marked n/N)")
+    ap.add_argument("--archive-only", action="store_true",
+                    help="only gzip the rows computed so far (e.g. of a stopped run) and exit")
     ap.add_argument("--archive-rows", action="store_true",
                     help="gzip every raw row next to the results (a later run resumes from it)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
@@ -494,6 +491,9 @@ def main() -> None:
         args.n_requests = args.n_facts or (2 if args.quick else 200)
     if args.max_new_tokens is None:
         args.max_new_tokens = 8 if args.quick else 32
+    if args.archive_only:  # no model work: the rows already in the cache
+        _archive(args, cache_dir(args))
+        return
     _common.run(args, compute, report)
 
 

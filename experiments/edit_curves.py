@@ -350,19 +350,17 @@ def _archive_path(args) -> Path:
 
 
 def _archive(args, cache: Path) -> None:
-    path, n = _archive_path(args), 0
-    tmp = path.with_suffix(".tmp")
-    with gzip.open(tmp, "wt") as f:
+    _seed_from_archive(args, cache)  # archived rows this cache lacks are kept
+    path = _archive_path(args)
+
+    def items():
         for p in sorted(cache.glob("batch_*.jsonl")):
             for d in _read_jsonl(p, lambda d: d["row"]["case_id"]).values():
-                f.write(json.dumps({"key": _key(args), "file": p.name, **d}) + "\n")
-                n += 1
+                yield {"file": p.name, **d}
         for p in sorted(cache.glob("seq_*/checkpoints.jsonl")):
             for d in _read_jsonl(p, lambda d: d["n"]).values():
-                f.write(json.dumps({"key": _key(args), "file": f"{p.parent.name}/{p.name}", **d})
-                        + "\n")
-                n += 1
-    tmp.replace(path)
+                yield {"file": f"{p.parent.name}/{p.name}", **d}
+    n = _common.write_archive(path, _key(args), items())
     print(f"{n} rows / checkpoints archived in {path}")
 
 
@@ -453,6 +451,8 @@ def main() -> None:
                     f"batch {','.join(BATCH_METHODS)})")
     ap.add_argument("--checkpoints", default="1,10,25,50,100")
     ap.add_argument("--batch-sizes", default="1,10,100")
+    ap.add_argument("--archive-only", action="store_true",
+                    help="only gzip the rows computed so far (e.g. of a stopped run) and exit")
     ap.add_argument("--archive-rows", action="store_true",
                     help="gzip rows and checkpoints next to the results (a later run resumes)")
     args = ap.parse_args()
@@ -462,6 +462,9 @@ def main() -> None:
         raise SystemExit("--n-requests must be >= 1")
     if args.methods is None:
         args.methods = ",".join(SEQ_METHODS if args.mode == "sequential" else BATCH_METHODS)
+    if args.archive_only:  # no model work: the rows already in the cache
+        _archive(args, cache_dir(args))
+        return
     _common.run(args, compute, report)
 
 

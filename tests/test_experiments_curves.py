@@ -55,6 +55,22 @@ def test_sequential_curves_resume(tmp_path, monkeypatch, capsys):
     assert "replaying edits" in out and "n=4" not in out
     doc = json.loads((tmp_path / "quick" / "edit_curves_tiny-llama.json").read_text())
     assert doc["results"]["sequential"]["rome"]["4"]["after"]["counterfact"]["ES"]["mean"] == first
+    # --archive-only: no model work; rows of other run settings in the archive are kept
+    import gzip
+
+    archive = tmp_path / "quick" / "edit_curves_tiny-llama.rows.jsonl.gz"
+    with gzip.open(archive, "rt") as f:
+        lines = f.read().splitlines()
+    other = json.dumps({"key": "other-run", "file": "seq_x/checkpoints.jsonl", "n": 1})
+    with gzip.open(archive, "wt") as f:
+        f.write("\n".join(lines + [other]) + "\n")
+    shutil.rmtree(tmp_path / "cache")
+    capsys.readouterr()
+    _run(monkeypatch, args + ["--archive-only"])
+    out = capsys.readouterr().out
+    assert f"{len(lines)} rows / checkpoints archived" in out and "edits done" not in out
+    with gzip.open(archive, "rt") as f:
+        assert sorted(f.read().splitlines()) == sorted(lines + [other])
 
 
 @pytest.mark.skipif(not _prose(), reason="reference prose not installed (scripts/setup.sh)")
