@@ -115,6 +115,11 @@ VARIANTS = {
 }
 
 
+# KNE Sec. 4.4: ensembles located on a share of each relation's requests (the first quarter, by
+# request order), united per relation and reused to edit every request of that relation.
+REUSE = {"kne_reuse": ("kne", 0.25)}
+
+
 def resolve(label: str, configs: dict):
     """(editor name, config) of a method label: an editor or one of :data:`VARIANTS`."""
     import dataclasses
@@ -122,6 +127,8 @@ def resolve(label: str, configs: dict):
     if label in VARIANTS:
         editor, changes = VARIANTS[label]
         return editor, dataclasses.replace(configs[editor], **changes)
+    if label in REUSE:
+        return REUSE[label][0], configs[REUSE[label][0]]
     if label not in configs:
         raise SystemExit(f"unknown method {label!r}: choose from {sorted(configs)} or the "
                          f"variants {sorted(VARIANTS)}")
@@ -226,13 +233,17 @@ def compute(args) -> None:
         done = _read_rows(path)
         todo = [i for i in range(len(requests)) if i not in done]
         print(f"{label}: {len(done)} done, {len(todo)} to go")
+        shared = _relation_ensembles(model, requests, name, config, cache) \
+            if name in REUSE and todo else None
         for s in range(0, len(todo), batch):
             idx = todo[s:s + batch]
             t0 = time.perf_counter()
             refused = None
             try:
+                neurons = None if shared is None else \
+                    shared[requests[idx[0]].fact.relation]
                 e = edit(model, [requests[i] for i in idx], method=method, config=config,
-                         seed=args.seed)
+                         neurons=neurons, seed=args.seed)
             except KnLensError as exc:  # the method cannot make this edit: judged as no edit
                 refused = f"{type(exc).__name__}: {exc}"
                 e = Edit((), "refused", method, model_info(model))
@@ -295,6 +306,33 @@ def compute(args) -> None:
     _common.save_results(args, NAME, payload, config, model_info(model), started)
     if args.archive_rows:
         _archive(args, cache)
+
+
+def _relation_ensembles(model, requests, label: str, config, cache: Path) -> dict:
+    """KNE Sec. 4.4 for :data:`REUSE` labels: per relation, the union of the ensembles of the
+    first ``share`` of its requests (at least one). Cached in ``cache/<label>.ensembles.json``
+    (a resumed run reuses the same sets); the localisation time is printed, not per edit."""
+    import math
+
+    from kn_lens.edit.kne import locate_ensemble
+    from kn_lens.neurons import NeuronSet
+
+    path = cache / f"{label}.ensembles.json"
+    if path.exists():
+        return {k: NeuronSet(tuple(n) for n in v) for k, v in json.loads(path.read_text()).items()}
+    share = REUSE[label][1]
+    by_rel: dict[str, list] = {}
+    for r in requests:
+        by_rel.setdefault(r.fact.relation, []).append(r)
+    t0 = time.perf_counter()
+    out = {rel: locate_ensemble(model, rs[:max(1, math.ceil(share * len(rs)))], config=config)
+           for rel, rs in sorted(by_rel.items())}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: v.to_list() for k, v in out.items()}))
+    tmp.replace(path)
+    print(f"{label}: ensembles of {len(out)} relations located on {share:.0%} of their requests "
+          f"in {time.perf_counter() - t0:.0f} s")
+    return out
 
 
 def _archive_path(args) -> Path:
@@ -434,7 +472,8 @@ PAPER_TABLES = (
      [("FT-L", "ft_l"), ("ROME", "rome"), ("MEMIT", "memit"), ("KNE (W_out)", "kne"),
       ("KNE W_in (up_proj)", "kne_w_in"), ("KNE W_gate (gate_proj)", "kne_w_gate"),
       ("KNE W_Q (q_proj)", "kne_w_q"), ("KNE W_K (k_proj)", "kne_w_k"),
-      ("KNE W_V (v_proj)", "kne_w_v"), ("KNE W_O (o_proj)", "kne_w_o")]),
+      ("KNE W_V (v_proj)", "kne_w_v"), ("KNE W_O (o_proj)", "kne_w_o"),
+      ("KNE, ensembles reused (Sec. 4.4)", "kne_reuse")]),
     ("TNF-DA Table 2 / 3 / 4 (CounterFact: Efficacy = ES, Generalization = PS, Specificity = NS, "
      "probability comparisons)",
      [("Score", "counterfact", "Score"), ("Efficacy", "counterfact", "ES"),

@@ -113,3 +113,36 @@ def test_benchmark_ablation_variants(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "quick" / "edit_benchmark_tiny-llama.json").read_text())
     m = doc["results"]["methods"]["fine_random"]
     assert m["n_edits"] == 2 and m["n_refused"] == 0
+
+
+def test_benchmark_kne_reuses_relation_ensembles(tmp_path, monkeypatch):
+    """KNE Sec. 4.4 (``kne_reuse``): per relation, the ensemble located on its first requests is
+    the neuron set of every edit of that relation, cached for a resumed run."""
+    import math
+
+    from kn_lens.edit.kne import locate_ensemble
+
+    argv = ["edit_benchmark.py", "--model", "tiny-llama", "--no-known-filter", "--quick",
+            "--n-requests", "4", "--results-dir", str(tmp_path), "--methods", "kne_reuse"]
+    monkeypatch.setattr(sys, "argv", argv)
+    edit_benchmark.main()
+    args = edit_benchmark_args(argv)
+    args.n_requests = 4
+    cache = edit_benchmark.cache_dir(args)
+    saved = json.loads((cache / "kne_reuse.ensembles.json").read_text())
+    model = edit_benchmark.load_model(args)
+    from kn_lens.datasets import builtin_dataset
+
+    requests = edit_benchmark.build_requests(args, model, builtin_dataset())
+    cfg = edit_benchmark.editor_configs(args)["kne"]
+    by_rel = {}
+    for r in requests:
+        by_rel.setdefault(r.fact.relation, []).append(r)
+    for rel, rs in by_rel.items():
+        expect = locate_ensemble(model, rs[:max(1, math.ceil(len(rs) / 4))], config=cfg)
+        assert sorted(map(tuple, saved[rel])) == sorted(map(tuple, expect.to_list())), rel
+    rows = edit_benchmark._read_rows(cache / "kne_reuse.jsonl")
+    assert len(rows) == 4 and not any(r["refused"] for r in rows.values())
+    for r in requests:  # each edit trains exactly its relation's ensemble's W_out rows
+        n = len(saved[r.fact.relation]) * model.cfg.d_model
+        assert rows[r.case_id]["n_params"] == n, r.fact.relation
