@@ -70,9 +70,12 @@ def test_scorer_shares_rows_of_identical_inputs(tiny_model):
     rows = []
     hook = ("hook_embed", lambda act, hook: rows.append(act.shape[0]))
     with tiny_model.hooks(fwd_hooks=[hook]):
-        got = score(tiny_model, qs)
-    assert rows == [2]  # three queries, two distinct inputs
-    for q, s in zip(qs, got):
+        got = score(tiny_model, qs, share_rows=True)
+        plain = score(tiny_model, qs)  # the default: a row per query (per-row hooks stay exact)
+    assert rows == [2, 3]  # three queries, two distinct inputs
+    for q, s, p in zip(qs, got, plain):
+        assert p.token_logprobs == s.token_logprobs or all(
+            abs(x - y) < 1e-5 for x, y in zip(p.token_logprobs, s.token_logprobs))
         (alone,) = score(tiny_model, [q])
         assert s.answer_ids == tuple(q.answer_ids)
         assert all(abs(x - y) < 1e-5 for x, y in zip(s.token_logprobs, alone.token_logprobs))

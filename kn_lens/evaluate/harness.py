@@ -110,7 +110,9 @@ def measure(model: "HookedTransformer", probesets: Sequence[ProbeSet], *,
         for q in ps.queries():
             queries.append(q)
             owners.append(i)
-    scores = score(model, queries, fwd_hooks=fwd_hooks, batch_size=config.batch_size)
+    # the hooks here are an edit's deltas (alike on every row): identical rows are shared
+    scores = score(model, queries, fwd_hooks=fwd_hooks, batch_size=config.batch_size,
+                   share_rows=True)
     gen_probes = [_generation_probes(ps, config) if "generation" in config.protocols else []
                   for ps in probesets]
     flat = [p for g in gen_probes for p in g]

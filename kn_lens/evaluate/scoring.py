@@ -176,19 +176,22 @@ def token_logprobs(logits: Float[Tensor, "_answer d_vocab"], answer_ids: Sequenc
 
 @torch.no_grad()
 def score(model: "HookedTransformer", queries: Sequence[Query], *, fwd_hooks: list | None = None,
-          batch_size: int = 32, top_k: int = 0) -> list[AnswerScore]:
+          batch_size: int = 32, top_k: int = 0, share_rows: bool = False) -> list[AnswerScore]:
     """:class:`AnswerScore` of every query (in order). Queries are grouped by length into
-    batches of ``batch_size``; queries with the same input tokens and answer positions (the
-    true and the new object of a probe when both are one token: the same prompt) share one
-    forward row. ``top_k > 0`` also records the top-k tokens at the first answer position.
-    Raises NumericalError on non-finite logits."""
+    batches of ``batch_size``. ``share_rows=True``: queries with the same input tokens and
+    answer positions (the true and the new object of a probe when both are one token: the same
+    prompt) share one forward row -- only for hooks that treat every batch row alike (an edit's
+    deltas), never for per-row interventions such as causal tracing's noise. ``top_k > 0``
+    also records the top-k tokens at the first answer position. Raises NumericalError on
+    non-finite logits."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     queries = list(queries)
     out: list[AnswerScore | None] = [None] * len(queries)
     users: dict[tuple, list[int]] = {}  # (input ids, answer positions) -> the queries reading it
     for i, q in enumerate(queries):
-        users.setdefault((tuple(q.input_ids), tuple(q.answer_positions)), []).append(i)
+        key = (tuple(q.input_ids), tuple(q.answer_positions)) if share_rows else i
+        users.setdefault(key, []).append(i)
     rows = list(users.values())
     order = sorted(range(len(rows)), key=lambda j: len(queries[rows[j][0]].input_ids))
     for s in range(0, len(order), batch_size):
