@@ -173,8 +173,8 @@ def _sequential(args, label, cps, *, model, requests, pss, before, hcfg, referen
         state = {"k": 0, "seconds": [], "n_params": []}
         total = Edit((), model=model_info(model))
     k = state["k"]
-    if k >= len(requests) and all(c in done for c in cps):
-        print(f"sequential {label}: {k} edits done")
+    if all(c in done for c in cps):  # (also from the archive alone: nothing to replay)
+        print(f"sequential {label}: every checkpoint done ({max(cps)} edits)")
         return
     if k == 0 and done:  # checkpoints from the archive but no saved edit: replay the edits
         print(f"sequential {label}: replaying edits up to checkpoint {max(done)}")

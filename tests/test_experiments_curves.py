@@ -47,12 +47,20 @@ def test_sequential_curves_resume(tmp_path, monkeypatch, capsys):
     first = seq["rome"]["4"]["after"]["counterfact"]["ES"]["mean"]
     capsys.readouterr()
     _run(monkeypatch, args)  # resumed: nothing recomputed
-    assert "sequential rome: 4 edits done" in capsys.readouterr().out
-    # another machine: only the archive survives; the edits are replayed, checkpoints kept
+    assert "sequential rome: every checkpoint done" in capsys.readouterr().out
+    # another machine: only the archive survives, without the last checkpoint: the edits are
+    # replayed (deterministic), the archived checkpoints kept, the missing one judged
+    import gzip
+
+    archive = tmp_path / "quick" / "edit_curves_tiny-llama.rows.jsonl.gz"
+    with gzip.open(archive, "rt") as f:
+        kept = [x for x in f.read().splitlines() if json.loads(x).get("n") != 4]
+    with gzip.open(archive, "wt") as f:
+        f.write("\n".join(kept) + "\n")
     shutil.rmtree(tmp_path / "cache")
     _run(monkeypatch, args)
     out = capsys.readouterr().out
-    assert "replaying edits" in out and "n=4" not in out
+    assert "replaying edits" in out and "n=4" in out and "n=2" not in out
     doc = json.loads((tmp_path / "quick" / "edit_curves_tiny-llama.json").read_text())
     assert doc["results"]["sequential"]["rome"]["4"]["after"]["counterfact"]["ES"]["mean"] == first
     # --archive-only: no model work; rows of other run settings in the archive are kept
