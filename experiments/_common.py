@@ -243,3 +243,21 @@ def write_archive(path: Path, key: str, items) -> int:
             n += 1
     tmp.replace(path)
     return n
+
+
+def read_archive(path: Path, key: str, field: str) -> dict[str, list[dict]]:
+    """The rows of ``key`` in a rows archive (:func:`write_archive`), grouped by their
+    ``field`` (the file or label they came from); {} when there is no archive."""
+    import gzip
+    import json
+
+    out: dict[str, list[dict]] = {}
+    if not path.exists():
+        return out
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            if line.strip():
+                d = json.loads(line)
+                if d.pop("key") == key:
+                    out.setdefault(d.pop(field), []).append(d)
+    return out

@@ -352,18 +352,8 @@ def _archive(args, cache: Path) -> None:
 
 def _seed_from_archive(args, cache: Path) -> None:
     """Rows of the archive with this run's key that the cache lacks are appended to it."""
-    import gzip
-
     path = _archive_path(args)
-    if not path.exists():
-        return
-    by_label: dict[str, list[dict]] = {}
-    with gzip.open(path, "rt") as f:
-        for line in f:
-            d = json.loads(line)
-            if d.pop("key") == _key(args):
-                by_label.setdefault(d.pop("label"), []).append(d)
-    for label, items in by_label.items():
+    for label, items in _common.read_archive(path, _key(args), "label").items():
         have = _read_rows(cache / f"{label}.jsonl")
         new = [d for d in items if d["row"]["case_id"] not in have]
         if new:

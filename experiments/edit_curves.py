@@ -27,7 +27,6 @@ rebuilt by replaying its edits, which are deterministic for a fixed seed).
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import shutil
@@ -366,15 +365,7 @@ def _archive(args, cache: Path) -> None:
 
 def _seed_from_archive(args, cache: Path) -> None:
     path = _archive_path(args)
-    if not path.exists():
-        return
-    by_file: dict[str, list[dict]] = {}
-    with gzip.open(path, "rt") as f:
-        for line in f:
-            d = json.loads(line)
-            if d.pop("key") == _key(args):
-                by_file.setdefault(d.pop("file"), []).append(d)
-    for name, items in by_file.items():
+    for name, items in _common.read_archive(path, _key(args), "file").items():
         target = cache / name
         target.parent.mkdir(parents=True, exist_ok=True)
         key = (lambda d: d["n"]) if name.startswith("seq_") else (lambda d: d["row"]["case_id"])
