@@ -106,7 +106,7 @@ def head_attributions(model: "HookedTransformer", query, module: str, *, steps: 
     """Eq. 4-5 for every head's slice of ``module`` (W_Q / W_K / W_V / W_O) in every layer: the
     integrated gradient of sum_j P(a_j) (each answer token teacher-forced at its own position)
     along gates g = k/m (k = 1..m) on all heads' slices at once (see the module doc)."""
-    from kn_lens.evaluate.scoring import pad_ids, unembed_rows
+    from kn_lens.evaluate.scoring import logits_at
 
     if module not in ATTN_MODULES:
         raise ConfigError(f"head_attributions takes {ATTN_MODULES}, not {module!r}")
@@ -133,22 +133,13 @@ def head_attributions(model: "HookedTransformer", query, module: str, *, steps: 
 
     fwd = [(f"blocks.{l}.attn.{name}", lambda act, hook, l=l: gate(act, hook, l))
            for l in range(n_layers)]
-    ids = pad_ids(model, [list(query.input_ids)] * steps)
-    pos = torch.tensor(list(query.answer_positions), device=ids.device)
-    ans = torch.tensor(list(query.answer_ids), device=ids.device)
-    requires = {n: p.requires_grad for n, p in model.named_parameters()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
-            resid = model(ids, stop_at_layer=n_layers)  # [steps, pos, d_model]
-            logits = unembed_rows(model, resid[:, pos].reshape(-1, resid.shape[-1]))
-            probs = torch.softmax(logits.float(), -1).view(steps, len(pos), -1)
-            objective = probs[:, torch.arange(len(pos)), ans].sum()
-            (grad,) = torch.autograd.grad(objective, gates)
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(requires[n])
+    pos = list(query.answer_positions)
+    ans = torch.tensor(list(query.answer_ids), device=model.cfg.device)
+    with torch.enable_grad():  # logits at the answer positions only; grad to the gates alone
+        logits = logits_at(model, [query.input_ids] * steps, [pos] * steps, fwd_hooks=fwd)
+        probs = torch.softmax(torch.stack(logits).float(), -1)  # [steps, answer, d_vocab]
+        objective = probs[:, torch.arange(len(pos)), ans].sum()
+        (grad,) = torch.autograd.grad(objective, gates)
     return grad.mean(0).detach().cpu()  # (w_bar - 0) x mean gradient, per gate (w_bar = 1)
 
 
