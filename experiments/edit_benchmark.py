@@ -231,8 +231,10 @@ def compute(args) -> None:
         label = name if batch == 1 else f"{name}@{batch}"
         path = cache / f"{label}.jsonl"
         done = _read_rows(path)
-        todo = [i for i in range(len(requests)) if i not in done]
-        print(f"{label}: {len(done)} done, {len(todo)} to go")
+        upto = len(requests) if args.limit is None else min(args.limit, len(requests))
+        todo = [i for i in range(upto) if i not in done]
+        print(f"{label}: {len(done)} done, {len(todo)} to go" +
+              (f" (--limit {args.limit})" if upto < len(requests) else ""))
         shared = _relation_ensembles(model, requests, name, config, cache) \
             if name in REUSE and todo else None
         for s in range(0, len(todo), batch):
@@ -478,16 +480,43 @@ PAPER_TABLES = (
 def _papers_tables(methods: dict, first: dict, label: dict) -> None:
     for title, cols, rows in PAPER_TABLES:
         print(f"\n{title}:\n")
-        print("| method | " + " | ".join(c for c, _, _ in cols) + " |")
-        print("|---|" + "---:|" * len(cols))
-        cells = [_paper_cell(first["before"], p, m) for _, p, m in cols]
-        print("| unedited | " + " | ".join(cells) + " |")
-        for name, key in rows:
-            if key not in methods:
-                print(f"| {name} | " + " | ".join("not run" for _ in cols) + " |")
-                continue
-            cells = [_paper_cell(methods[key]["after"], p, m) for _, p, m in cols]
-            print(f"| {name}{label[key][len(key):]} | " + " | ".join(cells) + " |")
+        _paper_table(cols, rows, {k: v["after"] for k, v in methods.items()}, first["before"],
+                     label)
+        present = [key for _, key in rows if key in methods]
+        if all(methods[k].get("complete", True) for k in present):
+            continue
+        # a method with rows on part of the requests (e.g. an ablation run with --limit) is
+        # compared with the others on the requests they all have, not on different sets
+        ids = set.intersection(*({x["case_id"] for x in methods[k]["rows"]} for k in present))
+        if not ids:
+            continue
+        sub = {k: _subset_aggs(methods[k]["rows"], ids, "after") for k in present}
+        print(f"\nThe same table on the {len(ids)} requests every method above has rows for:\n")
+        _paper_table(cols, rows, sub, _subset_aggs(methods[present[0]]["rows"], ids, "before"),
+                     {k: k for k in present})
+
+
+def _subset_aggs(rows: list[dict], ids: set, side: str) -> dict:
+    """Aggregates (mean + bootstrap CI) of compact rows whose case_id is in ``ids``."""
+    from kn_lens.evaluate.harness import aggregate
+
+    nan = float("nan")
+    picked = [{p: {m: nan if v is None else v for m, v in ms.items()}
+               for p, ms in x[side].items()} for x in rows if x["case_id"] in ids]
+    return _aggs(aggregate(picked))
+
+
+def _paper_table(cols, rows, aggs: dict, before: dict, label: dict) -> None:
+    print("| method | " + " | ".join(c for c, _, _ in cols) + " |")
+    print("|---|" + "---:|" * len(cols))
+    cells = [_paper_cell(before, p, m) for _, p, m in cols]
+    print("| unedited | " + " | ".join(cells) + " |")
+    for name, key in rows:
+        if key not in aggs:
+            print(f"| {name} | " + " | ".join("not run" for _ in cols) + " |")
+            continue
+        cells = [_paper_cell(aggs[key], p, m) for _, p, m in cols]
+        print(f"| {name}{label[key][len(key):]} | " + " | ".join(cells) + " |")
 
 
 def _paper_cell(aggs: dict, proto: str, metric: str) -> str:
@@ -511,6 +540,9 @@ def main() -> None:
                     help="also aggregate methods whose rows are not complete (marked n/N)")
     ap.add_argument("--archive-only", action="store_true",
                     help="only gzip the rows computed so far (e.g. of a stopped run) and exit")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="compute rows for the first N requests only (the same requests, a "
+                    "subset: e.g. ablations; later runs without it fill in the rest)")
     ap.add_argument("--archive-rows", action="store_true",
                     help="gzip every raw row next to the results (a later run resumes from it)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
@@ -520,6 +552,8 @@ def main() -> None:
         args.n_requests = args.n_facts or (2 if args.quick else 200)
     if args.max_new_tokens is None:
         args.max_new_tokens = 8 if args.quick else 32
+    if args.limit is not None and args.limit < 1:
+        ap.error(f"--limit must be >= 1, got {args.limit}")
     if args.archive_only:  # no model work: the rows already in the cache
         _archive(args, cache_dir(args))
         return

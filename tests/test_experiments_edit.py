@@ -146,3 +146,30 @@ def test_benchmark_kne_reuses_relation_ensembles(tmp_path, monkeypatch):
     for r in requests:  # each edit trains exactly its relation's ensemble's W_out rows
         n = len(saved[r.fact.relation]) * model.cfg.d_model
         assert rows[r.case_id]["n_params"] == n, r.fact.relation
+
+
+@pytest.mark.skipif(not _prose(), reason="reference prose not installed (scripts/setup.sh)")
+def test_benchmark_limit_and_same_request_tables(tmp_path, monkeypatch, capsys):
+    """``--limit N`` computes the first N requests only (a later run fills in the rest); the
+    papers' tables then compare a partial method with the others on the requests they share."""
+    argv = ["edit_benchmark.py", "--model", "tiny-llama", "--no-known-filter", "--quick",
+            "--n-requests", "3", "--results-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv + ["--methods", "ft_l"])
+    edit_benchmark.main()
+    monkeypatch.setattr(sys, "argv", argv + ["--methods", "fine_random", "--limit", "1",
+                                             "--partial"])
+    edit_benchmark.main()
+    out = capsys.readouterr().out
+    assert "fine_random: 0 done, 1 to go (--limit 1)" in out
+    doc = json.loads((tmp_path / "quick" / "edit_benchmark_tiny-llama.json").read_text())
+    methods = doc["results"]["methods"]
+    assert methods["fine_random"]["n_requests_done"] == 1 and methods["ft_l"]["complete"]
+    assert [x["case_id"] for x in methods["fine_random"]["rows"]] == [0]
+    assert "The same table on the 1 requests every method above has rows for" in out
+    # the subset row of FT-L is its request 0 alone, not its mean over all 3
+    sub = edit_benchmark._subset_aggs(methods["ft_l"]["rows"], {0}, "after")
+    r0 = methods["ft_l"]["rows"][0]["after"]["tokens"]["rewrite_acc"]
+    assert sub["tokens"]["rewrite_acc"]["mean"] == pytest.approx(r0, abs=1e-4)
+    monkeypatch.setattr(sys, "argv", argv + ["--methods", "fine_random", "--limit", "0"])
+    with pytest.raises(SystemExit):
+        edit_benchmark.main()
