@@ -157,20 +157,44 @@ def load_model(args):
     return _common.load_experiment_model(args.model, args.seed)
 
 
-def measure_before(model, pss, hcfg, cache: Path):
-    """The unedited model's measurement of ``pss``, cached as ``cache/before.pkl``."""
-    from kn_lens.evaluate.harness import measure
+def measure_before(model, pss, hcfg, cache: Path, archive: Path | None = None,
+                   key: str | None = None):
+    """The unedited model's measurement of ``pss``, cached as ``cache/before.pkl``; a fresh
+    cache takes it from ``archive`` (:func:`archive_before`: the committed measurement of run
+    ``key``, ~30 min of generation on SmolLM2) when it scored exactly these probes."""
+    from kn_lens.evaluate.harness import RequestState, measure
 
     path = cache / "before.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes())
-    t0 = time.perf_counter()
-    before = measure(model, pss, config=hcfg)
+    before = None
+    if archive is not None and key is not None:
+        items = _common.read_archive(archive, key, "kind").get("before", [])
+        states = {d["i"]: RequestState.from_dict(d["state"]) for d in items}
+        if len(states) == len(pss) and all(states[i].matches(ps) if i in states else False
+                                            for i, ps in enumerate(pss)):
+            before = [states[i] for i in range(len(pss))]
+            print(f"pre-edit measurement: from {archive.name}")
+        elif states:
+            print(f"pre-edit measurement in {archive.name} is for other probes: measuring again")
+    if before is None:
+        t0 = time.perf_counter()
+        before = measure(model, pss, config=hcfg)
+        print(f"pre-edit measurement: {time.perf_counter() - t0:.0f} s")
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(pickle.dumps(before))
     tmp.replace(path)
-    print(f"pre-edit measurement: {time.perf_counter() - t0:.0f} s")
     return before
+
+
+def archive_before(cache: Path, archive: Path, key: str) -> None:
+    """Store the cached pre-edit measurement (JSON, gzipped; other keys' kept) so that another
+    machine's run need not generate it again."""
+    path = cache / "before.pkl"
+    if path.exists():
+        states = pickle.loads(path.read_bytes())
+        _common.write_archive(archive, key, ({"kind": "before", "i": i, "state": s.to_dict()}
+                                             for i, s in enumerate(states)))
 
 
 def append_rows(path: Path, items: list[dict]) -> None:
@@ -208,7 +232,7 @@ def compute(args) -> None:
     print(f"{len(requests)} requests; rows in {cache}")
     _seed_from_archive(args, cache)
     pss = probe_sets(model, requests, n_prefix_probes=hcfg.n_prefix_probes, seed=args.seed)
-    before = measure_before(model, pss, hcfg, cache)
+    before = measure_before(model, pss, hcfg, cache, _before_path(args), _key(args))
     n_slices, slice_len = (2, 64) if args.quick else (8, 128)
     reference = prepare_reference(model, reference_slices(model, n_slices, slice_len, seed=args.seed))
     configs = editor_configs(args)
@@ -341,6 +365,10 @@ def _archive_path(args) -> Path:
     return _common.result_path(args, NAME).with_suffix(".rows.jsonl.gz")
 
 
+def _before_path(args) -> Path:
+    return _common.result_path(args, NAME).with_suffix(".before.jsonl.gz")
+
+
 def _archive(args, cache: Path) -> None:
     """Every raw row computed so far, gzipped next to the results (per-request results a later
     machine can resume from: ``results/cache`` is not committed)."""
@@ -350,6 +378,7 @@ def _archive(args, cache: Path) -> None:
                                                  for p in sorted(cache.glob("*.jsonl"))
                                                  for d in _read_rows(p).values()))
     print(f"{n} rows archived in {path}")
+    archive_before(cache, _before_path(args), _key(args))
 
 
 def _seed_from_archive(args, cache: Path) -> None:

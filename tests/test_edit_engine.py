@@ -539,3 +539,41 @@ def test_memit_update_reaches_its_target_residual_pre_and_post_norm(llama_tiny):
         assert abs(err - float(best.norm() / (Z - H0).norm())) < 1e-4
         naive = (Z - H0) - (post(m + (Z - H0)) - post(m))  # R added to the raw output as is
         assert float(best.norm()) < float(naive.norm())
+
+
+def test_length_buckets_are_optimal_and_exact(tiny_model, monkeypatch):
+    """Rows of very different lengths (TNF-DA: prefixed rewrites and short augmentation prompts)
+    run in length buckets: the grouping minimises padded tokens + overhead (checked against
+    every split of the sorted rows), and training is the same as one padded batch."""
+    import itertools
+
+    for lengths in ([31, 34, 22, 23, 33, 11, 10, 10, 12, 14], [5, 5, 5], [3, 40, 41, 2], [7]):
+        got = O._buckets(lengths, overhead=8)
+        assert sorted(i for b in got for i in b) == list(range(len(lengths)))
+        cost = sum(len(b) * max(lengths[i] for i in b) + 8 for b in got)
+        srt = sorted(lengths, reverse=True)
+        best = min(sum(len(srt[a:b]) * srt[a] + 8 for a, b in zip((0,) + c, c + (len(srt),)))
+                   for k in range(len(srt)) for c in itertools.combinations(range(1, len(srt)), k))
+        assert cost == best, lengths
+    assert O._buckets([]) == []
+    _, qs = _nll_setup(tiny_model)
+    long_q = [q for q in qs]
+    short = O.kl_examples(qs)
+    padded = [O.Example(tuple(range(1, 40)), (38,))]  # one long row: the rest would be padding
+    terms = lambda: [O.NLL(long_q), O.KL(short + padded)]  # noqa: E731
+    cfg = O.OptimConfig(steps=3, lr=0.05)
+    targets = [O.Target.rows(1, [2, 5]), O.Target.rows(0, [1], "W_in")]
+    widths = []
+    hook = ("hook_embed", lambda act, hook: widths.append(tuple(act.shape[:2])))
+    with tiny_model.hooks(fwd_hooks=[hook]):
+        bucketed = O.optimise(tiny_model, targets, terms(), config=cfg)
+    assert len({w for w in widths}) > 1  # more than one batch shape
+    monkeypatch.setattr(O, "_BUCKET_OVERHEAD", 10 ** 9)  # one padded batch
+    widths.clear()
+    with tiny_model.hooks(fwd_hooks=[hook]):
+        one = O.optimise(tiny_model, targets, terms(), config=cfg)
+    assert len(set(widths)) == 1
+    for a, b in zip(bucketed.values, one.values):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(bucketed.history, one.history):
+        assert abs(a["loss"] - b["loss"]) < 1e-5

@@ -70,7 +70,23 @@ def test_edit_benchmark_quick(tmp_path, monkeypatch, capsys):
         "results"]["methods"]
     assert methods["ft_l"]["complete"] is False and methods["ft_l"]["n_requests_done"] == 1
     assert methods["rome"]["complete"] is True
-    assert "ft_l (1/2)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ft_l (1/2)" in out
+    # the pre-edit measurement came from its archive (no generation on a fresh cache), exactly
+    assert "pre-edit measurement: from edit_benchmark_tiny-llama.before.jsonl.gz" in out
+    import pickle
+
+    from kn_lens.evaluate.harness import RequestState
+
+    states = pickle.loads((cache / "before.pkl").read_bytes())
+    assert [RequestState.from_dict(json.loads(json.dumps(s.to_dict()))) for s in states] == states
+    model = edit_benchmark.load_model(edit_benchmark_args(argv))
+    from kn_lens.datasets import builtin_dataset
+    from kn_lens.evaluate.probes import probe_sets
+
+    reqs = edit_benchmark.build_requests(edit_benchmark_args(argv), model, builtin_dataset())
+    pss = probe_sets(model, reqs, n_prefix_probes=3, seed=0)
+    assert states[0].matches(pss[0]) and not states[0].matches(pss[1])
 
 
 def edit_benchmark_args(argv):

@@ -471,7 +471,7 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
                 if frozen is not None:  # the same unedited forward pass
                     reference = _rows_logits(model, frozen.clean_final, positions)
                 elif rows is not None:
-                    reference = rows.split(logits_at(model, rows.ids, rows.positions))
+                    reference = rows.split(rows.logits(model))
                 else:
                     reference = logits_at(model, ids, positions)
                 for term, sl in zip(terms, spans):
@@ -503,8 +503,7 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
             if fast:
                 logits = _suffix_logits(model, frozen, run_examples)
             elif rows is not None:
-                logits = rows.split(logits_at(model, rows.ids, rows.positions,
-                                              start_at_layer=start, resid=resid))
+                logits = rows.split(rows.logits(model, start_at_layer=start, resid=resid))
             else:
                 logits = logits_at(model, ids, positions, start_at_layer=start, resid=resid)
             parts = {}
@@ -600,6 +599,57 @@ class _SharedRows:
     def split(self, row_logits: list[Tensor]) -> list[Tensor]:
         return [row_logits[r][idx.to(row_logits[r].device)]
                 for r, idx in zip(self.owner, self.index)]
+
+    def logits(self, model, *, start_at_layer: int = 0, resid: Tensor | None = None
+               ) -> list[Tensor]:
+        """Logits at each row's positions, the rows run in length buckets (:func:`_buckets`:
+        TNF-DA's prefixed rewrite rows are ~3x its augmentation prompts, one padded batch
+        would be half padding). Exact: right padding never reaches a row's own positions, and
+        weight deltas treat every row alike. ``resid``: the residual stream entering block
+        ``start_at_layer`` for all rows padded together; each bucket reads its rows of it."""
+        out: list[Tensor | None] = [None] * len(self.ids)
+        for bucket in _buckets([len(r) for r in self.ids]):
+            width = max(len(self.ids[i]) for i in bucket)
+            part = None if resid is None else resid[bucket, :width]
+            got = logits_at(model, [self.ids[i] for i in bucket],
+                            [self.positions[i] for i in bucket],
+                            start_at_layer=start_at_layer, resid=part)
+            for i, lg in zip(bucket, got):
+                out[i] = lg
+        return out
+
+
+# a forward + backward call costs about as much as this many extra padded tokens (Python and
+# hook overhead over 30 blocks on a CPU); only decides how rows are grouped, never a result
+_BUCKET_OVERHEAD = 32
+
+
+def _buckets(lengths: Sequence[int], overhead: int | None = None) -> list[list[int]]:
+    """Row indices grouped into right-padded batches that minimise padded tokens + ``overhead``
+    per batch (rows sorted by length, each bucket a run of them; an exact dynamic programme over
+    the distinct lengths)."""
+    overhead = _BUCKET_OVERHEAD if overhead is None else overhead
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []  # rows of one length, longest first
+    for i in order:
+        if groups and lengths[groups[-1][0]] == lengths[i]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    n = len(groups)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        count = 0
+        for i in range(j, 0, -1):  # the last bucket = groups[i-1 .. j-1], padded to groups[i-1]
+            count += len(groups[i - 1])
+            cost = best[i - 1] + count * lengths[groups[i - 1][0]] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    out, j = [], n
+    while j > 0:
+        out.append([r for g in groups[cut[j]:j] for r in g])
+        j = cut[j]
+    return out[::-1]
 
 
 def _rows_logits(model, resid: Tensor, positions: Sequence[Sequence[int]]) -> list[Tensor]:

@@ -96,6 +96,33 @@ class RequestState:
     new: tuple[AnswerScore | None, ...]
     generations: tuple[tuple[str, str], ...]  # (prompt, continuation)
 
+    def to_dict(self) -> dict:
+        """JSON-ready (a stored measurement; :meth:`from_dict` reads it back exactly)."""
+        from dataclasses import asdict
+
+        return {"true": [asdict(s) for s in self.true],
+                "new": [None if s is None else asdict(s) for s in self.new],
+                "generations": [list(g) for g in self.generations]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RequestState":
+        def one(s):
+            return None if s is None else AnswerScore(**{k: tuple(v) for k, v in s.items()})
+        return cls(tuple(one(s) for s in d["true"]), tuple(one(s) for s in d["new"]),
+                   tuple(tuple(g) for g in d["generations"]))
+
+    def matches(self, ps: "ProbeSet") -> bool:
+        """Whether this state scored exactly ``ps``'s probes (same answers, same order)."""
+        if len(self.true) != len(ps.probes) or len(self.new) != len(ps.probes):
+            return False
+        for p, t, n in zip(ps.probes, self.true, self.new):
+            if tuple(t.answer_ids) != tuple(p.true.answer_ids):
+                return False
+            if (p.new is None) != (n is None) or (
+                    n is not None and tuple(n.answer_ids) != tuple(p.new.answer_ids)):
+                return False
+        return True
+
 
 def _generation_probes(ps: ProbeSet, cfg: HarnessConfig):
     return list(ps.of("rewrite")) + list(ps.of("paraphrase"))[: cfg.n_generation_paraphrases]
