@@ -36,3 +36,7 @@ class NumericalError(KnLensError, FloatingPointError):
 
 class ConfigError(KnLensError, ValueError):
     """A configuration value outside its valid range."""
+
+
+class ToolUnavailableError(KnLensError, RuntimeError):
+    """An external program kn-lens needs (e.g. a headless browser) is missing or failed."""

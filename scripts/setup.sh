@@ -32,4 +32,16 @@ if [ ! -d "$ref/usr/lib/R/site-library/janeaustenr" ] && [ -z "${KN_LENS_JANEAUS
     echo "warning: no apt-get here; fetch r-cran-janeaustenr yourself for perplexity (see README)" >&2
   fi
 fi
+# The tests render circuitsvis views in headless Chromium (offline); Debian's package, with --test.
+if [ -n "$extra" ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
+    && [ -z "${KN_LENS_CHROMIUM:-}" ]; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    { $SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+      { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium >/dev/null; }; } \
+      || echo "warning: could not install chromium (the view-rendering test needs it)" >&2
+  else
+    echo "warning: no apt-get here; install Chromium for the view-rendering test (README)" >&2
+  fi
+fi
 echo "kn-lens installed in .venv ($(python -c 'import transformer_lens, torch; print("torch", torch.__version__)'))"

@@ -97,6 +97,9 @@ def test_synapse_view():
     mask[:, :, 0] = True
     html = viz.synapse_view(tokens, pats, mask)
     assert hasattr(html, "_repr_html_") and len(str(html)) > 100
+    # offline: notebook display and str() are the inlined bundle, never the CDN page
+    assert isinstance(html, viz.OfflineView) and html._repr_html_() == str(html)
+    assert "CircuitsVis.render(" in str(html) and "unpkg" not in str(html)
     html2 = viz.synapse_view(tokens, pats, layer=1)
     assert " capital" in str(html2) or "capital" in str(html2)
     with pytest.raises(ValueError):
