@@ -244,7 +244,7 @@ def test_result_metadata(gpt2_tiny):
     q = _query(gpt2_tiny)
     cfg = MediationConfig(n_noise=1, gamma=5)
     res = causal_mediation(gpt2_tiny, q, config=cfg)
-    assert res.method == "causal_mediation" and res.config == cfg and res.query == q
+    assert res.method == "mediation" and res.config == cfg and res.query == q
     assert res.shape == (gpt2_tiny.cfg.n_layers, gpt2_tiny.cfg.d_mlp)
     assert res.model.name == "tiny-gpt2"
     assert res.extras["ie_per_sample"].shape == (1, *res.shape)

@@ -61,6 +61,14 @@ def test_mediation_methods_resolve_lazily(tiny_model, queries):
     assert s.shape == (tiny_model.cfg.n_layers, tiny_model.cfg.d_mlp)
 
 
+def test_scores_name_their_registry_method(tiny_model, queries):
+    """``NeuronScores.method`` is the name the locator is registered under (so a score can be
+    looked up, cached and re-run by it), for every registered locator."""
+    for name in available_methods(importable_only=True):
+        s = locate(tiny_model, queries[:1], method=name, progress=False)[0]
+        assert s.method == name, (name, s.method)
+
+
 def test_bad_method_and_config(tiny_model, queries, monkeypatch):
     with pytest.raises(ConfigError, match="unknown locator"):
         locate(tiny_model, queries, method="nope", progress=False)

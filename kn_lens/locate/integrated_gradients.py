@@ -142,9 +142,10 @@ def _path(w: Tensor, b: Tensor, steps: int) -> tuple[Tensor, Tensor]:
     return b[None] + alphas[:, None] * (w - b)[None], (w - b)
 
 
-def _result(model, query: Query, config: IGConfig, per_token: Tensor, extras: dict) -> NeuronScores:
+def _result(model, query: Query, config: IGConfig, per_token: Tensor, extras: dict,
+            method: str | None = None) -> NeuronScores:
     per_token = per_token.detach().float().cpu()
-    return NeuronScores(scores=per_token.sum(0), method=method_name(config), query=query,
+    return NeuronScores(scores=per_token.sum(0), method=method or method_name(config), query=query,
                         config=config, model=model_info(model), per_token=per_token, extras=extras)
 
 
@@ -324,7 +325,8 @@ def integrated_gradients_plain(model, query: Query, *, config: IGConfig | None =
                 gsum += _grad_plain(model, l, tokens, points[s:s + config.chunk], pos,
                                     tok).float().sum(0)
             per_token[j, l] = (diff.float() * gsum / config.steps).cpu()
-    return _result(model, query, config, per_token, {"implementation": "plain"})
+    # the registry name ("ig_plain", whichever baseline: config.baseline says which)
+    return _result(model, query, config, per_token, {"implementation": "plain"}, "ig_plain")
 
 
 def integrated_gradients_eos(model, query: Query, *, config: IGConfig | None = None

@@ -490,7 +490,7 @@ def _mediation(model, query: Query, cfg: MediationConfig, *, fast: bool) -> Neur
         restored_positions=restore, seconds=time.perf_counter() - t0,
         implementation="fast" if fast else "plain",
     )
-    return NeuronScores(scores=scores, method="causal_mediation", query=query, config=cfg,
+    return NeuronScores(scores=scores, method="mediation", query=query, config=cfg,
                         model=model_info(model), extras=extras)
 
 
@@ -543,7 +543,7 @@ def attribution_patching(model: "HookedTransformer", query: Query, *,
     extras = dict(p_clean=math.exp(clean.logprob), p_corrupted=p_corr, atp_per_sample=out,
                   noise_scale=nu, corrupted_positions=cpos, restored_positions=tuple(restore),
                   seconds=time.perf_counter() - t0)
-    return NeuronScores(scores=out.mean(0), method="attribution_patching", query=query,
+    return NeuronScores(scores=out.mean(0), method="atp", query=query,
                         config=cfg, model=model_info(model), extras=extras)
 
 
