@@ -33,9 +33,22 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--n-facts", type=int, default=None, help="override the number of facts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
-    ap.add_argument("--figures-dir", type=Path, default=FIGURES)
+    ap.add_argument("--figures-dir", type=Path, default=None,
+                    help="where figures go (default: figures/, quick runs: "
+                    "<results-dir>/quick/figures); given, it is used in every mode")
     ap.add_argument("--plot-only", action="store_true", help="redraw figures from the saved results")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (default 0: torch's own, every core); 1 when two jobs "
+                    "share the machine")
     return ap
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` (0 leaves torch's default)."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def versions() -> dict[str, str]:
@@ -136,8 +149,12 @@ def load_results(args: argparse.Namespace, name: str) -> dict:
 
 
 def figure_path(args: argparse.Namespace, name: str) -> Path:
-    """Full runs draw into ``figures/`` (committed); quick runs into ``results/quick/figures``."""
-    folder = Path(args.results_dir) / "quick" / "figures" if args.quick else Path(args.figures_dir)
+    """``--figures-dir`` when given; else full runs draw into ``figures/`` (committed) and quick
+    runs into ``<results-dir>/quick/figures``."""
+    if getattr(args, "figures_dir", None) is not None:
+        folder = Path(args.figures_dir)
+    else:
+        folder = Path(args.results_dir) / "quick" / "figures" if args.quick else FIGURES
     p = folder / f"{name}_{args.model}.png"
     p.parent.mkdir(parents=True, exist_ok=True)
     return p
@@ -163,8 +180,6 @@ def load_experiment_model(name: str, seed: int = 0):
 def add_fact_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--no-known-filter", action="store_true",
                     help="use dataset facts without checking the model knows them (tiny test models)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (0 = torch default); 1 is fastest on a busy machine")
     return ap
 
 

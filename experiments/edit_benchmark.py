@@ -221,8 +221,7 @@ def compute(args) -> None:
     for m in args.methods.split(","):  # fail on a bad name before any model work
         if m.strip():
             resolve(m.strip().partition("@")[0], editor_configs(args))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _common.set_threads(args)
     model = load_model(args)
     ds = builtin_dataset()
     requests = build_requests(args, model, ds)

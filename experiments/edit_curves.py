@@ -114,8 +114,7 @@ def compute(args) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:  # a bad name fails before any model work
         bench.resolve(m, configs)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _common.set_threads(args)
     model = bench.load_model(args)
     bargs = _bench_args(args)
     pool = bench.build_requests(bargs, model, builtin_dataset())

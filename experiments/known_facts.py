@@ -30,8 +30,7 @@ def compute(args) -> None:
     from kn_lens.datasets.known import KnownFactsConfig
     from kn_lens.models import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _common.set_threads(args)
     ds = builtin_dataset()
     per_rel = 8 if args.quick else args.n_facts
     if per_rel is not None:
@@ -62,8 +61,6 @@ def main() -> None:
     ap.add_argument("--max-rank", type=int, default=0)
     ap.add_argument("--min-share", type=float, default=0.6)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads (0 = torch default); 1 is fastest on a busy machine")
     args = ap.parse_args()
     models = MODELS if args.model == "all" else (args.model,)
     for m in models:

@@ -49,7 +49,6 @@ def add_arguments(ap, *, methods: Sequence[str] = ("ig", "contribution")) -> Non
     ap.add_argument("--all-facts", action="store_true",
                     help="skip the known-facts filter (for random tiny models, which know nothing)")
     ap.add_argument("--ig-steps", type=int, default=None, help="IG Riemann steps (default 20)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="score cache (default <results-dir>/cache)")
     ap.add_argument("--max-answer-tokens", type=int, default=1,
@@ -237,8 +236,7 @@ def prepare(args) -> tuple:
 
     from kn_lens.datasets import builtin_dataset
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _common.set_threads(args)
     model = build_model(args.model)
     ds = builtin_dataset()
     known_path = Path(args.results_dir) / f"known_facts_{args.model}.json"

@@ -53,8 +53,7 @@ def compute(args) -> None:
     from kn_lens.facts import answer_logprobs
     from kn_lens.models import model_info
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _common.set_threads(args)
     started = time.time()
     n = args.n_facts or (8 if args.quick else 200)
     ds = builtin_dataset()

@@ -45,8 +45,7 @@ def compute(args) -> None:
     from kn_lens.facts import make_query
     from kn_lens.models import model_info
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _common.set_threads(args)
     started = time.time()
     n = args.n_facts or (4 if args.quick else 50)
     ds = builtin_dataset()

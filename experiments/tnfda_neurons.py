@@ -52,8 +52,7 @@ def compute(args) -> None:
     from kn_lens.locate.mediation import AtPConfig, MediationConfig, mediation_agreement
     from kn_lens.models import model_info
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _common.set_threads(args)
     started = time.time()
     ds = builtin_dataset()
     model = _common.load_experiment_model(args.model, args.seed)

@@ -27,7 +27,8 @@ def main() -> None:
     ap.add_argument("--answer", default="Paris")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "views")
     ap.add_argument("--figures-dir", type=Path, default=ROOT / "figures")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (default 0: torch's own)")
     args = ap.parse_args()
 
     import torch
@@ -39,7 +40,8 @@ def main() -> None:
     from kn_lens.neurons import top_k
     from kn_lens.viz.browser import find_chromium, screenshot
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = load_model(args.model)
     q = query_from_prompt(model, args.prompt, args.answer)
     tokens = [model.tokenizer.decode([t]) for t in q.prompt_ids]
