@@ -10,6 +10,8 @@ to fp32 and converted to a plain Hugging Face folder) into ``$KN_LENS_CACHE`` (d
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import importlib.util
 import json
 import os
@@ -260,6 +262,11 @@ def _load_hf_folder(folder: Path, tl_name: str | None, prepend_bos: bool, device
     from transformer_lens import loading_from_pretrained as loading
 
     folder = Path(folder)
+    if not any((folder / f).exists() for f in _TOKENIZER_FILES):
+        raise ModelWeightsUnavailableError(
+            f"{folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}): kn-lens reads "
+            "prompts as text; save the model's tokenizer into the folder too "
+            "(tokenizer.save_pretrained(folder))")
     tok = AutoTokenizer.from_pretrained(str(folder))
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     hf.eval()
@@ -269,10 +276,11 @@ def _load_hf_folder(folder: Path, tl_name: str | None, prepend_bos: bool, device
             default_prepend_bos=prepend_bos, **proc,
         )
     else:
-        cfg = loading.get_pretrained_model_config(
-            str(folder), hf_cfg=hf.config.to_dict(), fold_ln=proc["fold_ln"], device=device,
-            default_prepend_bos=prepend_bos, dtype=dtype,
-        )
+        with _folder_config(folder, hf.config):
+            cfg = loading.get_pretrained_model_config(
+                str(folder), hf_cfg=hf.config.to_dict(), fold_ln=proc["fold_ln"], device=device,
+                default_prepend_bos=prepend_bos, dtype=dtype,
+            )
         sd = loading.get_pretrained_state_dict(str(folder), cfg, hf_model=hf, dtype=dtype)
         model = HookedTransformer(cfg, tok, move_to_device=False)
         model.load_and_process_state_dict(sd, **proc)
@@ -280,6 +288,88 @@ def _load_hf_folder(folder: Path, tl_name: str | None, prepend_bos: bool, device
     del hf
     model.eval()
     return model
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _gpt2_config(c) -> dict:
+    """TransformerLens's GPT-2 conversion, from the config's fields: ``transformers`` 5 no longer
+    stores ``n_ctx`` (TransformerLens 3.9 reads it), the context length is ``n_positions``."""
+    return {
+        "d_model": c.n_embd, "d_head": c.n_embd // c.n_head, "n_heads": c.n_head,
+        "d_mlp": getattr(c, "n_inner", None) or 4 * c.n_embd, "n_layers": c.n_layer,
+        "n_ctx": getattr(c, "n_ctx", None) or c.n_positions, "eps": c.layer_norm_epsilon,
+        "d_vocab": c.vocab_size, "act_fn": c.activation_function,
+        "use_attn_scale": getattr(c, "scale_attn_weights", True), "use_local_attn": False,
+        "scale_attn_by_inverse_layer_idx": c.scale_attn_by_inverse_layer_idx,
+        "normalization_type": "LN", "original_architecture": "GPT2LMHeadModel",
+    }
+
+
+def _gemma3_config(c) -> dict:
+    """A Gemma-3 text model of any size (TransformerLens 3.9 converts only its named checkpoints):
+    local (sliding-window) and global layers with their own rotary bases, q/k norms, norms before
+    and after each sub-block, ``query_pre_attn_scalar`` as the attention scale."""
+    rope = getattr(c, "rope_parameters", None) or {}
+    glob = (rope.get("full_attention") or {}).get("rope_theta") or getattr(c, "rope_theta", None)
+    loc = (rope.get("sliding_attention") or {}).get("rope_theta") or \
+        getattr(c, "rope_local_base_freq", None)
+    types = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
+    out = {
+        "d_model": c.hidden_size, "d_head": c.head_dim, "n_heads": c.num_attention_heads,
+        "d_mlp": c.intermediate_size, "n_layers": c.num_hidden_layers,
+        "n_ctx": min(c.max_position_embeddings, 8192), "eps": c.rms_norm_eps,
+        "d_vocab": c.vocab_size, "act_fn": c.hidden_activation, "initializer_range": 0.02,
+        "normalization_type": "RMS", "rotary_base": glob or 1_000_000,
+        "rotary_base_local": loc or 10_000, "positional_embedding_type": "rotary",
+        "use_attn_scale": True, "attn_scale": float(c.query_pre_attn_scalar) ** 0.5,
+        "n_key_value_heads": c.num_key_value_heads, "gated_mlp": True, "final_rms": True,
+        "use_normalization_before_and_after": True, "use_qk_norm": True,
+        "window_size": c.sliding_window, "use_local_attn": True,
+        "attn_types": ["local" if t == "sliding_attention" else "global" for t in types],
+        "original_architecture": "Gemma3ForCausalLM",
+    }
+    if getattr(c, "final_logit_softcapping", None):
+        out["output_logits_soft_cap"] = float(c.final_logit_softcapping)
+    if getattr(c, "attn_logit_softcapping", None):
+        out["attn_scores_soft_cap"] = float(c.attn_logit_softcapping)
+    return out
+
+
+_FOLDER_CONFIGS = {"GPT2LMHeadModel": _gpt2_config, "Gemma3ForCausalLM": _gemma3_config}
+
+
+@contextmanager
+def _folder_config(folder: Path, hf_config):
+    """While TransformerLens builds the config of a local folder: the architectures it cannot
+    convert from a folder (:data:`_FOLDER_CONFIGS`) are converted from the folder's own config,
+    and every other one is converted by TransformerLens from a copy of ``config.json`` under a
+    neutral path (TransformerLens 3.9 guesses the architecture from the *name* first: a folder
+    called ``my-llama`` would be read as LLaMA with no config). Calls for other models are
+    unchanged; the original converter is restored on exit, errors included."""
+    from transformer_lens import loading_from_pretrained as loading
+
+    arch = (getattr(hf_config, "architectures", None) or [None])[0]
+    convert = _FOLDER_CONFIGS.get(arch)
+    original = loading.convert_hf_model_config
+    with tempfile.TemporaryDirectory(prefix="kn-lens-cfg-") as tmp:
+        neutral = Path(tmp) / "folder"
+        neutral.mkdir()
+        shutil.copy(folder / "config.json", neutral / "config.json")
+
+        def patched(model_name, **kwargs):
+            if Path(str(model_name)).resolve() != folder.resolve():
+                return original(model_name, **kwargs)
+            if convert is not None:
+                return convert(hf_config)
+            return original(str(neutral), **kwargs)
+
+        loading.convert_hf_model_config = patched
+        try:
+            yield
+        finally:
+            loading.convert_hf_model_config = original
 
 
 def _attach_info(model, name: str, source: str, proc: dict, prepend_bos: bool):

@@ -44,28 +44,67 @@ def test_tiny_model_info(tiny_model):
     assert info.gated_mlp == bool(tiny_model.cfg.gated_mlp)
 
 
-def test_hf_folder_roundtrip(tmp_path):
-    """A local Hugging Face folder loads through the same path as the offline models."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_hf(family: str, vocab: int):
+    """A tiny random model of ``family`` as the current ``transformers`` builds and saves it."""
+    import transformers as T
+
+    small = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64)
+    if family == "gpt2":  # the issue's report: GPT2Config has no n_ctx any more
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32,
+                                              n_layer=2, n_head=4))
+    if family == "gpt-neox":
+        return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(intermediate_size=64, **small))
+    if family == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(intermediate_size=48, num_key_value_heads=2,
+                                                tie_word_embeddings=True, **small))
+    if family == "gemma-3":  # local + global layers, q/k norms, query_pre_attn_scalar != head_dim
+        return T.Gemma3ForCausalLM(T.Gemma3TextConfig(
+            intermediate_size=48, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=16,
+            sliding_window=4, layer_types=["sliding_attention", "full_attention"], **small))
+    raise ValueError(family)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt-neox", "llama", "gemma-3"])
+def test_hf_folder_of_each_family_loads(tmp_path, family):
+    """A local folder saved by the current ``transformers`` (GPT-2, GPT-NeoX, LLaMA, Gemma-3)
+    loads, and the HookedTransformer computes the folder model's next-token distribution."""
+    from transformer_lens import loading_from_pretrained as loading
 
     from kn_lens.testing import tiny_tokenizer
 
+    convert = loading.convert_hf_model_config
     tok = tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(cfg).eval()
-    folder = tmp_path / "tiny-hf"
+    hf = _tiny_hf(family, len(tok)).eval()
+    folder = tmp_path / f"tiny-{family}"
     hf.save_pretrained(folder)
     tok.save_pretrained(folder)
     model = load_model(folder, prepend_bos=False)
-    ids = torch.tensor([tok.encode("The capital of France is Paris")])
+    assert loading.convert_hf_model_config is convert  # the scoped conversion is undone
+    text = "The capital of France is Paris, and the Eiffel Tower stands in it"
+    ids = torch.tensor([tok.encode(text)])
+    assert ids.shape[1] > 8  # longer than Gemma's sliding window: local layers are exercised
     with torch.no_grad():
         ref = torch.log_softmax(hf(ids).logits, -1)
         ours = torch.log_softmax(model(ids), -1)
-    assert torch.allclose(ref, ours, atol=1e-4)
+    assert ref.std() > 1e-3  # not a flat distribution (a trivially equal one)
+    assert torch.allclose(ref, ours, atol=1e-4), float((ref - ours).abs().max())
     assert model.kn_info.source.startswith("hf_folder:")
+    assert model.kn_info.gated_mlp == (family in ("llama", "gemma-3"))
+    from kn_lens import contribution_scores, query_from_prompt
+
+    s = contribution_scores(model, query_from_prompt(model, "The capital of France is", "Paris"))
+    assert s.scores.shape == (2, model.cfg.d_mlp) and torch.isfinite(s.scores).all()
+
+
+def test_hf_folder_without_tokenizer_is_clear(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "gpt2")
+    with pytest.raises(errors.ModelWeightsUnavailableError, match="tokenizer"):
+        load_model(tmp_path / "gpt2")
 
 
 @pytest.mark.real_model
