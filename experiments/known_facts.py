@@ -10,6 +10,7 @@ from the saved file (``--plot-only`` prints it without recomputing).
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,8 +57,30 @@ def table(args) -> str:
     return head + "\n" + res.to_markdown()
 
 
+README = _common.ROOT / "README.md"
+
+
+def readme_block(model: str, text: str) -> tuple[int, int]:
+    """(start, end) of the README's generated table of ``model`` (between its markers)."""
+    m = re.search(rf"<!-- known-facts:{re.escape(model)}\b[^>]*-->\n(.*?)<!-- /known-facts:"
+                  rf"{re.escape(model)} -->", text, re.S)
+    if m is None:
+        raise SystemExit(f"README has no known-facts markers for {model}")
+    return m.start(1), m.end(1)
+
+
+def update_readme(model: str, table_text: str) -> None:
+    text = README.read_text()
+    a, b = readme_block(model, text)
+    README.write_text(text[:a] + table_text.rstrip("\n") + "\n" + text[b:])
+    print(f"README: known-facts table of {model} rewritten from the results file")
+
+
 def main() -> None:
     ap = _common.parser(__doc__.splitlines()[0])
+    ap.add_argument("--update-readme", action="store_true",
+                    help="rewrite README's table of the model (between its markers) from the "
+                    "saved results file")
     ap.add_argument("--max-rank", type=int, default=0)
     ap.add_argument("--min-share", type=float, default=0.6)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -67,8 +90,11 @@ def main() -> None:
         args.model = m
         if not args.plot_only:
             compute(args)
-        print(table(args))
+        text = table(args)
+        print(text)
         print()
+        if args.update_readme:
+            update_readme(m, text)
 
 
 if __name__ == "__main__":
