@@ -2,6 +2,7 @@
 from kn_lens.datasets.core import Dataset, builtin_dataset, load_dataset
 from kn_lens.datasets.edits import EditSet, build_edit_requests, edit_request, random_prefixes
 from kn_lens.datasets.known import KnownFacts, KnownFactsConfig, RelationSummary, known_facts, score_queries
+from kn_lens.datasets.userfile import check_relations_file, load_relations_file
 from kn_lens.datasets.loaders import (
     KNOWEDIT_UNKNOWN, load_counterfact, load_knowedit, load_pararel, pararel_pattern_to_template,
 )
@@ -11,5 +12,5 @@ __all__ = [
     "KnownFacts", "KnownFactsConfig", "RelationSummary", "known_facts", "score_queries",
     "EditSet", "build_edit_requests", "edit_request", "random_prefixes",
     "load_pararel", "load_counterfact", "load_knowedit", "pararel_pattern_to_template",
-    "KNOWEDIT_UNKNOWN",
+    "KNOWEDIT_UNKNOWN", "check_relations_file", "load_relations_file",
 ]
