@@ -82,19 +82,11 @@ def method_config(method: str, args=None) -> Any:
 
 
 def kn_selection(method: str, n_layers: int | None = None):
-    """How each locator's scores become KN sets (QL App. A.4: each locator with its authors'
-    settings): FiNE contribution -> top-5 per answer token, last 3 layers frozen (FiNE App. C);
-    every other locator -> Dai et al.'s attribution > 0.2 x max. On models with fewer than 5 layers
-    (tiny test models) fewer layers are frozen so that some remain."""
-    from kn_lens.analysis import KNSelection
+    """How each locator's scores become KN sets: the library's presets
+    (:func:`kn_lens.analysis.consistency.default_selection`, QL App. A.4)."""
+    from kn_lens.analysis.consistency import default_selection
 
-    if method == "contribution":
-        from kn_lens.locate import ContributionConfig
-
-        c = ContributionConfig()
-        freeze = c.freeze_last if n_layers is None else min(c.freeze_last, max(n_layers - 2, 0))
-        return KNSelection(rule="top_k_per_token", k=c.k, freeze_last=freeze)
-    return KNSelection()
+    return default_selection(method, n_layers)
 
 
 # --------------------------------------------------------------------------- fact selection

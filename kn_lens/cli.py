@@ -161,6 +161,26 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from kn_lens.datasets import load_relations_file
+    from kn_lens.models import load_model
+    from kn_lens.study import StudyConfig, study
+
+    ds = load_relations_file(args.file)  # every problem of the file, before any model work
+    cfg = StudyConfig(locators=tuple(args.locators.split(",")), max_facts=args.max_facts,
+                      known_only=not args.all_facts, builtin_facts=args.builtin_facts,
+                      edit=args.edit, n_edit=args.n_edit, seed=args.seed)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    res = study(model, ds, out=args.out, config=cfg)
+    print(f"wrote {', '.join(str(res.out / f) for f in res.files)} in {res.seconds:.0f} s "
+          f"({res.computed} items computed, {res.cached} from the cache)")
+    return 0
+
+
 def _top(p) -> str:
     return ", ".join(f"{t!r} {pr:.2f}" for t, pr in zip(p.top_tokens, p.top_probs))
 
@@ -216,6 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--model", default=None)
     ed.add_argument("--seed", type=int, default=0)
     ed.set_defaults(func=_cmd_edit)
+
+    st = sub.add_parser("study", help="test hypotheses on your own relations (one JSON file): "
+                        "known facts, KNs, consistency, causal check, sharing with the built-in "
+                        "relations, optional edits -> a report folder (resumable)")
+    st.add_argument("file", help='relations JSON: {"relations": [{"id", "name", "templates", '
+                    '"facts": [[subject, object], ...]}]} (or the built-in two-file folder)')
+    st.add_argument("--out", required=True, help="output folder (report.md, results.json, "
+                    "figures/, views.html; .cache/ makes a killed run resume)")
+    st.add_argument("--model", default=None)
+    st.add_argument("--locators", default="contribution,ig")
+    st.add_argument("--max-facts", type=int, default=20, help="known facts per relation")
+    st.add_argument("--all-facts", action="store_true", help="do not require known facts")
+    st.add_argument("--builtin-facts", type=int, default=3,
+                    help="known facts per built-in relation for the sharing step (0: skip)")
+    st.add_argument("--edit", default=None, help="an editor: edit a sample of facts and judge it")
+    st.add_argument("--n-edit", type=int, default=5)
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--threads", type=int, default=0)
+    st.set_defaults(func=_cmd_study)
 
     pr = sub.add_parser("predict", help="top next tokens after a prompt")
     pr.add_argument("prompt")

@@ -38,7 +38,7 @@ from kn_lens.neurons import (NeuronScores, NeuronSet, intersection, quantile, th
 __all__ = [
     "KNSelection", "select_kns", "kn_sets_from_scores", "cs1", "cs2", "otsu_threshold",
     "welch_t_test", "ConsistencyConfig", "FactConsistency", "GroupRow", "ConsistencyResult",
-    "consistency_analysis", "shared_k2_ratio",
+    "consistency_analysis", "shared_k2_ratio", "default_selection",
 ]
 
 
@@ -77,6 +77,20 @@ class KNSelection:
             raise ConfigError(f"ratio must be in (0, 1], got {self.ratio}")
         if self.k < 1:
             raise ConfigError(f"k must be >= 1, got {self.k}")
+
+
+def default_selection(method: str, n_layers: int | None = None) -> KNSelection:
+    """Each locator's KN set rule with its authors' settings (QL App. A.4): FiNE's contribution
+    -> top-5 per answer token, the last 3 layers frozen (FiNE App. C); every other locator ->
+    Dai et al.'s attribution > 0.2 x max. On models with fewer than 5 layers (tiny test models)
+    fewer layers are frozen so that some remain."""
+    if method == "contribution":
+        from kn_lens.locate import ContributionConfig
+
+        c = ContributionConfig()
+        freeze = c.freeze_last if n_layers is None else min(c.freeze_last, max(n_layers - 2, 0))
+        return KNSelection(rule="top_k_per_token", k=c.k, freeze_last=freeze)
+    return KNSelection()
 
 
 def select_kns(scores: NeuronScores | Tensor, selection: KNSelection = KNSelection()) -> NeuronSet:

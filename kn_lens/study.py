@@ -1,0 +1,454 @@
+"""``kn_lens.study`` / ``kn-lens study FILE``: test hypotheses on relations of your own.
+
+Input: one relations file (:func:`kn_lens.datasets.load_relations_file`: every problem is listed,
+with its location, before any model work). The run, resumable (every per-query result is cached
+under ``OUT/.cache``, keyed by everything that determines it; a killed run resumes and computes
+only what is missing):
+
+1. **known facts** per relation and template (answer's first token top-1 on >= 60 % of the
+   templates, the built-in criterion);
+2. **knowledge neurons** of the known facts on every template, by each locator (default
+   contribution and IG), selected with each locator's authors' preset
+   (:func:`kn_lens.analysis.consistency.default_selection`);
+3. **consistency** per relation (QL: CS1 / CS2, K_I / K_II by the static and the Otsu threshold,
+   Welch's t);
+4. the **causal check**: each fact's KNs (first template) scaled x0 and x2 against as many random
+   neurons: a fact passes when its KNs lower P(answer) more on suppression *and* raise it more on
+   enhancement than the random ones;
+5. **sharing with the built-in relations** (TNF-DA's finding that similar relations share
+   neurons): relation-level KN sets (neurons in >= half of a relation's facts, contribution) of
+   the new relations and of a sample of every built-in relation, Jaccard overlap, the nearest
+   built-in relations;
+6. optionally (``edit=METHOD``) a sample of known facts edited to another object of their
+   relation and judged by the harness.
+
+Output folder: ``report.md`` (tables + figures, readable on its own), ``results.json``,
+``figures/*.png``, ``views.html`` (offline circuitsvis views of the strongest facts). Written
+atomically; a bad input file writes nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from kn_lens.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+__all__ = ["StudyConfig", "StudyResult", "study"]
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    locators: tuple[str, ...] = ("contribution", "ig")
+    max_facts: int = 20  # known facts per relation whose KNs are located (seeded sample)
+    known_only: bool = True  # False: every fact (random test models know nothing)
+    builtin_facts: int = 3  # known facts per built-in relation for the sharing step (0: skip)
+    min_frequency: float = 0.5  # relation-level set: neurons in >= this share of its facts
+    edit: str | None = None  # an editor name: step 6
+    n_edit: int = 5  # facts per relation edited in step 6
+    n_views: int = 2  # facts whose circuitsvis views are written
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from kn_lens.locate import available_methods
+
+        object.__setattr__(self, "locators", tuple(self.locators))
+        if not self.locators:
+            raise ConfigError("StudyConfig.locators is empty")
+        bad = [m for m in self.locators if m not in available_methods()]
+        if bad:
+            raise ConfigError(f"unknown locator(s) {bad}: choose from {available_methods()}")
+        if self.max_facts < 1 or self.builtin_facts < 0 or self.n_edit < 1 or self.n_views < 0:
+            raise ConfigError("StudyConfig: max_facts >= 1, builtin_facts >= 0, n_edit >= 1, "
+                              "n_views >= 0")
+        if not 0 < self.min_frequency <= 1:
+            raise ConfigError("StudyConfig.min_frequency must be in (0, 1]")
+        if self.edit is not None:
+            from kn_lens.edit import available_editors
+
+            if self.edit not in available_editors():
+                raise ConfigError(f"unknown editor {self.edit!r}: choose from "
+                                  f"{available_editors()}")
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    out: Path
+    results: dict
+    report: str
+    computed: int  # per-query results computed in this run (the rest came from the cache)
+    cached: int
+    seconds: float = 0.0
+    files: tuple[str, ...] = field(default=())
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class _Cache:
+    """One file per item under ``folder``, keyed by a hash of everything that determines it;
+    written atomically (a killed run leaves no half-written item)."""
+
+    def __init__(self, folder: Path, model_key: dict):
+        self.folder = folder
+        self.model_key = model_key
+        self.computed = 0
+        self.hits = 0
+
+    def key(self, **parts) -> str:
+        blob = json.dumps({"model": self.model_key, **parts}, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:20]
+
+    def get_or(self, key: str, fn: Callable[[], Any]) -> Any:
+        path = self.folder / f"{key}.pt"
+        if path.exists():
+            try:
+                value = torch.load(path, weights_only=False)
+                self.hits += 1
+                return value
+            except Exception:  # a corrupt item is recomputed
+                path.unlink(missing_ok=True)
+        value = fn()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        torch.save(value, tmp)
+        tmp.replace(path)
+        self.computed += 1
+        return value
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _scores(model, cache: _Cache, method: str, q) -> "torch.Tensor":
+    """The locator's per-token score map of ``q`` (float32, cached)."""
+    from kn_lens.locate import locate, method_version
+
+    key = cache.key(kind="scores", method=method, version=method_version(method),
+                    prompt=q.prompt, answer=list(q.answer_ids))
+
+    def run():
+        (s,) = locate(model, [q], method=method, progress=False)
+        per = s.per_token if s.per_token is not None else s.scores[None]
+        return {"scores": s.scores.float(), "per_token": per.float()}
+    return cache.get_or(key, run)
+
+
+def _kns(model, method: str, got: dict):
+    from kn_lens.analysis.consistency import default_selection, select_kns
+    from kn_lens.neurons import NeuronScores
+
+    s = NeuronScores(scores=got["scores"], method=method, query=None, config=None, model=None,
+                     per_token=got["per_token"])
+    return select_kns(s, default_selection(method, model.cfg.n_layers))
+
+
+def _causal(model, q, kns, seed: int) -> dict | None:
+    from kn_lens import hooks
+    from kn_lens.facts import answer_probs
+    from kn_lens.neurons import random_like
+
+    if not len(kns):
+        return None
+    rnd = random_like(kns, model.cfg.n_layers, model.cfg.d_mlp,
+                      generator=torch.Generator().manual_seed(seed), exclude=kns)
+    base = float(answer_probs(model, [q])[0])
+    out = {"p": base, "n_kns": len(kns)}
+    for name, ns in (("kn", kns), ("random", rnd)):
+        for label, factor in (("suppress", 0.0), ("enhance", 2.0)):
+            with model.hooks(fwd_hooks=hooks.scale_neurons(ns, factor)):
+                p = float(answer_probs(model, [q])[0])
+            out[f"{name}_{label}"] = (p - base) / max(base, 1e-12)  # relative change
+    out["passes"] = bool(out["kn_suppress"] < out["random_suppress"]
+                         and out["kn_enhance"] > out["random_enhance"])
+    return out
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _r(x, nd: int = 3):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), nd)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, out: str | os.PathLike,
+          config: StudyConfig = StudyConfig(), progress: bool = True,
+          log: Callable[[str], None] = print) -> StudyResult:
+    """Run the study of ``relations`` (a relations file, see the module doc, or a ``Dataset``)
+    on ``model`` into the folder ``out``; returns what was written and how much came from the
+    cache. The model is left as it was (every intervention is a scoped hook)."""
+    from kn_lens.analysis.consistency import ConsistencyConfig, consistency_analysis
+    from kn_lens.analysis.tnf_da import relation_level_sets
+    from kn_lens.datasets import builtin_dataset, known_facts, load_relations_file
+    from kn_lens.datasets.core import Dataset
+    from kn_lens.errors import NumericalError
+    from kn_lens.facts import make_query, queries_for_fact
+    from kn_lens.models import model_info
+
+    t0 = time.perf_counter()
+    ds = relations if isinstance(relations, Dataset) else load_relations_file(relations)
+    out = Path(out)
+    info = model_info(model)
+    cache = _Cache(out / ".cache", {k: v for k, v in dataclasses.asdict(info).items()})
+    rng = random.Random(config.seed)
+    say = log if progress else (lambda s: None)
+    results: dict = {"model": dataclasses.asdict(info), "config": dataclasses.asdict(config),
+                     "relations": {}}
+
+    # 1. known facts
+    kf = known_facts(model, ds.facts, ds)
+    known = set(kf.known_facts())
+    say(f"[1/6] known facts: {len(known)} of {len(ds.facts)}")
+    results["known_table"] = kf.to_markdown()
+    chosen: dict[str, list] = {}
+    for rid in ds.relations:
+        pool = [f for f in ds.facts_of(rid) if f in known or not config.known_only]
+        rng.shuffle(pool)
+        chosen[rid] = sorted(pool[:config.max_facts], key=lambda f: f.subject)
+        results["relations"][rid] = {
+            "name": ds.relations[rid].name, "n_facts": len(ds.facts_of(rid)),
+            "n_known": sum(f in known for f in ds.facts_of(rid)), "n_studied": len(chosen[rid])}
+
+    # 2. KNs of every studied fact on every template, by each locator
+    kn_sets: dict[str, dict] = {m: {} for m in config.locators}
+    first_query: dict = {}
+    n_items = sum(len(v) * len(ds.relations[r].templates) for r, v in chosen.items())
+    done = 0
+    for rid, facts in chosen.items():
+        for f in facts:
+            qs = queries_for_fact(model, f, ds.relations[rid])
+            first_query[f] = qs[0]
+            for m in config.locators:
+                kn_sets[m][f] = [_kns(model, m, _scores(model, cache, m, q)) for q in qs]
+            done += len(qs)
+            say(f"[2/6] knowledge neurons: {done}/{n_items} queries x {len(config.locators)} "
+                f"locators ({cache.computed} computed, {cache.hits} cached)")
+
+    # 3. consistency per relation and locator
+    cons: dict = {}
+    for m in config.locators:
+        sets = {f: s for f, s in kn_sets[m].items() if s}
+        if not sets:
+            continue
+        try:
+            res = consistency_analysis(sets, config=ConsistencyConfig(), method=m, model=info)
+        except NumericalError as e:  # every set empty
+            cons[m] = {"error": str(e)}
+            continue
+        cons[m] = {"table": res.table(), "markdown": res.to_markdown(),
+                   "k1_static": [f.subject for f in res.k1("static")],
+                   "k2_static": [f.subject for f in res.k2("static")]}
+    results["consistency"] = cons
+    say("[3/6] consistency done")
+
+    # 4. causal check on each fact's first template
+    causal: dict = {}
+    for m in config.locators:
+        rows = []
+        for f, sets in kn_sets[m].items():
+            c = _causal(model, first_query[f], sets[0], config.seed)
+            if c is not None:
+                rows.append({"relation": f.relation, "subject": f.subject, "object": f.object,
+                             **{k: (_r(v, 4) if isinstance(v, float) else v) for k, v in c.items()}})
+        by_rel = {}
+        for rid in ds.relations:
+            rr = [r for r in rows if r["relation"] == rid]
+            by_rel[rid] = {"n": len(rr), "pass": sum(r["passes"] for r in rr),
+                           **{k: _r(_mean([r[k] for r in rr]))
+                              for k in ("kn_suppress", "random_suppress", "kn_enhance",
+                                        "random_enhance")}}
+        causal[m] = {"facts": rows, "by_relation": by_rel}
+    results["causal"] = causal
+    say("[4/6] causal check done")
+
+    # 5. sharing with the built-in relations (contribution KNs, relation-level sets)
+    sharing: dict = {}
+    if config.builtin_facts:
+        bds = builtin_dataset()
+        sample = bds.filter(limit_per_relation=max(8, 3 * config.builtin_facts))
+        if config.known_only:
+            bkf = cache.get_or(cache.key(kind="builtin_known", n=len(sample.facts)),
+                               lambda: list(known_facts(model, sample.facts, bds).known_facts()))
+        else:
+            bkf = list(sample.facts)
+        ref_sets = {}
+        for rid in bds.relations:
+            for f in [g for g in bkf if g.relation == rid][:config.builtin_facts]:
+                q = make_query(model, f, bds.relations[rid].templates[0])
+                ref_sets[f] = _kns(model, "contribution", _scores(model, cache, "contribution", q))
+        new_sets = {f: _kns(model, "contribution", _scores(model, cache, "contribution",
+                                                           first_query[f]))
+                    for facts in chosen.values() for f in facts}
+        levels_new = relation_level_sets(new_sets, min_frequency=config.min_frequency) \
+            if new_sets else {}
+        levels_ref = relation_level_sets(ref_sets, min_frequency=config.min_frequency) \
+            if ref_sets else {}
+        for rid, s in levels_new.items():
+            sims = []
+            for bid, b in levels_ref.items():
+                u = len(s | b)
+                sims.append({"builtin": bid, "group": bds.relations[bid].group,
+                             "jaccard": _r(len(s & b) / u if u else float("nan"), 4),
+                             "shared": len(s & b), "size": len(b)})
+            sims.sort(key=lambda d: -(d["jaccard"] or 0))
+            sharing[rid] = {"size": len(s), "nearest": sims[:3], "all": sims}
+        say(f"[5/6] sharing: {len(levels_ref)} built-in relations "
+            f"({sum(1 for _ in ref_sets)} facts)")
+    results["sharing"] = sharing
+
+    # 6. optional edits
+    if config.edit is not None:
+        results["edit"] = _edits(model, ds, chosen, config, say)
+    say("[6/6] writing the report")
+    files = _write_outputs(model, ds, out, results, kn_sets, first_query, config)
+    secs = time.perf_counter() - t0
+    results["seconds"] = round(secs, 1)
+    results["cache"] = {"computed": cache.computed, "cached": cache.hits}
+    _write_text(out / "results.json", json.dumps(results, indent=1, default=str))
+    report = (out / "report.md").read_text()
+    return StudyResult(out, results, report, cache.computed, cache.hits, secs,
+                       tuple(files) + ("results.json",))
+
+
+def _edits(model, ds, chosen, config: StudyConfig, say) -> dict:
+    from kn_lens.datasets import build_edit_requests
+    from kn_lens.evaluate.harness import HarnessConfig, edit_and_evaluate
+
+    out = {}
+    for rid, facts in chosen.items():
+        objects = sorted({f.object for f in ds.facts_of(rid)})
+        facts = [f for f in facts if len(objects) > 1][:config.n_edit]
+        if not facts:
+            out[rid] = {"skipped": "needs facts with at least two different objects"}
+            continue
+        reqs = list(build_edit_requests(ds, facts, seed=config.seed, n_prefixes=3))
+        rep = edit_and_evaluate(model, reqs, method=config.edit, seed=config.seed,
+                                config=HarnessConfig(n_bootstrap=200, max_new_tokens=16))
+        out[rid] = {"n": len(reqs), "table": rep.table(),
+                    "after": {p: {m: _r(a.mean) for m, a in ms.items()}
+                              for p, ms in rep.after.items()}}
+        say(f"[6/6] edited {len(reqs)} facts of {rid} with {config.edit}")
+    return out
+
+
+def _write_outputs(model, ds, out: Path, results: dict, kn_sets, first_query,
+                   config: StudyConfig) -> list[str]:
+    from kn_lens import viz
+
+    figs = out / "figures"
+    files = []
+    rels = list(ds.relations)
+    data = {"known": {r: results["relations"][r]["n_known"] / max(1, results["relations"][r]["n_facts"])
+                      for r in rels}}
+    p = viz.plot_grouped_bars(data, figs / "known.png", title="share of facts known",
+                              ylabel="share")
+    files.append(str(p.relative_to(out)))
+    causal_figs = {}
+    for m, c in results["causal"].items():
+        d = {rid: {k: (c["by_relation"][rid][k] or 0.0) for k in
+                   ("kn_suppress", "random_suppress", "kn_enhance", "random_enhance")}
+             for rid in rels if c["by_relation"][rid]["n"]}
+        if d:
+            p = viz.plot_grouped_bars(d, figs / f"causal_{m}.png", ylabel="relative change of P",
+                                      title=f"KNs ({m}) vs random neurons: x0 and x2")
+            causal_figs[m] = str(p.relative_to(out))
+            files.append(causal_figs[m])
+    views = _views(model, out, kn_sets, first_query, config)
+    if views:
+        files.append(views)
+    lines = [f"# kn-lens study: {', '.join(rels)}", "",
+             f"Model **{results['model']['name']}**; locators {', '.join(config.locators)}; "
+             f"up to {config.max_facts} {'known ' if config.known_only else ''}facts per "
+             f"relation; seed {config.seed}.", "",
+             "## 1. Known facts (answer's first token top-1 on >= 60 % of the templates)", "",
+             results["known_table"], "", "![known](figures/known.png)", "",
+             "## 2-3. Knowledge neurons and their consistency across templates (QL)", ""]
+    for m, c in results["consistency"].items():
+        lines += [f"**{m}**", "", c.get("markdown", c.get("error", "")), ""]
+    lines += ["## 4. Causal check: each fact's KNs x0 / x2 vs as many random neurons", "",
+              "| locator | relation | facts | pass | KN x0 | random x0 | KN x2 | random x2 |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for m, c in results["causal"].items():
+        for rid, r in c["by_relation"].items():
+            lines.append(f"| {m} | {rid} | {r['n']} | {r['pass']} | {r['kn_suppress']} | "
+                         f"{r['random_suppress']} | {r['kn_enhance']} | {r['random_enhance']} |")
+    lines += [""] + [f"![causal {m}]({p})" for m, p in causal_figs.items()] + [""]
+    if results["sharing"]:
+        lines += ["## 5. Neurons shared with the built-in relations (contribution, relation-level "
+                  f"sets: neurons in >= {config.min_frequency:.0%} of the facts)", "",
+                  "| relation | set size | nearest built-in relations (Jaccard, shared) |",
+                  "|---|---:|---|"]
+        for rid, s in results["sharing"].items():
+            near = "; ".join(f"{d['builtin']} ({d['group']}): {d['jaccard']}, {d['shared']}"
+                             for d in s["nearest"])
+            lines.append(f"| {rid} | {s['size']} | {near} |")
+        lines.append("")
+    if "edit" in results:
+        lines += [f"## 6. Editing with {config.edit}", ""]
+        for rid, e in results["edit"].items():
+            lines += [f"**{rid}**", "", e.get("table", e.get("skipped", "")), ""]
+    if views:
+        lines += [f"Views: [{views}]({views}) (circuitsvis, renders offline).", ""]
+    _write_text(out / "report.md", "\n".join(lines))
+    return ["report.md"] + files
+
+
+def _views(model, out: Path, kn_sets, first_query, config: StudyConfig) -> str | None:
+    """Offline views of the ``n_views`` facts the model is surest of: their first template's
+    attention in the layer with the most synapses off the sink, and their KNs along the prompt."""
+    from kn_lens import hooks, viz
+    from kn_lens.analysis.synapses import attention_patterns, synapses_from_patterns
+    from kn_lens.facts import answer_probs
+
+    if not config.n_views or not first_query:
+        return None
+    facts = list(first_query)
+    probs = answer_probs(model, [first_query[f] for f in facts])
+    order = sorted(range(len(facts)), key=lambda i: -float(probs[i]))[:config.n_views]
+    views = {}
+    m = config.locators[0]
+    for i in order:
+        f, q = facts[i], first_query[facts[i]]
+        tokens = [model.tokenizer.decode([t]) for t in q.prompt_ids]
+        pats = attention_patterns(model, q)
+        mask, _, _ = synapses_from_patterns(pats)
+        off = mask[..., 1:].flatten(1).sum(1)
+        layer = int(off.argmax()) if off.any() else int(mask.flatten(1).sum(1).argmax())
+        views[f"{f.subject} -> {f.object}: layer {layer} synapses"] = \
+            viz.synapse_view(tokens, pats, mask, layer=layer)
+        kns = sorted(kn_sets[m][f][0], key=lambda n: (n.layer, n.index))[:8]
+        if kns:
+            store: dict = {}
+            fwd = [h for l in sorted({n.layer for n in kns})
+                   for h in hooks.cache_hook(hooks.mlp_post(l), store)]
+            with torch.no_grad(), model.hooks(fwd_hooks=fwd):
+                model(torch.tensor([q.prompt_ids], device=model.cfg.device), return_type=None)
+            acts = torch.stack([store[hooks.mlp_post(n.layer)][0, :, n.index] for n in kns], 1)
+            views[f"{f.subject} -> {f.object}: KNs ({m}) along the prompt"] = \
+                viz.token_view(tokens, acts, labels=[str(n) for n in kns])
+    viz.save_html(views, out / "views.html", title="kn-lens study views")
+    return "views.html"
