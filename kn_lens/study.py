@@ -290,9 +290,13 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
     if config.builtin_facts:
         bds = builtin_dataset()
         sample = bds.filter(limit_per_relation=max(8, 3 * config.builtin_facts))
-        if config.known_only:
-            bkf = cache.get_or(cache.key(kind="builtin_known", n=len(sample.facts)),
-                               lambda: list(known_facts(model, sample.facts, bds).known_facts()))
+        if config.known_only:  # which built-in facts this model knows: shared by every study
+            from kn_lens.models import cache_dir
+
+            shared = _Cache(cache_dir() / "study", cache.model_key)
+            keys = hashlib.sha1("\n".join(f.key() for f in sample.facts).encode()).hexdigest()
+            bkf = shared.get_or(shared.key(kind="builtin_known", facts=keys),
+                                lambda: list(known_facts(model, sample.facts, bds).known_facts()))
         else:
             bkf = list(sample.facts)
         ref_sets = {}
@@ -387,6 +391,10 @@ def _write_outputs(model, ds, out: Path, results: dict, kn_sets, first_query,
              "## 1. Known facts (answer's first token top-1 on >= 60 % of the templates)", "",
              results["known_table"], "", "![known](figures/known.png)", "",
              "## 2-3. Knowledge neurons and their consistency across templates (QL)", ""]
+    lines += ["Per locator: CS2 (the share of a fact's KNs found on more than one of its templates) "
+              "splits the facts into K_I (CS2 above the threshold T: St = static 0.1, Ot = Otsu) "
+              "and K_II; R = share of facts in the group, S = its mean CS2, t / p = Welch's test "
+              "of CS2 between the groups (QL Table 1).", ""]
     for m, c in results["consistency"].items():
         lines += [f"**{m}**", "", c.get("markdown", c.get("error", "")), ""]
     lines += ["## 4. Causal check: each fact's KNs x0 / x2 vs as many random neurons", "",

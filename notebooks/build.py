@@ -222,6 +222,61 @@ print(f"through hooks: {hooked!r}; materialised: {applied!r}; after both: weight
       f"{same}, hooks attached = {hooks.active_hook_count(model)}")
 assert hooked == applied == " Rome" and same and hooks.active_hook_count(model) == 0'''),
     ],
+    "04_new_relation": [
+        ("md", """# 04 · A relation of your own: `kn_lens.study`
+
+Write a relation (templates with `{}` for the subject, facts as `[subject, object]`) and test
+hypotheses on it: which facts the model knows, where their knowledge neurons are, whether the KNs
+are consistent across templates (QL), whether they are causal (vs random neurons), and which
+built-in relations share them (TNF-DA). `kn-lens study FILE --out DIR` runs the same from the
+shell; a killed run resumes from `DIR/.cache`."""),
+        ("code", '''import json, torch
+from pathlib import Path
+torch.set_num_threads(2)
+from kn_lens import load_model
+from kn_lens.datasets import load_relations_file
+relations = {"relations": [{
+    "id": "river_country", "name": "river flows through", "group": "location",
+    "templates": ["The {} is a river in", "The river {} flows through the country of",
+                  "The {} river is located in"],
+    "facts": [["Danube", "Austria"], ["Loire", "France"], ["Seine", "France"], ["Tiber", "Italy"],
+              ["Rhine", "Germany"], ["Volga", "Russia"], ["Ganges", "India"], ["Nile", "Egypt"],
+              ["Thames", "England"], ["Yangtze", "China"]]}]}
+path = Path("out") / "rivers.json"
+path.parent.mkdir(exist_ok=True)
+path.write_text(json.dumps(relations))
+ds = load_relations_file(path)   # every problem of the file is listed at once, before model work
+print(ds.relations["river_country"], len(ds), "facts")'''),
+        ("md", "A malformed file is refused with every problem and its location:"),
+        ("code", '''from kn_lens.errors import DataFileError
+bad = Path("out") / "bad.json"
+bad.write_text(json.dumps({"relations": [{"id": "r", "name": "r", "templates": ["no subject"],
+                                          "facts": [["Danube", ""]], "colour": 1}]}))
+try:
+    load_relations_file(bad)
+except DataFileError as e:
+    print(e)
+    assert len(e.problems) == 3'''),
+        ("code", '''from kn_lens.study import StudyConfig, study
+model = load_model()
+res = study(model, ds, out=Path("out") / "study_rivers",
+            config=StudyConfig(locators=("contribution",), builtin_facts=2, n_views=1),
+            progress=False)
+print(f"{res.computed} items computed, {res.cached} from the cache, {res.seconds:.0f} s")
+r = res.results["relations"]["river_country"]
+print(f"known: {r['n_known']} of {r['n_facts']} facts")
+assert r["n_known"] >= 2'''),
+        ("code", '''c = res.results["causal"]["contribution"]["by_relation"]["river_country"]
+print(f"causal check: {c['pass']} of {c['n']} facts pass; mean relative change of P(answer): "
+      f"KNs x0 {c['kn_suppress']}, random x0 {c['random_suppress']}, "
+      f"KNs x2 {c['kn_enhance']}, random x2 {c['random_enhance']}")
+for d in res.results["sharing"]["river_country"]["nearest"]:
+    print(f"shares neurons with {d['builtin']} ({d['group']}): Jaccard {d['jaccard']}, "
+          f"{d['shared']} neurons")'''),
+        ("code", '''from IPython.display import Markdown
+report = (res.out / "report.md").read_text()
+Markdown(report.split("## 4.")[0])'''),
+    ],
 }
 
 

@@ -12,7 +12,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 def test_notebooks_are_committed_with_outputs():
     nbformat = pytest.importorskip("nbformat")
-    assert [p.stem for p in NOTEBOOKS][:3] == ["01_tour", "02_circuits", "03_edit_a_fact"]
+    assert [p.stem for p in NOTEBOOKS] == ["01_tour", "02_circuits", "03_edit_a_fact", "04_new_relation"]
     for path in NOTEBOOKS:
         nb = nbformat.read(str(path), as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
