@@ -281,7 +281,7 @@ def test_rome_layers_script_quick(tmp_path, capsys):
             assert s["best_layer"] == max(range(L), key=lambda l: s["mean_ie"][l])
         assert r["sweeps"]["mlp"]["window"] == 2 and r["sweeps"]["resid"]["window"] == 1
         assert doc["config"]["trace"]["mlp"]["n_noise"] == 2
-        png = tmp_path / "quick" / "figures" / "rome_layers_tiny-llama.png"
+        png = tmp_path / "figures" / "rome_layers_tiny-llama.png"  # --figures-dir, in quick mode too
         assert png.stat().st_size > 1000
         out = capsys.readouterr().out
         assert "best mlp layer (window 2):" in out
