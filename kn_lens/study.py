@@ -250,9 +250,11 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
 
     # 3. consistency per relation and locator
     cons: dict = {}
+    one_template = sorted(r for r in ds.relations if len(ds.relations[r].templates) < 2)
     for m in config.locators:
-        sets = {f: s for f, s in kn_sets[m].items() if s}
+        sets = {f: s for f, s in kn_sets[m].items() if len(s) >= 2}  # CS needs >= 2 templates
         if not sets:
+            cons[m] = {"error": "no studied fact has KN sets on two or more templates"}
             continue
         try:
             res = consistency_analysis(sets, config=ConsistencyConfig(), method=m, model=info)
@@ -263,6 +265,7 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
                    "k1_static": [f.subject for f in res.k1("static")],
                    "k2_static": [f.subject for f in res.k2("static")]}
     results["consistency"] = cons
+    results["consistency_skipped_relations"] = one_template  # one template: no consistency
     say("[3/6] consistency done")
 
     # 4. causal check on each fact's first template

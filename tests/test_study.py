@@ -106,6 +106,22 @@ def test_cli_malformed_file_lists_every_problem_and_writes_nothing(tmp_path, cap
     assert rc == 2 and "no such file" in capsys.readouterr().err
 
 
+def test_study_with_nothing_known_and_a_one_template_relation(tmp_path, model):
+    """A random model knows no fact: every step still reports (nothing to locate); a relation
+    with one template has no consistency but the other steps."""
+    doc = {"relations": [dict(REL["relations"][1], templates=["{} is a dish from"])]}
+    res = study(model, _file(tmp_path, doc), out=tmp_path / "none", progress=False,
+                config=StudyConfig(builtin_facts=0, n_views=1))
+    assert res.results["relations"]["dish_country"]["n_studied"] == 0
+    assert (tmp_path / "none" / "report.md").exists()
+    res = study(model, _file(tmp_path, doc), out=tmp_path / "one", progress=False,
+                config=StudyConfig(known_only=False, builtin_facts=0, n_views=0,
+                                   locators=("contribution",)))
+    assert res.results["consistency_skipped_relations"] == ["dish_country"]
+    assert "error" in res.results["consistency"]["contribution"]
+    assert res.results["causal"]["contribution"]["by_relation"]["dish_country"]["n"] == 3
+
+
 def test_bad_study_config():
     from kn_lens.errors import ConfigError
 
