@@ -18,6 +18,8 @@ from kn_lens.evaluate.harness import EditReport, HarnessConfig  # kn_lens.evalua
 from kn_lens.datasets import (Dataset, build_edit_requests, builtin_dataset, edit_request,
                               known_facts)
 
+from kn_lens.study import StudyConfig, StudyResult, study  # kn_lens.study(model, file, out=...)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -34,4 +36,5 @@ __all__ = [
     "EditMetrics", "evaluate_edit", "perplexity", "reference_slices",
     "EditReport", "HarnessConfig",
     "Dataset", "build_edit_requests", "builtin_dataset", "edit_request", "known_facts",
+    "StudyConfig", "StudyResult", "study",
 ]
