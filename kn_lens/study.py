@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 __all__ = ["StudyConfig", "StudyResult", "study"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StudyConfig:
     locators: tuple[str, ...] = ("contribution", "ig")
     max_facts: int = 20  # known facts per relation whose KNs are located (seeded sample)

@@ -294,7 +294,7 @@ def test_known_facts_decision_rule(ds):
     assert len(rows[0].top1_per_template) == len(ds.relation("country_continent").templates)
     md = strict.to_markdown()
     assert md.startswith("| relation |") and "country_continent" in md and "**all**" in md
-    assert strict.model.name == "tiny-gpt2" and strict.config == KnownFactsConfig(0, 1.0, 32)
+    assert strict.model.name == "tiny-gpt2" and strict.config == KnownFactsConfig(max_rank=0, min_share=1.0, batch_size=32)
 
 
 def test_known_facts_roundtrip_and_errors(ds, tmp_path):

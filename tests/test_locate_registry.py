@@ -135,3 +135,27 @@ def test_agreement(tiny_model, queries):
         agreement({"ig": ig, "contribution": contrib[::-1]})
     with pytest.raises(ConfigError):
         agreement({"ig": ig, "contribution": contrib[:1]})
+
+
+def test_every_config_is_keyword_only():
+    """Configs take keywords only (a positional value would silently land in the wrong field
+    when a field is added)."""
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    import kn_lens
+
+    found = []
+    for mod in pkgutil.walk_packages(kn_lens.__path__, "kn_lens."):
+        if mod.name.endswith(("build_countries", "__main__")):
+            continue
+        m = importlib.import_module(mod.name)
+        for name, obj in vars(m).items():
+            if (isinstance(obj, type) and dataclasses.is_dataclass(obj)
+                    and obj.__module__ == m.__name__
+                    and (name.endswith("Config") or name == "KNSelection")):
+                found.append(name)
+                fields = [f for f in dataclasses.fields(obj) if f.init]
+                assert fields and all(f.kw_only for f in fields), name
+    assert len(found) >= 20, found

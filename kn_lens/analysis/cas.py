@@ -29,7 +29,7 @@ __all__ = ["CASConfig", "CASResult", "consistency_aware_score", "cas_neurons",
            "cas_neurons_by_fact", "compare_kn_selections", "CompareConfig", "SelectionComparison"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CASConfig:
     beta1: float = 0.7  # QL App. A.1, eq. 7
     beta2: float = 0.3  # QL App. A.1, eq. 7
@@ -141,7 +141,7 @@ def _clean(v, nd: int | None = None):
     return v
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CompareConfig:
     selections: tuple[str, ...] = ("N_i", "N_g", "CAS")  # QL Table 3 rows: local, global, ours
     operations: tuple[str, ...] = ("erasure", "update")  # QL eq. 2

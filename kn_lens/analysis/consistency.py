@@ -45,7 +45,7 @@ __all__ = [
 # --------------------------------------------------------------------------- KN selection
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KNSelection:
     """How a :class:`NeuronScores` map becomes a KN set.
 
@@ -208,7 +208,7 @@ def welch_t_test(a: Sequence[float] | np.ndarray | Tensor,
 # --------------------------------------------------------------------------- results
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ConsistencyConfig:
     score: Literal["cs1", "cs2"] = "cs2"  # QL §2.1: the K_I/K_II split thresholds CS2
     static_threshold: float = 0.1  # QL App. Table 4 ("Static": 0.1 for every PLM and locator)

@@ -43,7 +43,7 @@ __all__ = ["MappingConfig", "neighbour_sets", "QueryMapping", "MappingSummary", 
 SET_KINDS = ("self", "union", "intersection", "refine")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MappingConfig:
     suppress_factor: float = 0.0  # QL §3.1 "suppress" (Dai et al. 2022: set activation to 0)
     enhance_factor: float = 2.0  # QL §3.1 "enhance" (Dai et al. 2022: double the activation)

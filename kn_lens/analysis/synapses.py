@@ -83,7 +83,7 @@ _EPS = 1e-8
 # --------------------------------------------------------------------------- configs / results
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SynapseConfig:
     alpha: float = 0.3  # QL eq. 5 scaling factor; App. A.1 ("tau = 0.3", same for all PLMs)
     # Not in the paper: drop key position 0 (BOS, or the first word when there is no BOS) from S.
@@ -150,7 +150,7 @@ class Predominance:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SynapseManipulationConfig:
     synapses: SynapseConfig = SynapseConfig()
     suppress_factor: float = 0.0  # x0: Dai et al. / QL Sec. 3.1 convention (QL 3.2 gives none)

@@ -66,7 +66,7 @@ _DEFAULT_WINDOW = {"mlp": 10, "attn": 10, "resid": 1}  # ROME's causal-tracing w
 # --------------------------------------------------------------------------- config
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TraceConfig:
     """Causal tracing (ROME §2.1). Defaults are ROME's."""
 

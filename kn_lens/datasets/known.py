@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from kn_lens.datasets.core import Dataset
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KnownFactsConfig:
     max_rank: int = 0  # answer's first token must be top-(max_rank+1); 0 = top-1 (KN / ParaRel)
     min_share: float = 0.6  # share of a fact's templates that must pass ("most templates")

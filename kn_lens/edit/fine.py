@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FiNEConfig:
     k: int = 5  # top-k neurons per target token: FiNE App. C ("k = 5 for all LLMs")
     freeze_last: int = 3  # l_f: FiNE Sec. 4.3 / App. C ("we set l_f to 3"); 0 = "w/o LF"

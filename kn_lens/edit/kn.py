@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KNEditConfig:
     lambda1: float = 2.0  # QL App. A.1: "In Equation 2, we set lambda1 = lambda2 = 2"
     lambda2: float = 2.0  # QL App. A.1
@@ -146,7 +146,7 @@ def kn_sets(scores_per_query: Sequence[NeuronScores | NeuronSet | Tensor], *,
 # --------------------------------------------------------------------------- registered editors
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KNEditorConfig:
     """QL's KN erasure / update as editors of :func:`kn_lens.edit.edit` (``kn_erase``,
     ``kn_update``). Without a neuron set, each request's KNs are located on its rewrite prompt

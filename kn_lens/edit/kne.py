@@ -59,7 +59,7 @@ _ATTN_HOOK = {"W_Q": "hook_q", "W_K": "hook_k", "W_V": "hook_v", "W_O": "hook_z"
 _ATTN_BIAS = {"W_Q": "b_Q", "W_K": "b_K", "W_V": "b_V"}  # W_O's gate scales z (no bias inside)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KNEConfig:
     quantile: float = 0.999  # eq. 6: t_p = Quantile_{1-p}; ours: the top 0.1 % (paper: no value)
     alpha: float = 1.0  # eq. 11's alpha (paper: no value)

@@ -298,7 +298,7 @@ class Target:
 # --------------------------------------------------------------------------- config and result
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     """The loop's settings (editors set their papers' values; see each editor's config)."""
 

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TNFDAConfig:
     fraction: float = 0.01  # targeted neurons: TNF-DA "only 1 % neurons" (Sec. Analysis, Fig. 3)
     locator: Literal["mediation", "atp"] = "mediation"  # eq. 3-4 IE; "atp": first-order IE

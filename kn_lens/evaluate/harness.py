@@ -59,7 +59,7 @@ METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HarnessConfig:
     protocols: tuple[str, ...] = PROTOCOLS
     max_new_tokens: int = 32  # greedy continuation length (ROME: 100 tokens incl. the prompt)

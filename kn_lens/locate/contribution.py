@@ -36,7 +36,7 @@ from kn_lens.models import model_info
 from kn_lens.neurons import NeuronScores, NeuronSet, top_k_per_token
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ContributionConfig:
     """FiNE's contribution scores and their selection defaults."""
 

@@ -53,7 +53,7 @@ from kn_lens.neurons import NeuronScores
 Baseline = Literal["zero", "eos"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class IGConfig:
     """Settings of integrated gradients."""
 

@@ -96,7 +96,7 @@ Prune = Literal["dni", "atp", "none"]
 # --------------------------------------------------------------------------- configs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MediationConfig:
     """Exact neuron-level causal mediation (TNF-DA) with DNI pruning."""
 
@@ -127,7 +127,7 @@ class MediationConfig:
             raise ConfigError(f"prune must be 'dni', 'atp' or 'none', got {self.prune!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AtPConfig:
     """Attribution patching: first-order estimate of the mediation IE of every neuron."""
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FTLConfig:
     layer: int | None = None  # None: the model's ROME layer (ROME's FT-L hparams: layer 0)
     steps: int = 25  # ROME FT-L: num_steps 25

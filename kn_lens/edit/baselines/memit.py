@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 GPTJ_LAMBDA_PER_DIM = 15000 / 16384  # MEMIT GPT-J: mom2_update_weight 15000, d_mlp 16384
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MEMITConfig:
     layers: tuple[int, ...] | None = None  # None: the model's measured range
     mom2_update_weight: float | None = None  # lambda; None: 0.9155 x d_mlp (GPT-J's ratio)

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ROMEConfig:
     layer: int | None = None  # None: the model's measured layer (kn_lens.edit.layers)
     v_steps: int = 20  # ROME hparams (GPT-2 XL, GPT-J): v_num_grad_steps 20
