@@ -293,20 +293,6 @@ def _load_hf_folder(folder: Path, tl_name: str | None, prepend_bos: bool, device
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
-def _gpt2_config(c) -> dict:
-    """TransformerLens's GPT-2 conversion, from the config's fields: ``transformers`` 5 no longer
-    stores ``n_ctx`` (TransformerLens 3.9 reads it), the context length is ``n_positions``."""
-    return {
-        "d_model": c.n_embd, "d_head": c.n_embd // c.n_head, "n_heads": c.n_head,
-        "d_mlp": getattr(c, "n_inner", None) or 4 * c.n_embd, "n_layers": c.n_layer,
-        "n_ctx": getattr(c, "n_ctx", None) or c.n_positions, "eps": c.layer_norm_epsilon,
-        "d_vocab": c.vocab_size, "act_fn": c.activation_function,
-        "use_attn_scale": getattr(c, "scale_attn_weights", True), "use_local_attn": False,
-        "scale_attn_by_inverse_layer_idx": c.scale_attn_by_inverse_layer_idx,
-        "normalization_type": "LN", "original_architecture": "GPT2LMHeadModel",
-    }
-
-
 def _gemma3_config(c) -> dict:
     """A Gemma-3 text model of any size (TransformerLens 3.9 converts only its named checkpoints):
     local (sliding-window) and global layers with their own rotary bases, q/k norms, norms before
@@ -337,7 +323,16 @@ def _gemma3_config(c) -> dict:
     return out
 
 
-_FOLDER_CONFIGS = {"GPT2LMHeadModel": _gpt2_config, "Gemma3ForCausalLM": _gemma3_config}
+_FOLDER_CONFIGS = {"Gemma3ForCausalLM": _gemma3_config}
+
+
+def _neutral_config(folder: Path, dest: Path) -> None:
+    """``folder``'s config.json copied to ``dest``, with the fields TransformerLens 3.9 reads
+    that ``transformers`` 5 no longer writes: GPT-2's ``n_ctx`` (= ``n_positions``)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    if "GPT2LMHeadModel" in (cfg.get("architectures") or []) and "n_ctx" not in cfg:
+        cfg["n_ctx"] = cfg["n_positions"]
+    (dest / "config.json").write_text(json.dumps(cfg))
 
 
 @contextmanager
@@ -346,8 +341,9 @@ def _folder_config(folder: Path, hf_config):
     convert from a folder (:data:`_FOLDER_CONFIGS`) are converted from the folder's own config,
     and every other one is converted by TransformerLens from a copy of ``config.json`` under a
     neutral path (TransformerLens 3.9 guesses the architecture from the *name* first: a folder
-    called ``my-llama`` would be read as LLaMA with no config). Calls for other models are
-    unchanged; the original converter is restored on exit, errors included."""
+    called ``my-llama`` would be read as LLaMA with no config), completed by
+    :func:`_neutral_config`. Calls for other models are unchanged; the original converter is
+    restored on exit, errors included."""
     from transformer_lens import loading_from_pretrained as loading
 
     arch = (getattr(hf_config, "architectures", None) or [None])[0]
@@ -356,7 +352,7 @@ def _folder_config(folder: Path, hf_config):
     with tempfile.TemporaryDirectory(prefix="kn-lens-cfg-") as tmp:
         neutral = Path(tmp) / "folder"
         neutral.mkdir()
-        shutil.copy(folder / "config.json", neutral / "config.json")
+        _neutral_config(folder, neutral)
 
         def patched(model_name, **kwargs):
             if Path(str(model_name)).resolve() != folder.resolve():
