@@ -156,21 +156,18 @@ def _kns(model, method: str, got: dict):
 
 
 def _causal(model, q, kns, seed: int) -> dict | None:
-    from kn_lens import hooks
-    from kn_lens.facts import answer_probs
+    from kn_lens.analysis.mapping import scaled_probs
     from kn_lens.neurons import random_like
 
     if not len(kns):
         return None
     rnd = random_like(kns, model.cfg.n_layers, model.cfg.d_mlp,
                       generator=torch.Generator().manual_seed(seed), exclude=kns)
-    base = float(answer_probs(model, [q])[0])
+    variants = [(ns, f) for ns in (kns, rnd) for f in (0.0, 2.0)]  # x0 / x2, every position
+    base, *probs = scaled_probs(model, q, variants)
     out = {"p": base, "n_kns": len(kns)}
-    for name, ns in (("kn", kns), ("random", rnd)):
-        for label, factor in (("suppress", 0.0), ("enhance", 2.0)):
-            with model.hooks(fwd_hooks=hooks.scale_neurons(ns, factor)):
-                p = float(answer_probs(model, [q])[0])
-            out[f"{name}_{label}"] = (p - base) / max(base, 1e-12)  # relative change
+    for key, p in zip(("kn_suppress", "kn_enhance", "random_suppress", "random_enhance"), probs):
+        out[key] = (p - base) / max(base, 1e-12)  # relative change
     out["passes"] = bool(out["kn_suppress"] < out["random_suppress"]
                          and out["kn_enhance"] > out["random_enhance"])
     return out

@@ -38,7 +38,7 @@ from kn_lens.models import ModelInfo, model_info
 from kn_lens.neurons import NeuronScores, NeuronSet, intersection, union
 
 __all__ = ["MappingConfig", "neighbour_sets", "QueryMapping", "MappingSummary", "MappingResult",
-           "query_kn_mapping", "queries_and_sets_from_scores"]
+           "query_kn_mapping", "queries_and_sets_from_scores", "scaled_probs"]
 
 SET_KINDS = ("self", "union", "intersection", "refine")
 
@@ -187,6 +187,16 @@ def _row_scaling_hooks(variants: Sequence[tuple[NeuronSet, float]], n_rows: int,
     return out
 
 
+def scaled_probs(model, query: Query, variants: Sequence[tuple[NeuronSet, float]], *,
+                 positions=None) -> list[float]:
+    """P(answer) of ``query`` unedited and with each variant's neurons scaled by its factor
+    (``[p_clean, p_variant_1, ...]``), all in one batched forward (row r + 1 scales variant r).
+    ``positions``: the positions scaled (None: every position; an int or a list)."""
+    fwd = _row_scaling_hooks(variants, len(variants) + 1, positions, model.cfg.d_mlp)
+    return answer_probs(model, [query] * (len(variants) + 1), fwd_hooks=fwd,
+                        batch_size=len(variants) + 1).tolist()
+
+
 def _query_probs(model, q: Query, cand: dict, config: MappingConfig) -> tuple[float, dict, dict]:
     """P before and P after each (kind, factor) variant for one query."""
     pos = _positions(q, config.positions)
@@ -194,9 +204,7 @@ def _query_probs(model, q: Query, cand: dict, config: MappingConfig) -> tuple[fl
     factors = (config.suppress_factor, config.enhance_factor)
     variants = [(cand[k], f) for k in kinds for f in factors]
     if config.batched:
-        fwd = _row_scaling_hooks(variants, len(variants) + 1, pos, model.cfg.d_mlp)
-        probs = answer_probs(model, [q] * (len(variants) + 1), fwd_hooks=fwd,
-                             batch_size=len(variants) + 1).tolist()
+        probs = scaled_probs(model, q, variants, positions=pos)
     else:
         probs = [_prob(model, q, None, 1.0, config.positions)]
         probs += [_prob(model, q, ns, f, config.positions) for ns, f in variants]
