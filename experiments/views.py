@@ -3,9 +3,10 @@
     python experiments/views.py                          # SmolLM2, the Eiffel Tower -> Paris
     python experiments/views.py --prompt "The capital of France is" --answer Paris
 
-Writes ``results/views/views_<model>.html`` (standalone, ~1.3 MB: the circuitsvis bundle inlined,
-renders without internet; not committed) and, when Chromium is installed, a headless screenshot
-``figures/views_<model>.png`` (the one in README). Views:
+Writes ``results/views/views_<model>.html`` (standalone, ~1.3 MB: the circuitsvis bundle
+inlined, renders without internet; not committed) and, when Chromium is installed, a headless
+screenshot ``figures/views_<model>.png`` (the one in README). The views
+(:func:`kn_lens.viz.fact_views`):
 1. the attention of the layer with the most knowledge synapses off the attention sink (key 0;
    QL eq. 5-6, alpha = 0.3), synapse columns only;
 2. the same layer's full attention pattern;
@@ -34,8 +35,6 @@ def main() -> None:
     import torch
 
     from kn_lens import contribution_scores, load_model, query_from_prompt, viz
-    from kn_lens import hooks as H
-    from kn_lens.analysis.synapses import SynapseConfig, attention_patterns, synapses_from_patterns
     from kn_lens.errors import ToolUnavailableError
     from kn_lens.neurons import top_k
     from kn_lens.viz.browser import find_chromium, screenshot
@@ -44,31 +43,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)
     q = query_from_prompt(model, args.prompt, args.answer)
-    tokens = [model.tokenizer.decode([t]) for t in q.prompt_ids]
-    pats = attention_patterns(model, q)
-    cfg = SynapseConfig()  # the paper's eq. 6 (the attention-sink column included)
-    mask, _, _ = synapses_from_patterns(pats, cfg.alpha)
-    off_sink = mask[..., 1:].flatten(1).sum(1)  # the layer with the most synapses off the sink
-    layer = int(off_sink.argmax()) if off_sink.any() else int(mask.flatten(1).sum(1).argmax())
-    kns = sorted(top_k(contribution_scores(model, q), 5), key=lambda n: (n.layer, n.index))
-    store: dict = {}
-    fwd = [h for n in {n.layer for n in kns} for h in H.cache_hook(H.mlp_post(n), store)]
-    with torch.no_grad(), model.hooks(fwd_hooks=fwd):
-        model(torch.tensor([q.prompt_ids]), return_type=None)
-    acts = torch.stack([store[H.mlp_post(n.layer)][0, :, n.index] for n in kns], dim=1)
-    views = {
-        f"Knowledge synapses of layer {layer} ({int(mask[layer].sum())} head-key pairs, "
-        f"{int(mask[layer, :, 1:].sum())} off the sink; "
-        f"'{args.prompt}' -> '{args.answer}', {args.model})":
-            viz.synapse_view(tokens, pats, mask, layer=layer),
-        f"Layer {layer}: full attention": viz.attention_view(tokens, pats[layer]),
-        "Top-5 knowledge neurons (contribution): activation along the prompt":
-            viz.token_view(tokens, acts, labels=[f"L{n.layer}.N{n.index}" for n in kns]),
-    }
+    kns = top_k(contribution_scores(model, q), 5)  # the top-5 by contribution
+    views = viz.fact_views(model, q, kns, label=f"'{args.prompt}' -> '{args.answer}', "
+                           f"{args.model}", full_attention=True)
     page = viz.save_html(views, args.out / f"views_{args.model}.html",
                          title=f"kn-lens views: {args.prompt}")
-    print(f"views: {page} ({page.stat().st_size / 1e6:.1f} MB, offline); synapse layer {layer}; "
-          f"KNs {[str(n) for n in kns]}")
+    print(f"views: {page} ({page.stat().st_size / 1e6:.1f} MB, offline); "
+          f"KNs {sorted(str(n) for n in kns)}")
     if find_chromium() is None:
         print("no Chromium: screenshot skipped (Debian: apt-get install chromium)")
         return

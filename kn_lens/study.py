@@ -426,10 +426,9 @@ def _write_outputs(model, ds, out: Path, results: dict, kn_sets, first_query,
 
 
 def _views(model, out: Path, kn_sets, first_query, config: StudyConfig) -> str | None:
-    """Offline views of the ``n_views`` facts the model is surest of: their first template's
-    attention in the layer with the most synapses off the sink, and their KNs along the prompt."""
-    from kn_lens import hooks, viz
-    from kn_lens.analysis.synapses import attention_patterns, synapses_from_patterns
+    """Offline views (:func:`kn_lens.viz.fact_views`) of the ``n_views`` facts the model is
+    surest of: their first template's synapses and their KNs (first locator) along the prompt."""
+    from kn_lens import viz
     from kn_lens.facts import answer_probs
 
     if not config.n_views or not first_query:
@@ -437,26 +436,12 @@ def _views(model, out: Path, kn_sets, first_query, config: StudyConfig) -> str |
     facts = list(first_query)
     probs = answer_probs(model, [first_query[f] for f in facts])
     order = sorted(range(len(facts)), key=lambda i: -float(probs[i]))[:config.n_views]
-    views = {}
     m = config.locators[0]
+    views = {}
     for i in order:
-        f, q = facts[i], first_query[facts[i]]
-        tokens = [model.tokenizer.decode([t]) for t in q.prompt_ids]
-        pats = attention_patterns(model, q)
-        mask, _, _ = synapses_from_patterns(pats)
-        off = mask[..., 1:].flatten(1).sum(1)
-        layer = int(off.argmax()) if off.any() else int(mask.flatten(1).sum(1).argmax())
-        views[f"{f.subject} -> {f.object}: layer {layer} synapses"] = \
-            viz.synapse_view(tokens, pats, mask, layer=layer)
+        f = facts[i]
         kns = sorted(kn_sets[m][f][0], key=lambda n: (n.layer, n.index))[:8]
-        if kns:
-            store: dict = {}
-            fwd = [h for l in sorted({n.layer for n in kns})
-                   for h in hooks.cache_hook(hooks.mlp_post(l), store)]
-            with torch.no_grad(), model.hooks(fwd_hooks=fwd):
-                model(torch.tensor([q.prompt_ids], device=model.cfg.device), return_type=None)
-            acts = torch.stack([store[hooks.mlp_post(n.layer)][0, :, n.index] for n in kns], 1)
-            views[f"{f.subject} -> {f.object}: KNs ({m}) along the prompt"] = \
-                viz.token_view(tokens, acts, labels=[str(n) for n in kns])
+        views.update(viz.fact_views(model, first_query[f], kns,
+                                    label=f"{f.subject} -> {f.object} ({m})"))
     viz.save_html(views, out / "views.html", title="kn-lens study views")
     return "views.html"

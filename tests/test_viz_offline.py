@@ -81,3 +81,22 @@ def test_views_render_offline_in_headless_chromium(tmp_path):
     empty.write_text("<!doctype html><html><body></body></html>")
     blank = np.asarray(Image.open(screenshot(empty, tmp_path / "empty.png")).convert("RGB"))
     assert (blank.min(-1) < 200).mean() < 0.001
+
+
+def test_fact_views_on_a_model(tiny_model):
+    """The views of one fact: the synapse layer, its full attention, the KNs along the prompt;
+    no hook is left on the model."""
+    from kn_lens import hooks, query_from_prompt
+    from kn_lens.neurons import Neuron
+
+    q = query_from_prompt(tiny_model, "The capital of France is", "Paris")
+    views = viz.fact_views(tiny_model, q, [Neuron(1, 3), Neuron(0, 2)], label="France",
+                           full_attention=True)
+    titles = list(views)
+    assert len(views) == 3 and all(t.startswith("France: ") for t in titles)
+    assert "knowledge synapses of layer" in titles[0] and "full attention" in titles[1]
+    assert "2 knowledge neurons" in titles[2]
+    assert all(isinstance(v, viz.OfflineView) for v in views.values())
+    assert "L0.N2" in views[titles[2]].html  # sorted by layer, labelled
+    assert len(viz.fact_views(tiny_model, q)) == 1  # no KNs: the synapse view alone
+    assert hooks.active_hook_count(tiny_model) == 0
