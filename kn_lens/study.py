@@ -199,7 +199,7 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
     on ``model`` into the folder ``out``; returns what was written and how much came from the
     cache. The model is left as it was (every intervention is a scoped hook)."""
     from kn_lens.analysis.consistency import ConsistencyConfig, consistency_analysis
-    from kn_lens.analysis.tnf_da import relation_level_sets
+    from kn_lens.analysis.tnf_da import relation_level_sets, set_overlap
     from kn_lens.datasets import builtin_dataset, known_facts, load_relations_file
     from kn_lens.datasets.core import Dataset
     from kn_lens.errors import NumericalError
@@ -314,9 +314,8 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
         for rid, s in levels_new.items():
             sims = []
             for bid, b in levels_ref.items():
-                u = len(s | b)
                 sims.append({"builtin": bid, "group": bds.relations[bid].group,
-                             "jaccard": _r(len(s & b) / u if u else float("nan"), 4),
+                             "jaccard": _r(set_overlap(s, b, "jaccard"), 4),
                              "shared": len(s & b), "size": len(b)})
             sims.sort(key=lambda d: -(d["jaccard"] or 0))
             sharing[rid] = {"size": len(s), "nearest": sims[:3], "all": sims}

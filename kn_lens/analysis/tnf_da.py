@@ -42,7 +42,7 @@ from kn_lens.neurons import Neuron, NeuronScores, NeuronSet, top_fraction
 
 __all__ = ["IEConcentration", "ie_concentration", "mean_ie_concentration", "targeted_neurons",
            "RelationRepetition", "RepetitionResult", "targeted_neuron_repetition",
-           "RelationOverlapResult", "relation_level_sets", "relation_overlap"]
+           "RelationOverlapResult", "relation_level_sets", "relation_overlap", "set_overlap"]
 
 TARGETED_FRACTION = 0.01  # TNF-DA: "only 1 % neurons have significant contributions"
 DEFAULT_FRACTIONS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
@@ -233,7 +233,8 @@ def relation_level_sets(targeted: Mapping[Fact, NeuronSet], *,
     return out
 
 
-def _overlap(a: NeuronSet, b: NeuronSet, metric: str) -> float:
+def set_overlap(a: NeuronSet, b: NeuronSet, metric: str = "jaccard") -> float:
+    """Jaccard |A∩B|/|A∪B| or the overlap coefficient |A∩B|/min(|A|,|B|); NaN when undefined."""
     if metric == "jaccard":
         u = len(a | b)
         return len(a & b) / u if u else float("nan")
@@ -288,7 +289,7 @@ def relation_overlap(targeted: Mapping[Fact, NeuronSet],
     gmap = ({r.id: r.group for r in groups} if not isinstance(groups, Mapping) else dict(groups))
     rel_sets = relation_level_sets(targeted, min_frequency=min_frequency)
     ids = tuple(sorted(rel_sets))
-    mat = [[_overlap(rel_sets[a], rel_sets[b], metric) for b in ids] for a in ids]
+    mat = [[set_overlap(rel_sets[a], rel_sets[b], metric) for b in ids] for a in ids]
     same, diff, pairs = [], [], []
     for (i, a), (j, b) in itertools.combinations(enumerate(ids), 2):
         ga, gb = gmap.get(a), gmap.get(b)
