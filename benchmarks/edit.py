@@ -24,37 +24,25 @@ import subprocess
 import sys
 import time
 
+# editors, and one of the editing benchmark's variants (kn_lens.edit.benchmark.VARIANTS):
+# tnf_da_atp = TNF-DA with AtP-ranked targeted neurons
 EDITORS = ("ft_l", "rome", "memit", "kn_update", "kn_erase", "fine", "kne", "tnf_da", "tnf_da_atp")
-# a name that is not an editor: (editor, config changes)
-VARIANTS = {"tnf_da_atp": ("tnf_da", {"locator": "atp"})}  # AtP-ranked targeted neurons
 # seconds per edit on SmolLM2, localisation included (the issues' targets)
 TARGETS = {"ft_l": 5.0, "rome": 5.0, "fine": 3.0, "kne": 10.0, "tnf_da": 30.0, "tnf_da_atp": 30.0}
 
 
 def _requests(model, n: int, seed: int):
-    """``n`` known facts of different relations (from results/known_facts_<model>.json when it
-    exists), as CounterFact-style requests with their best template as the rewrite prompt."""
-    import dataclasses
-    from pathlib import Path
-
-    from kn_lens.datasets import build_edit_requests, builtin_dataset, known_facts
-    from kn_lens.datasets.known import KnownFacts
+    """``n`` known facts balanced over relations (one per relation while ``n`` is at most the
+    number of relations; known verdicts from results/known_facts_<model>.json when it exists),
+    as CounterFact-style requests with their best template as the rewrite prompt."""
+    from kn_lens.datasets import build_edit_requests, builtin_dataset, sample_facts
+    from kn_lens.experiment import RESULTS, saved_known_facts
 
     ds = builtin_dataset()
-    path = Path(__file__).resolve().parents[1] / "results" / f"known_facts_{model.kn_info.name}.json"
-    if path.exists():
-        kf = KnownFacts.from_dict(json.loads(path.read_text())["results"])
-    else:
-        kf = known_facts(model, ds.filter(limit_per_relation=5).facts, ds)
-    seen, out = set(), []
-    for i, f in enumerate(kf.facts):
-        if kf.known[i] and f.relation not in seen:
-            seen.add(f.relation)
-            (r,) = build_edit_requests(ds, [f], seed=seed, rewrite_template=kf.best_template(i))
-            out.append(dataclasses.replace(r, case_id=len(out)))
-        if len(out) == n:
-            break
-    return out
+    chosen = sample_facts(model, ds, n, seed=seed, strategy="balanced",
+                          known=saved_known_facts(RESULTS, model.kn_info.name))
+    return list(build_edit_requests(ds, chosen.facts, seed=seed,
+                                    rewrite_template=chosen.templates))
 
 
 def machine(threads: int) -> str:
@@ -96,6 +84,7 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     from kn_lens.edit import edit
     from kn_lens.edit.baselines.stats import second_moments
+    from kn_lens.edit.benchmark import editor_configs, resolve
     from kn_lens.edit.layers import memit_layers, rome_layer
     from kn_lens.models import load_model
 
@@ -111,14 +100,7 @@ def child(args) -> None:
         return
     batch = args.memit_batch if args.child == "memit@batch" else 1
     method = "memit" if args.child == "memit@batch" else args.child
-    config = None
-    if method in VARIANTS:
-        import dataclasses
-
-        from kn_lens.edit.registry import get_editor
-
-        method, changes = VARIANTS[method]
-        config = dataclasses.replace(get_editor(method)[1](), **changes)
+    method, config = resolve(method, editor_configs(quick=False))  # an editor or a variant
     reqs = _requests(model, (args.n + 1) if batch == 1 else batch + 1, args.seed)
     edit(model, reqs[:1], method=method, config=config, seed=args.seed)  # warm-up: statistics
     times = []

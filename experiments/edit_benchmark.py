@@ -23,185 +23,22 @@ that file and continues.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import pickle
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+from kn_lens import experiment
+from kn_lens.edit.benchmark import (METHODS, REUSE, BenchmarkRun, aggregates_to_dict,
+                                    editor_configs, load_benchmark_model, resolve, row_id)
+from kn_lens.experiment import rounded
 
-import _common  # noqa: E402
-
-NAME = "edit_benchmark"
-METHODS = ("ft_l", "rome", "memit", "kn_update", "kn_erase", "fine", "kne", "tnf_da")
+NAME = BenchmarkRun.NAME
 SHOW = {"counterfact": ("Score", "ES", "PS", "NS", "EM", "NM", "ES_argmax", "NS_argmax",
                         "prefix_success"),
         "tokens": ("rewrite_acc", "paraphrase_acc", "prefix_acc", "locality", "locality_relation",
                    "portability"),
         "generation": ("rewrite_success", "paraphrase_success", "old_mentioned", "fluency", "dppl")}
-
-
-def _key(args) -> str:
-    cfg = {k: getattr(args, k) for k in ("n_requests", "seed", "quick", "max_new_tokens",
-                                         "no_known_filter")}
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def cache_dir(args) -> Path:
-    d = Path(args.results_dir) / "cache" / f"{NAME}_{args.model}{'_quick' if args.quick else ''}_{_key(args)}"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def build_requests(args, model, ds):
-    import dataclasses
-
-    from kn_lens.datasets import build_edit_requests
-
-    chosen = _common.choose_facts(args, model, ds, args.n_requests)
-    out = []
-    for i, (fact, t) in enumerate(chosen):
-        (req,) = build_edit_requests(ds, [fact], seed=args.seed, rewrite_template=t)
-        out.append(dataclasses.replace(req, case_id=i))
-    return out
-
-
-def editor_configs(args) -> dict:
-    """Editor configs of this run (papers' defaults; quick mode shrinks every budget)."""
-    from kn_lens.edit.baselines.ft_l import FTLConfig
-    from kn_lens.edit.baselines.memit import MEMITConfig
-    from kn_lens.edit.baselines.rome import ROMEConfig
-    from kn_lens.edit.fine import FiNEConfig
-    from kn_lens.edit.kn import KNEditorConfig
-    from kn_lens.edit.kne import KNEConfig
-    from kn_lens.edit.tnf_da import TNFDAConfig
-
-    if args.quick:
-        return {"ft_l": FTLConfig(steps=3), "rome": ROMEConfig(v_steps=3, stats_tokens=4000),
-                "memit": MEMITConfig(v_steps=3, stats_tokens=4000),
-                "kn_update": KNEditorConfig(locator="contribution"),
-                "kn_erase": KNEditorConfig(locator="contribution"),
-                "fine": FiNEConfig(steps=3, freeze_last=1),
-                "kne": KNEConfig(ig_steps=2, steps=3), "tnf_da": TNFDAConfig(n_noise=1, steps=3)}
-    return {"ft_l": FTLConfig(), "rome": ROMEConfig(), "memit": MEMITConfig(),
-            "kn_update": KNEditorConfig(), "kn_erase": KNEditorConfig(), "fine": FiNEConfig(),
-            "kne": KNEConfig(), "tnf_da": TNFDAConfig()}
-
-
-# The papers' ablations as named variants: label -> (editor, changes to its config). They run
-# through the same resumable loop and harness as the editors (``--methods fine_random,...``).
-VARIANTS = {
-    "fine_random": ("fine", {"neurons": "random"}),  # FiNE Table 2 "w/o Loc."
-    "fine_no_lf": ("fine", {"freeze_last": 0}),  # FiNE Table 2 "w/o LF"
-    "fine_no_kl": ("fine", {"alpha": 0.0}),  # FiNE Table 12 "w/o L_KL"
-    "fine_no_pen": ("fine", {"beta": 0.0}),  # FiNE Table 12 "w/o L_pen"
-    "kne_w_in": ("kne", {"module": "W_in"}),  # KNE Sec. 4.3 module study
-    "kne_w_gate": ("kne", {"module": "W_gate"}),
-    "kne_w_q": ("kne", {"module": "W_Q"}),  # attention heads' slices (q/k/v/o_proj)
-    "kne_w_k": ("kne", {"module": "W_K"}),
-    "kne_w_v": ("kne", {"module": "W_V"}),
-    "kne_w_o": ("kne", {"module": "W_O"}),
-    # TNF-DA with AtP-ranked targeted neurons: exact mediation (the paper's IE, the tnf_da
-    # default) takes minutes per edit on this CPU; AtP ranks neurons like it (Spearman >= 0.99,
-    # top-1 % overlap >= 0.98 on SmolLM2, README). Its ablations change one thing from tnf_da_atp.
-    "tnf_da_atp": ("tnf_da", {"locator": "atp"}),
-    "tnf_da_tnwp": ("tnf_da", {"locator": "atp", "prefixes": False}),  # Table 3 TNWP
-    "tnf_da_rn": ("tnf_da", {"locator": "atp", "neurons": "random"}),  # Table 4 Ours-RN
-    "tnf_da_da": ("tnf_da", {"locator": "atp", "augment": "random"}),  # Table 4 Ours-DA
-}
-
-
-# KNE Sec. 4.4: ensembles located on a share of each relation's requests (the first quarter, by
-# request order), united per relation and reused to edit every request of that relation.
-REUSE = {"kne_reuse": ("kne", 0.25)}
-
-
-def resolve(label: str, configs: dict):
-    """(editor name, config) of a method label: an editor or one of :data:`VARIANTS`."""
-    import dataclasses
-
-    if label in VARIANTS:
-        editor, changes = VARIANTS[label]
-        return editor, dataclasses.replace(configs[editor], **changes)
-    if label in REUSE:
-        return REUSE[label][0], configs[REUSE[label][0]]
-    if label not in configs:
-        raise SystemExit(f"unknown method {label!r}: choose from {sorted(configs)} or the "
-                         f"variants {sorted(VARIANTS)}")
-    return label, configs[label]
-
-
-def _read_rows(path: Path) -> dict[int, dict]:
-    rows = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError:  # a run killed mid-write: that row is redone
-                    continue
-                rows[d["row"]["case_id"]] = d
-    return rows
-
-
-def load_model(args):
-    """The run's model; a tiny test model gets 256 positions (real prompts + prefixes)."""
-    if args.model in _common.TINY_MODELS:
-        from kn_lens import testing
-
-        return getattr(testing, args.model.replace("-", "_"))(seed=args.seed, n_ctx=256)
-    return _common.load_experiment_model(args.model, args.seed)
-
-
-def measure_before(model, pss, hcfg, cache: Path, archive: Path | None = None,
-                   key: str | None = None):
-    """The unedited model's measurement of ``pss``, cached as ``cache/before.pkl``; a fresh
-    cache takes it from ``archive`` (:func:`archive_before`: the committed measurement of run
-    ``key``, ~30 min of generation on SmolLM2) when it scored exactly these probes."""
-    from kn_lens.evaluate.harness import RequestState, measure
-
-    path = cache / "before.pkl"
-    if path.exists():
-        return pickle.loads(path.read_bytes())
-    before = None
-    if archive is not None and key is not None:
-        items = _common.read_archive(archive, key, "kind").get("before", [])
-        states = {d["i"]: RequestState.from_dict(d["state"]) for d in items}
-        if len(states) == len(pss) and all(states[i].matches(ps) if i in states else False
-                                            for i, ps in enumerate(pss)):
-            before = [states[i] for i in range(len(pss))]
-            print(f"pre-edit measurement: from {archive.name}")
-        elif states:
-            print(f"pre-edit measurement in {archive.name} is for other probes: measuring again")
-    if before is None:
-        t0 = time.perf_counter()
-        before = measure(model, pss, config=hcfg)
-        print(f"pre-edit measurement: {time.perf_counter() - t0:.0f} s")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(pickle.dumps(before))
-    tmp.replace(path)
-    return before
-
-
-def archive_before(cache: Path, archive: Path, key: str) -> None:
-    """Store the cached pre-edit measurement (JSON, gzipped; other keys' kept) so that another
-    machine's run need not generate it again."""
-    path = cache / "before.pkl"
-    if path.exists():
-        states = pickle.loads(path.read_bytes())
-        _common.write_archive(archive, key, ({"kind": "before", "i": i, "state": s.to_dict()}
-                                             for i, s in enumerate(states)))
-
-
-def append_rows(path: Path, items: list[dict]) -> None:
-    with path.open("a") as f:
-        for it in items:
-            f.write(json.dumps(it) + "\n")
-        f.flush()
 
 
 def compute(args) -> None:
@@ -218,23 +55,23 @@ def compute(args) -> None:
     from kn_lens.models import model_info
 
     started = time.time()
+    configs = editor_configs(quick=args.quick)
     for m in args.methods.split(","):  # fail on a bad name before any model work
         if m.strip():
-            resolve(m.strip().partition("@")[0], editor_configs(args))
-    _common.set_threads(args)
-    model = load_model(args)
-    ds = builtin_dataset()
-    requests = build_requests(args, model, ds)
+            resolve(m.strip().partition("@")[0], configs)
+    experiment.set_threads(args)
+    model = load_benchmark_model(args.model, args.seed)
+    bench = BenchmarkRun.from_args(args)
+    requests = bench.requests(model, builtin_dataset())
     hcfg = HarnessConfig(max_new_tokens=args.max_new_tokens, seed=args.seed,
                          n_bootstrap=200 if args.quick else 1000)
-    cache = cache_dir(args)
+    cache = bench.cache_dir()
     print(f"{len(requests)} requests; rows in {cache}")
-    _seed_from_archive(args, cache)
+    bench.restore()
     pss = probe_sets(model, requests, n_prefix_probes=hcfg.n_prefix_probes, seed=args.seed)
-    before = measure_before(model, pss, hcfg, cache, _before_path(args), _key(args))
+    before = bench.measure_before(model, pss, hcfg)
     n_slices, slice_len = (2, 64) if args.quick else (8, 128)
     reference = prepare_reference(model, reference_slices(model, n_slices, slice_len, seed=args.seed))
-    configs = editor_configs(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     stats_seconds = {}
     for m in dict.fromkeys(x.partition("@")[0] for x in methods):  # one-time statistics,
@@ -253,7 +90,7 @@ def compute(args) -> None:
         method, config = resolve(name, configs)
         label = name if batch == 1 else f"{name}@{batch}"
         path = cache / f"{label}.jsonl"
-        done = _read_rows(path)
+        done = experiment.read_jsonl(path, row_id)
         upto = len(requests) if args.limit is None else min(args.limit, len(requests))
         todo = [i for i in range(upto) if i not in done]
         print(f"{label}: {len(done)} done, {len(todo)} to go" +
@@ -276,8 +113,9 @@ def compute(args) -> None:
             secs = time.perf_counter() - t0
             rows = judge(model, e, [pss[i] for i in idx], [before[i] for i in idx], config=hcfg,
                          reference=reference, edit_index=idx[0])
-            append_rows(path, [{"row": r.to_dict(), "seconds": secs, "n_params": e.n_params,
-                            "n_requests_in_edit": len(idx), "refused": refused} for r in rows])
+            experiment.append_jsonl(path, [{"row": r.to_dict(), "seconds": secs,
+                                            "n_params": e.n_params, "n_requests_in_edit": len(idx),
+                                            "refused": refused} for r in rows])
             r0 = rows[0].after
             print(f"  {label} {idx[0]}/{len(requests)}: {secs:.1f} s, ES {r0['counterfact']['ES']:.2f} "
                   f"NS {r0['counterfact']['NS']:.2f} gen {r0['generation']['rewrite_success']:.2f}",
@@ -288,7 +126,7 @@ def compute(args) -> None:
     n_total = sum(p.numel() for p in model.parameters())
     out = {}
     for path in sorted(cache.glob("*.jsonl")):
-        rows = _read_rows(path)
+        rows = experiment.read_jsonl(path, row_id)
         complete = len(rows) >= len(requests)
         if not complete and not (args.partial and rows):
             print(f"{path.stem}: {len(rows)}/{len(requests)} rows, not aggregated yet (--partial "
@@ -304,7 +142,7 @@ def compute(args) -> None:
         per_edit = per_edit or {0: {"seconds": float("nan"), "n_params": 0}}
         out[path.stem] = {
             "complete": complete, "n_requests_done": len(items),
-            "after": _aggs(aft), "before": _aggs(bef), "n_edits": len(per_edit),
+            "after": aggregates_to_dict(aft), "before": aggregates_to_dict(bef), "n_edits": len(per_edit),
             "n_refused": sum(bool(it.get("refused")) for it in items),
             "refused": [{"case_id": it["row"]["case_id"], "why": it["refused"]}
                         for it in items if it.get("refused")][:20],
@@ -328,9 +166,9 @@ def compute(args) -> None:
     config = {"editors": configs, "harness": hcfg, "memit_batch": args.memit_batch,
               "n_requests": len(requests), "reference": {"n_slices": n_slices,
                                                          "slice_len": slice_len}}
-    _common.save_results(args, NAME, payload, config, model_info(model), started)
+    experiment.save_results(args, NAME, payload, config, model_info(model), started)
     if args.archive_rows:
-        _archive(args, cache)
+        bench.archive()
 
 
 def _relation_ensembles(model, requests, label: str, config, cache: Path) -> dict:
@@ -360,50 +198,11 @@ def _relation_ensembles(model, requests, label: str, config, cache: Path) -> dic
     return out
 
 
-def _archive_path(args) -> Path:
-    return _common.result_path(args, NAME).with_suffix(".rows.jsonl.gz")
-
-
-def _before_path(args) -> Path:
-    return _common.result_path(args, NAME).with_suffix(".before.jsonl.gz")
-
-
-def _archive(args, cache: Path) -> None:
-    """Every raw row computed so far, gzipped next to the results (per-request results a later
-    machine can resume from: ``results/cache`` is not committed)."""
-    _seed_from_archive(args, cache)  # archived rows this cache lacks are kept
-    path = _archive_path(args)
-    n = _common.write_archive(path, _key(args), ({"label": p.stem, **d}
-                                                 for p in sorted(cache.glob("*.jsonl"))
-                                                 for d in _read_rows(p).values()))
-    print(f"{n} rows archived in {path}")
-    archive_before(cache, _before_path(args), _key(args))
-
-
-def _seed_from_archive(args, cache: Path) -> None:
-    """Rows of the archive with this run's key that the cache lacks are appended to it."""
-    path = _archive_path(args)
-    for label, items in _common.read_archive(path, _key(args), "label").items():
-        have = _read_rows(cache / f"{label}.jsonl")
-        new = [d for d in items if d["row"]["case_id"] not in have]
-        if new:
-            append_rows(cache / f"{label}.jsonl", new)
-            print(f"{label}: {len(new)} rows from {path.name}")
-
-
-def _aggs(d) -> dict:
-    return {p: {m: {"mean": _r(a.mean), "lo": _r(a.lo), "hi": _r(a.hi), "n": a.n}
-                for m, a in ms.items()} for p, ms in d.items()}
-
-
-def _r(x, digits=4):
-    return None if x is None or x != x else round(float(x), digits)
-
-
 def _compact(row: dict) -> dict:
     return {"case_id": row["case_id"], "relation": row["relation"],
-            "after": {p: {m: _r(v) for m, v in ms.items()} for p, ms in row["after"].items()},
-            "before": {p: {m: _r(v) for m, v in ms.items()} for p, ms in row["before"].items()}}
+            "after": {p: {m: rounded(v) for m, v in ms.items()} for p, ms in row["after"].items()},
+            "before": {p: {m: rounded(v) for m, v in ms.items()}
+                       for p, ms in row["before"].items()}}
 
 
 def _fmt(a: dict, scale: float = 1.0) -> str:
@@ -417,7 +216,7 @@ def _fmt(a: dict, scale: float = 1.0) -> str:
 def report(args) -> None:
     from kn_lens.viz import plot_grouped_bars, plot_tradeoff
 
-    doc = _common.load_results(args, NAME)
+    doc = experiment.load_results(args, NAME)
     r = doc["results"]
     methods = r["methods"]
     if not methods:
@@ -457,7 +256,7 @@ def report(args) -> None:
         data = {"unedited": {m: first["before"][proto][m]["mean"] for m in metrics}, **data}
         figs.append(plot_grouped_bars(
             {m: {k: data[k][m] for k in data} for m in metrics},
-            _common.figure_path(args, f"{NAME}_{proto}"), ylabel="mean over requests",
+            experiment.figure_path(args, f"{NAME}_{proto}"), ylabel="mean over requests",
             title=f"{proto} protocol: {n} requests ({args.model})"))
     pts = {}
     for k in names:
@@ -466,7 +265,7 @@ def report(args) -> None:
         pts[label[k]] = (ns["mean"], es["mean"], ns["lo"], ns["hi"], es["lo"], es["hi"])
     b = first["before"]["counterfact"]
     pts["unedited"] = (b["NS"]["mean"], b["ES"]["mean"])
-    figs.append(plot_tradeoff(pts, _common.figure_path(args, f"{NAME}_tradeoff"),
+    figs.append(plot_tradeoff(pts, experiment.figure_path(args, f"{NAME}_tradeoff"),
                               xlabel="NS (neighbourhood keeps P(true) > P(new))",
                               ylabel="ES (P(new) > P(old) on the rewrite prompt)",
                               title=f"edit success vs specificity ({args.model})"))
@@ -518,20 +317,20 @@ def _papers_tables(methods: dict, first: dict, label: dict) -> None:
         ids = set.intersection(*({x["case_id"] for x in methods[k]["rows"]} for k in present))
         if not ids:
             continue
-        sub = {k: _subset_aggs(methods[k]["rows"], ids, "after") for k in present}
+        sub = {k: _subsetaggregates_to_dict(methods[k]["rows"], ids, "after") for k in present}
         print(f"\nThe same table on the {len(ids)} requests every method above has rows for:\n")
-        _paper_table(cols, rows, sub, _subset_aggs(methods[present[0]]["rows"], ids, "before"),
+        _paper_table(cols, rows, sub, _subsetaggregates_to_dict(methods[present[0]]["rows"], ids, "before"),
                      {k: k for k in present})
 
 
-def _subset_aggs(rows: list[dict], ids: set, side: str) -> dict:
+def _subsetaggregates_to_dict(rows: list[dict], ids: set, side: str) -> dict:
     """Aggregates (mean + bootstrap CI) of compact rows whose case_id is in ``ids``."""
     from kn_lens.evaluate.harness import aggregate
 
     nan = float("nan")
     picked = [{p: {m: nan if v is None else v for m, v in ms.items()}
                for p, ms in x[side].items()} for x in rows if x["case_id"] in ids]
-    return _aggs(aggregate(picked))
+    return aggregates_to_dict(aggregate(picked))
 
 
 def _paper_table(cols, rows, aggs: dict, before: dict, label: dict) -> None:
@@ -558,8 +357,8 @@ def _paper_cell(aggs: dict, proto: str, metric: str) -> str:
 
 
 def main() -> None:
-    ap = _common.parser(__doc__.splitlines()[0])
-    _common.add_fact_args(ap)
+    ap = experiment.parser(__doc__.splitlines()[0])
+    experiment.add_fact_args(ap)
     ap.add_argument("--n-requests", type=int, default=None, help="default 200 (quick: 2)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list of editors or ablation variants (VARIANTS: fine_random, tnf_da_tnwp, ...); "
                     "NAME@K: batches of K requests (e.g. memit@100)")
@@ -583,9 +382,9 @@ def main() -> None:
     if args.limit is not None and args.limit < 1:
         ap.error(f"--limit must be >= 1, got {args.limit}")
     if args.archive_only:  # no model work: the rows already in the cache
-        _archive(args, cache_dir(args))
+        BenchmarkRun.from_args(args).archive()
         return
-    _common.run(args, compute, report)
+    experiment.run(args, compute, report)
 
 
 if __name__ == "__main__":

@@ -26,19 +26,16 @@ rebuilt by replaying its edits, which are deterministic for a fixed seed).
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-
-import _common  # noqa: E402
-import edit_benchmark as bench  # noqa: E402  (the benchmark's requests and editor configs)
+from kn_lens import experiment
+from kn_lens.cache import item_key
+from kn_lens.edit.benchmark import (BenchmarkRun, aggregates_to_dict, editor_configs,
+                                    load_benchmark_model, measure_before, resolve, row_id)
+from kn_lens.experiment import append_jsonl, read_jsonl, rounded
 
 NAME = "edit_curves"
 SEQ_METHODS = ("ft_l", "rome", "memit", "kn_update", "fine", "kne", "tnf_da_atp")
@@ -54,24 +51,22 @@ def _pool(args) -> int:
     return 100 if args.model.startswith("gemma") else 200
 
 
-def _bench_args(args) -> argparse.Namespace:
-    """The benchmark's arguments whose requests these are (same pool, seed and filter)."""
-    return argparse.Namespace(results_dir=args.results_dir, model=args.model, quick=args.quick,
-                              n_requests=_pool(args), seed=args.seed, n_facts=None,
-                              max_new_tokens=8 if args.quick else 32,
-                              no_known_filter=args.no_known_filter)
+def _bench(args) -> BenchmarkRun:
+    """The benchmark run whose requests these are (same pool, seed and filter)."""
+    return BenchmarkRun(results_dir=args.results_dir, model=args.model, quick=args.quick,
+                        n_requests=_pool(args), seed=args.seed,
+                        max_new_tokens=8 if args.quick else 32,
+                        no_known_filter=args.no_known_filter)
 
 
 def _key(args) -> str:
     cfg = {k: getattr(args, k) for k in ("n_requests", "seed", "quick", "no_known_filter")}
     cfg["pool"] = _pool(args)
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    return item_key(10, **cfg)
 
 
 def cache_dir(args) -> Path:
-    d = Path(args.results_dir) / "cache" / f"{NAME}_{args.model}{'_quick' if args.quick else ''}_{_key(args)}"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return experiment.cache_folder(args, NAME, _key(args))
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -81,19 +76,6 @@ def _ints(text: str, what: str) -> list[int]:
         raise SystemExit(f"--{what} must be a comma list of integers, got {text!r}") from None
     if not out or out[0] < 1:
         raise SystemExit(f"--{what} must be positive integers, got {text!r}")
-    return out
-
-
-def _read_jsonl(path: Path, key) -> dict:
-    out = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError:  # killed mid-write: that line is redone
-                    continue
-                out[key(d)] = d
     return out
 
 
@@ -110,14 +92,13 @@ def compute(args) -> None:
     from kn_lens.models import model_info
 
     started = time.time()
-    configs = bench.editor_configs(args)
+    configs = editor_configs(quick=args.quick)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:  # a bad name fails before any model work
-        bench.resolve(m, configs)
-    _common.set_threads(args)
-    model = bench.load_model(args)
-    bargs = _bench_args(args)
-    pool = bench.build_requests(bargs, model, builtin_dataset())
+        resolve(m, configs)
+    experiment.set_threads(args)
+    model = load_benchmark_model(args.model, args.seed)
+    pool = _bench(args).requests(model, builtin_dataset())
     if args.n_requests > len(pool):
         raise SystemExit(f"--n-requests {args.n_requests} > the benchmark's {len(pool)} requests")
     requests = pool[:args.n_requests]
@@ -127,7 +108,7 @@ def compute(args) -> None:
     print(f"{args.mode}: {len(requests)} requests; state in {cache}")
     _seed_from_archive(args, cache)
     pss = probe_sets(model, requests, n_prefix_probes=hcfg.n_prefix_probes, seed=args.seed)
-    before = bench.measure_before(model, pss, hcfg, cache)
+    before = measure_before(model, pss, hcfg, cache)
     n_slices, slice_len = (2, 64) if args.quick else (8, 128)
     reference = prepare_reference(model, reference_slices(model, n_slices, slice_len,
                                                           seed=args.seed))
@@ -158,11 +139,11 @@ def _sequential(args, label, cps, *, model, requests, pss, before, hcfg, referen
     from kn_lens.edit import Edit, compose, edit
     from kn_lens.models import model_info
 
-    method, config = bench.resolve(label, configs)
+    method, config = resolve(label, configs)
     folder = cache / f"seq_{label}"
     folder.mkdir(exist_ok=True)
     cp_file = folder / "checkpoints.jsonl"
-    done = _read_jsonl(cp_file, lambda d: d["n"])
+    done = read_jsonl(cp_file, _checkpoint_n)
     state_dir = folder / "step"
     if (state_dir / "state.json").exists():
         state = json.loads((state_dir / "state.json").read_text())
@@ -193,7 +174,7 @@ def _sequential(args, label, cps, *, model, requests, pss, before, hcfg, referen
             rows, dppl = _judge(model, total, pss[:n], before[:n], hcfg, reference, i)
             item = {"n": n, "dppl": dppl, "composite_params": total.n_params,
                     "seconds_per_edit": sum(state["seconds"]) / n, "rows": rows}
-            bench.append_rows(cp_file, [item])
+            append_jsonl(cp_file, [item])
             done[n] = item
             print(f"  {label} n={n}: ES {_mean(rows, 'counterfact', 'ES'):.2f} NS "
                   f"{_mean(rows, 'counterfact', 'NS'):.2f} locality "
@@ -228,10 +209,9 @@ def _mean(rows, proto, metric) -> float:
 
 def _bench_rows(args, label: str) -> dict[int, dict]:
     """The benchmark's batch-size-1 rows of these requests (its cache, seeded from its archive)."""
-    bargs = _bench_args(args)
-    bcache = bench.cache_dir(bargs)
-    bench._seed_from_archive(bargs, bcache)
-    rows = bench._read_rows(bcache / f"{label}.jsonl")
+    bench = _bench(args)
+    bench.restore()
+    rows = bench.rows(label)
     return {i: rows[i] for i in range(args.n_requests) if i in rows}
 
 
@@ -241,19 +221,19 @@ def _batch(args, label, k, *, model, requests, pss, before, hcfg, reference, con
     from kn_lens.errors import KnLensError
     from kn_lens.models import model_info
 
-    method, config = bench.resolve(label, configs)
+    method, config = resolve(label, configs)
     path = cache / f"batch_{label}@{k}.jsonl"
-    done = _read_jsonl(path, lambda d: d["row"]["case_id"])
+    done = read_jsonl(path, row_id)
     if k == 1 and len(done) < len(requests):
         reuse = {i: d for i, d in _bench_rows(args, label).items() if i not in done}
         if reuse:  # the benchmark's rows, restricted to this run's protocols
-            bench.append_rows(path, [{"row": {**d["row"], "after": {p: d["row"]["after"][p] for p in PROTOCOLS},
+            append_jsonl(path, [{"row": {**d["row"], "after": {p: d["row"]["after"][p] for p in PROTOCOLS},
                                     "before": {p: d["row"]["before"][p] for p in PROTOCOLS}},
                             "seconds": d["seconds"], "n_params": d["n_params"],
                             "dppl": d["row"]["after"].get("generation", {}).get("dppl"),
                             "n_requests_in_edit": 1, "refused": d.get("refused"),
                             "from": "edit_benchmark"} for d in reuse.values()])
-            done.update(_read_jsonl(path, lambda d: d["row"]["case_id"]))
+            done.update(read_jsonl(path, row_id))
             print(f"batch {label}@1: {len(reuse)} rows from the edit benchmark")
     todo = [i for i in range(len(requests)) if i not in done]
     print(f"batch {label}@{k}: {len(done)} done, {len(todo)} to go")
@@ -272,7 +252,7 @@ def _batch(args, label, k, *, model, requests, pss, before, hcfg, reference, con
         secs = time.perf_counter() - t0
         rows, dppl = _judge(model, e, [pss[i] for i in idx], [before[i] for i in idx], hcfg,
                             reference, s)
-        bench.append_rows(path, [{"row": r, "seconds": secs, "n_params": e.n_params, "dppl": dppl,
+        append_jsonl(path, [{"row": r, "seconds": secs, "n_params": e.n_params, "dppl": dppl,
                         "n_requests_in_edit": len(idx), "refused": refused} for r in rows])
         print(f"  {label}@{k} {s}: {secs:.1f} s, ES {_mean(rows, 'counterfact', 'ES'):.2f} "
               f"NS {_mean(rows, 'counterfact', 'NS'):.2f} dPPL {dppl:.3g}", flush=True)
@@ -284,9 +264,7 @@ def _batch(args, label, k, *, model, requests, pss, before, hcfg, reference, con
 def _aggs(rows, hcfg) -> dict:
     from kn_lens.evaluate.harness import aggregate
 
-    agg = aggregate([r["after"] for r in rows], hcfg)
-    return {p: {m: {"mean": bench._r(a.mean), "lo": bench._r(a.lo), "hi": bench._r(a.hi),
-                    "n": a.n} for m, a in ms.items()} for p, ms in agg.items()}
+    return aggregates_to_dict(aggregate([r["after"] for r in rows], hcfg))
 
 
 def _save(args, cache, requests, hcfg, model, configs, started, info) -> None:
@@ -299,17 +277,17 @@ def _save(args, cache, requests, hcfg, model, configs, started, info) -> None:
     for folder in sorted(cache.glob("seq_*")):
         if not folder.is_dir():
             continue
-        cps = _read_jsonl(folder / "checkpoints.jsonl", lambda d: d["n"])
+        cps = read_jsonl(folder / "checkpoints.jsonl", _checkpoint_n)
         if not cps:
             continue
         seq[folder.name[4:]] = {str(n): {
-            "after": _aggs(d["rows"], hcfg), "dppl": bench._r(d["dppl"]),
+            "after": _aggs(d["rows"], hcfg), "dppl": rounded(d["dppl"]),
             "composite_params": d["composite_params"],
             "share_changed": d["composite_params"] / n_total,
-            "seconds_per_edit": bench._r(d["seconds_per_edit"], 2)} for n, d in sorted(cps.items())}
+            "seconds_per_edit": rounded(d["seconds_per_edit"], 2)} for n, d in sorted(cps.items())}
     for path in sorted(cache.glob("batch_*.jsonl")):
         label, _, k = path.stem[6:].rpartition("@")
-        items = _read_jsonl(path, lambda d: d["row"]["case_id"])
+        items = read_jsonl(path, row_id)
         items = [items[i] for i in range(len(requests)) if i in items]
         if not items:
             continue
@@ -321,15 +299,15 @@ def _save(args, cache, requests, hcfg, model, configs, started, info) -> None:
             "complete": len(items) >= len(requests), "n_requests_done": len(items),
             "n_edits": len(per_edit), "n_refused": sum(bool(it.get("refused")) for it in items),
             "after": _aggs([it["row"] for it in items], hcfg),
-            "before": {p: {m: {"mean": bench._r(a.mean)} for m, a in ms.items()}
+            "before": {p: {m: {"mean": rounded(a.mean)} for m, a in ms.items()}
                        for p, ms in aggregate([it["row"]["before"] for it in items], hcfg).items()},
-            "dppl_median": bench._r(statistics.median(d)) if d else None,
-            "seconds_per_edit": bench._r(statistics.median(it["seconds"] for it in per_edit.values()), 2),
-            "seconds_per_request": bench._r(sum(it["seconds"] for it in per_edit.values()) / len(items), 3),
+            "dppl_median": rounded(statistics.median(d)) if d else None,
+            "seconds_per_edit": rounded(statistics.median(it["seconds"] for it in per_edit.values()), 2),
+            "seconds_per_request": rounded(sum(it["seconds"] for it in per_edit.values()) / len(items), 3),
             "params_changed": sum(it["n_params"] for it in per_edit.values()) / len(per_edit),
             "from_benchmark": sum(it.get("from") == "edit_benchmark" for it in items)}
     old = {}
-    path = _common.result_path(args, NAME)
+    path = experiment.result_path(args, NAME)
     if path.exists():  # the other mode's results are kept
         old = json.loads(path.read_text())["results"]
     payload = {"requests": [{"case_id": r.case_id, "subject": r.fact.subject, "old": r.fact.object,
@@ -338,13 +316,13 @@ def _save(args, cache, requests, hcfg, model, configs, started, info) -> None:
                "batch": {**old.get("batch", {}), **batch}}
     config = {"editors": configs, "harness": hcfg, "n_requests": len(requests),
               "pool": _pool(args)}
-    _common.save_results(args, NAME, payload, config, info, started)
+    experiment.save_results(args, NAME, payload, config, info, started)
     if args.archive_rows:
         _archive(args, cache)
 
 
 def _archive_path(args) -> Path:
-    return _common.result_path(args, NAME).with_suffix(".rows.jsonl.gz")
+    return experiment.result_path(args, NAME).with_suffix(".rows.jsonl.gz")
 
 
 def _archive(args, cache: Path) -> None:
@@ -353,26 +331,28 @@ def _archive(args, cache: Path) -> None:
 
     def items():
         for p in sorted(cache.glob("batch_*.jsonl")):
-            for d in _read_jsonl(p, lambda d: d["row"]["case_id"]).values():
+            for d in read_jsonl(p, row_id).values():
                 yield {"file": p.name, **d}
         for p in sorted(cache.glob("seq_*/checkpoints.jsonl")):
-            for d in _read_jsonl(p, lambda d: d["n"]).values():
+            for d in read_jsonl(p, _checkpoint_n).values():
                 yield {"file": f"{p.parent.name}/{p.name}", **d}
-    n = _common.write_archive(path, _key(args), items())
+    n = experiment.write_archive(path, _key(args), items())
     print(f"{n} rows / checkpoints archived in {path}")
 
 
 def _seed_from_archive(args, cache: Path) -> None:
-    path = _archive_path(args)
-    for name, items in _common.read_archive(path, _key(args), "file").items():
-        target = cache / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        key = (lambda d: d["n"]) if name.startswith("seq_") else (lambda d: d["row"]["case_id"])
-        have = _read_jsonl(target, key)
-        new = [d for d in items if key(d) not in have]
-        if new:
-            bench.append_rows(target, new)
-            print(f"{name}: {len(new)} from {path.name}")
+    """Rows and checkpoints of this run in its archive that the cache lacks are restored."""
+    experiment.restore_from_archive(_archive_path(args), _key(args), "file", cache,
+                                    file_of=lambda name: name, id_of=_id_of)
+
+
+def _checkpoint_n(d: dict) -> int:
+    return d["n"]
+
+
+def _id_of(file: str):
+    """How the rows of a state file are identified: checkpoints by n, batch rows by request."""
+    return _checkpoint_n if file.startswith("seq_") else row_id
 
 
 # --------------------------------------------------------------------------- report
@@ -381,7 +361,7 @@ def _seed_from_archive(args, cache: Path) -> None:
 def report(args) -> None:
     from kn_lens.viz import plot_curves
 
-    r = _common.load_results(args, NAME)["results"]
+    r = experiment.load_results(args, NAME)["results"]
     figs = []
     if r["sequential"]:
         print(f"\nsequential editing ({len(r['requests'])} requests; mean over requests 1..n "
@@ -400,7 +380,7 @@ def report(args) -> None:
                     if p != "dppl":
                         lo, hi = a[p][x]["lo"], a[p][x]["hi"]
                     curves.setdefault(x, {}).setdefault(m, []).append((int(n), v, lo, hi))
-        figs.append(plot_curves(curves, _common.figure_path(args, f"{NAME}_sequential"),
+        figs.append(plot_curves(curves, experiment.figure_path(args, f"{NAME}_sequential"),
                                 xlabel="edits applied (n)", log_x=True,
                                 title=f"sequential editing ({args.model})"))
     if r["batch"]:
@@ -421,7 +401,7 @@ def report(args) -> None:
                         (int(k), v, a[p][x]["lo"], a[p][x]["hi"]))
                 curves.setdefault("dppl", {}).setdefault(m, []).append(
                     (int(k), d["dppl_median"], None, None))
-        figs.append(plot_curves(curves, _common.figure_path(args, f"{NAME}_batch"),
+        figs.append(plot_curves(curves, experiment.figure_path(args, f"{NAME}_batch"),
                                 xlabel="requests per edit (K)", log_x=True,
                                 title=f"batch editing ({args.model})"))
     print("\nfigures " + " ".join(str(f) for f in figs))
@@ -432,8 +412,8 @@ def _f(v) -> str:
 
 
 def main() -> None:
-    ap = _common.parser(__doc__.splitlines()[0])
-    _common.add_fact_args(ap)
+    ap = experiment.parser(__doc__.splitlines()[0])
+    experiment.add_fact_args(ap)
     ap.add_argument("--mode", choices=("sequential", "batch"), default="sequential")
     ap.add_argument("--n-requests", type=int, default=None, help="default 100 (quick: 4)")
     ap.add_argument("--methods", default=None,
@@ -455,7 +435,7 @@ def main() -> None:
     if args.archive_only:  # no model work: the rows already in the cache
         _archive(args, cache_dir(args))
         return
-    _common.run(args, compute, report)
+    experiment.run(args, compute, report)
 
 
 if __name__ == "__main__":

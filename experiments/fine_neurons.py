@@ -12,15 +12,10 @@ tokens; (b) the neurons selected for the most facts, with their top-5 tokens.
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-import _common  # noqa: E402
+from kn_lens import experiment
 
 NAME = "fine_neurons"
 
@@ -34,12 +29,12 @@ def compute(args) -> None:
     from kn_lens.locate import ContributionConfig, locate, select_contribution_neurons
     from kn_lens.models import model_info
 
-    _common.set_threads(args)
+    experiment.set_threads(args)
     started = time.time()
     n = args.n_facts or (30 if args.quick else 200)
     ds = builtin_dataset()
-    model = _common.load_experiment_model(args.model, args.seed)
-    chosen = _common.choose_facts(args, model, ds, n)
+    model = experiment.load_experiment_model(args.model, args.seed)
+    chosen = experiment.sample(args, model, ds, n, strategy="balanced").pairs()
     queries = [make_query(model, f, ds.relation(f.relation).templates[t], template_index=t)
                for f, t in chosen]
     cfg = ContributionConfig(k=args.k, freeze_last=args.freeze_last)
@@ -104,7 +99,7 @@ def compute(args) -> None:
         "frequent_neurons": freq_rows, "examples": example,
         "seconds_per_fact": secs / len(queries), "known_filter": not args.no_known_filter,
     }
-    _common.save_results(args, NAME, payload, {"contribution": cfg, "n_facts_requested": n},
+    experiment.save_results(args, NAME, payload, {"contribution": cfg, "n_facts_requested": n},
                          model_info(model), started)
 
 
@@ -112,7 +107,7 @@ def report(args) -> None:
     from kn_lens.analysis.consistency import markdown_table
     from kn_lens.viz import plot_layer_distribution, plot_table
 
-    doc = _common.load_results(args, NAME)
+    doc = experiment.load_results(args, NAME)
     r = doc["results"]
     c = doc["config"]["contribution"]
     u, p = r["layer_distribution_unique"], r["layer_distribution_repeats"]
@@ -128,7 +123,7 @@ def report(args) -> None:
                           for l, (cu, su, cp) in enumerate(zip(u["counts"], u["shares"], p["counts"]))
                           if cu or cp]))
     plot_layer_distribution({"unique neurons": u["counts"], "with repeats": p["counts"]},
-                            _common.figure_path(args, "fine_fig4"),
+                            experiment.figure_path(args, "fine_fig4"),
                             title=f"FiNE Fig. 4: layers of located neurons ({args.model}, "
                                   f"{r['n_facts']} facts)")
     print("\n### Table 6 (example facts: top-3 neurons by contribution score, top-5 tokens)\n")
@@ -150,7 +145,7 @@ def report(args) -> None:
               "top-5 tokens (W_out W_U)": _toks(x["tokens"])} for x in r["frequent_neurons"]]
     print(markdown_table(frows))
     plot_table([[x["neuron"], x["facts"], x["top-5 tokens (majority sign x W_out W_U)"]] for x in frows],
-               ["neuron", "facts", "top-5 tokens (sign-adjusted)"], _common.figure_path(args, "fine_table6"),
+               ["neuron", "facts", "top-5 tokens (sign-adjusted)"], experiment.figure_path(args, "fine_table6"),
                title=f"FiNE Table 6 style: most frequent neurons ({args.model})")
 
 
@@ -159,13 +154,13 @@ def _toks(tokens) -> str:
 
 
 def main(argv=None) -> None:
-    ap = _common.add_fact_args(_common.parser(__doc__.splitlines()[0]))
+    ap = experiment.add_fact_args(experiment.parser(__doc__.splitlines()[0]))
     ap.add_argument("--k", type=int, default=5, help="FiNE App. C: top-k per answer token")
     ap.add_argument("--freeze-last", type=int, default=3, help="FiNE §4.3: frozen last layers")
     ap.add_argument("--n-frequent", type=int, default=10)
     ap.add_argument("--n-examples", type=int, default=2)
     args = ap.parse_args(argv)
-    _common.run(args, compute, report)
+    experiment.run(args, compute, report)
 
 
 if __name__ == "__main__":

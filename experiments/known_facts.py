@@ -11,14 +11,9 @@ from the saved file (``--plot-only`` prints it without recomputing).
 from __future__ import annotations
 
 import re
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-import _common  # noqa: E402
+from kn_lens import experiment
 
 NAME = "known_facts"
 MODELS = ("smollm2-135m", "gemma-3-270m")
@@ -31,7 +26,7 @@ def compute(args) -> None:
     from kn_lens.datasets.known import KnownFactsConfig
     from kn_lens.models import load_model
 
-    _common.set_threads(args)
+    experiment.set_threads(args)
     ds = builtin_dataset()
     per_rel = 8 if args.quick else args.n_facts
     if per_rel is not None:
@@ -43,13 +38,13 @@ def compute(args) -> None:
     res = known_facts(model, ds.facts, ds, config=cfg)
     print(f"{args.model}: {res.n_known}/{len(res)} facts known ({res.seconds:.0f} s scoring, "
           f"{sum(len(r) for r in res.ranks)} queries)")
-    _common.save_results(args, NAME, res.to_dict(), cfg, res.model, started)
+    experiment.save_results(args, NAME, res.to_dict(), cfg, res.model, started)
 
 
 def table(args) -> str:
     from kn_lens.datasets.known import KnownFacts
 
-    doc = _common.load_results(args, NAME)
+    doc = experiment.load_results(args, NAME)
     res = KnownFacts.from_dict(doc["results"])
     c = res.config
     head = (f"**{args.model}** ({doc['mode']} run): {res.n_known} of {len(res)} facts known "
@@ -57,7 +52,7 @@ def table(args) -> str:
     return head + "\n" + res.to_markdown()
 
 
-README = _common.ROOT / "README.md"
+README = experiment.ROOT / "README.md"
 
 
 def readme_block(model: str, text: str) -> tuple[int, int]:
@@ -77,7 +72,7 @@ def update_readme(model: str, table_text: str) -> None:
 
 
 def main() -> None:
-    ap = _common.parser(__doc__.splitlines()[0])
+    ap = experiment.parser(__doc__.splitlines()[0])
     ap.add_argument("--update-readme", action="store_true",
                     help="rewrite README's table of the model (between its markers) from the "
                     "saved results file")

@@ -2,7 +2,7 @@
 
 For each locator in ``--methods`` and each sampled known fact (``locate_facts.py``; scores come
 from its cache), the KN sets of the fact's neighbour queries (one per template; each locator's
-authors' selection, see ``locate_facts.kn_selection``) give CS1/CS2 (QL eq. 1). Facts are split into
+authors' selection, ``kn_lens.analysis.default_selection``) give CS1/CS2 (QL eq. 1). Facts are split into
 K_I (CS2 above the threshold) and K_II with the static threshold 0.1 and Otsu's threshold (QL App.
 Table 4); Welch's t-test compares their CS2. Rows: overall and per relation. "∩: II" is the share
 of facts that every locator puts in K_II. Figures: CS2 violins per relation (QL Fig. 3) and the CS2
@@ -13,51 +13,34 @@ histogram with both thresholds.
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-
-import _common  # noqa: E402
-import locate_facts  # noqa: E402
+from kn_lens import experiment
 
 NAME = "ql_consistency"
 
 
-def consistency_by_method(scores: dict, model) -> dict:
-    """``{method: ConsistencyResult}`` from ``{method: {fact: [NeuronScores]}}``."""
-    from kn_lens.analysis import consistency_analysis, kn_sets_from_scores
-    from kn_lens.models import model_info
-
-    out = {}
-    for m, by_fact in scores.items():
-        sets = kn_sets_from_scores(by_fact, locate_facts.kn_selection(m, model.cfg.n_layers))
-        out[m] = consistency_analysis(sets, method=m, model=model_info(model))
-    return out
-
-
 def compute(args) -> None:
-    from kn_lens.analysis import shared_k2_ratio
+    from kn_lens.analysis import consistency_by_method, default_selection, shared_k2_ratio
     from kn_lens.models import model_info
 
     started = time.time()
-    model, ds, facts, scores, timing = locate_facts.prepare(args)
-    res = consistency_by_method(scores, model)
+    located = experiment.prepare_located(args)
+    model = located.model
+    res = consistency_by_method(located.scores, model)
     shared = {k: shared_k2_ratio(res.values(), k) for k in ("static", "otsu")}
     payload = {
-        "facts": [locate_facts.fact_dict(f) for f in facts],
-        "seconds_per_query": timing,
+        "facts": [experiment.fact_dict(f) for f in located.facts],
+        "seconds_per_query": located.seconds_per_query,
         "methods": {m: r.to_dict() for m, r in res.items()},
         "tables": {m: r.table() for m, r in res.items()},
         "shared_k2": shared,  # QL Table 1 "∩: II"
     }
-    cfg = {"methods": {m: locate_facts.method_config(m, args) for m in args.methods},
-           "selection": {m: locate_facts.kn_selection(m, model.cfg.n_layers) for m in args.methods},
-           "consistency": next(iter(res.values())).config, "n_facts": locate_facts.n_facts(args),
-           "all_facts": args.all_facts, "max_answer_tokens": args.max_answer_tokens}
-    _common.save_results(args, NAME, payload, cfg, model_info(model), started)
+    cfg = {"methods": {m: experiment.locator_config(args, m) for m in args.methods},
+           "selection": {m: default_selection(m, model.cfg.n_layers) for m in args.methods},
+           "consistency": next(iter(res.values())).config, "n_facts": experiment.ql_n_facts(args),
+           "all_facts": args.no_known_filter, "max_answer_tokens": args.max_answer_tokens}
+    experiment.save_results(args, NAME, payload, cfg, model_info(model), started)
 
 
 def summary_rows(doc: dict) -> list[dict]:
@@ -86,7 +69,7 @@ def report(args) -> None:
     from kn_lens.viz import plot_cs_histogram
     from kn_lens.viz.experiments import plot_violins
 
-    doc = _common.load_results(args, NAME)
+    doc = experiment.load_results(args, NAME)
     res = doc["results"]
     print(f"**{args.model}** ({doc['mode']}): {len(res['facts'])} facts\n")
     print("QL Table 1 (overall):\n")
@@ -101,7 +84,7 @@ def report(args) -> None:
             if f["cs2"] is not None:
                 violins.setdefault(f["fact"]["relation"], {}).setdefault(m, []).append(f["cs2"])
     static = doc["config"]["consistency"]["static_threshold"]
-    p1 = plot_violins(dict(sorted(violins.items())), _common.figure_path(args, NAME + "_violin"),
+    p1 = plot_violins(dict(sorted(violins.items())), experiment.figure_path(args, NAME + "_violin"),
                       hlines={"static": static}, ylabel="CS2",
                       title=f"KN consistency per relation ({args.model}, {len(res['facts'])} facts)")
     thr = {"static": static}
@@ -109,16 +92,16 @@ def report(args) -> None:
         otsu = next(row["threshold"] for row in r["rows"]
                     if row["scope"] == "overall" and row["threshold_kind"] == "otsu")
         thr[f"Otsu ({m})"] = otsu
-    p2 = plot_cs_histogram(cs, _common.figure_path(args, NAME + "_hist"), thresholds=thr,
+    p2 = plot_cs_histogram(cs, experiment.figure_path(args, NAME + "_hist"), thresholds=thr,
                            xlabel="CS2", title=f"CS2 of known facts ({args.model})")
     print(f"\nfigures {p1} {p2}")
 
 
 def main() -> None:
-    ap = _common.parser(__doc__.splitlines()[0])
-    locate_facts.add_arguments(ap)
+    ap = experiment.parser(__doc__.splitlines()[0])
+    experiment.add_locate_args(ap)
     args = ap.parse_args()
-    _common.run(args, compute, report)
+    experiment.run(args, compute, report)
 
 
 if __name__ == "__main__":

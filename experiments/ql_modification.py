@@ -6,7 +6,8 @@ erased / updated with ``kn_lens.edit`` (QL eq. 2) and judged with ``kn_lens.eval
 Rel on the edited query, Gen on the fact's other templates, Loc on ``--n-locality`` known facts
 outside the sample (first template; other subjects, mostly other relations), dPPL = relative
 perplexity change on ``--ppl-slices`` reference slices (fixed seed). The driver is
-``kn_lens.analysis.compare_kn_selections``. Table 2 = N_i/N_g rows split by K_I/K_II (static
+``kn_lens.analysis.compare_kn_selections``; update targets come from ``kn_lens.datasets.new_objects``
+(seeded: another object of the relation whose first token differs). Table 2 = N_i/N_g rows split by K_I/K_II (static
 threshold on CS2); Table 3 = N_i/N_g/CAS over all facts.
 
     python experiments/ql_modification.py --quick          # edits q_1 of each fact
@@ -14,82 +15,53 @@ threshold on CS2); Table 3 = N_i/N_g/CAS over all facts.
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-
-import _common  # noqa: E402
-import locate_facts  # noqa: E402
+from kn_lens import experiment
 
 NAME = "ql_modification"
 METRICS = ("Rel", "Gen", "Loc", "Avg", "dPPL")
 
 
-def pick_new_objects(model, ds, facts, seed: int) -> dict:
-    """Update targets (QL eq. 2): per fact, a seeded choice among the dataset's other objects of the
-    same relation whose first token differs from the true answer's (else among all objects)."""
-    import random
-
-    from kn_lens.edit.kn import token_of
-    from kn_lens.errors import InvalidFactError
-
-    rng = random.Random(seed)
-    every = sorted({f.object for f in ds.facts})
-    out = {}
-    for f in facts:
-        own = token_of(model, f.object)
-        for pool in (ds.objects_of(f.relation), every):
-            cands = [o for o in pool if o != f.object and token_of(model, o) != own]
-            if cands:
-                out[f] = rng.choice(cands)
-                break
-        else:
-            raise InvalidFactError(f"no update target with a different first token for {f.key()!r}")
-    return out
-
-
 def compute(args) -> None:
-    from kn_lens.analysis import CompareConfig, compare_kn_selections
+    from kn_lens.analysis import (CompareConfig, compare_kn_selections, consistency_by_method,
+                                  default_selection)
+    from kn_lens.datasets import new_objects as draw_new_objects
     from kn_lens.evaluate import prepare_reference, reference_slices
     from kn_lens.facts import make_query
     from kn_lens.models import model_info
-    from ql_consistency import consistency_by_method
 
     started = time.time()
     args.methods = [args.method]
-    model, ds, facts, scores, timing = locate_facts.prepare(args)
-    cons = consistency_by_method(scores, model)[args.method]
+    located = experiment.prepare_located(args)
+    model, ds, facts = located.model, located.dataset, located.facts
+    cons = consistency_by_method(located.scores, model)[args.method]
     labels = cons.labels[args.threshold]
-    # locality: known facts outside the sample (same seeded shuffle, the next n_locality facts)
-    more = locate_facts.select_facts(model, ds, len(facts) + args.n_locality, args.seed,
-                                     all_facts=args.all_facts,
-                                     known_path=Path(args.results_dir) / f"known_facts_{args.model}.json",
-                                     max_answer_tokens=args.max_answer_tokens)
+    # locality: known facts outside the sample (the same seeded shuffle, the next n_locality)
+    more = experiment.ql_facts(args, model, ds, len(facts) + args.n_locality)
     loc_facts = [f for f in more if f not in set(facts)][:args.n_locality]
     locality = [make_query(model, f, ds.relation_of(f).templates[0]) for f in loc_facts]
     n_slices = args.ppl_slices if args.ppl_slices is not None else 4
     slice_len = args.ppl_slice_len or (64 if args.quick else 128)
     reference = (prepare_reference(model, reference_slices(model, n_slices, slice_len, seed=args.seed))
                  if n_slices else None)
-    new_objects = pick_new_objects(model, ds, facts, args.seed)
+    # update targets (QL eq. 2): another object of the relation with a different first token
+    new_objects = draw_new_objects(facts, seed=args.seed, model=model, dataset=ds)
     edit_queries = args.edit_queries or ("first" if args.quick else "all")
     cfg = CompareConfig(edit_queries=edit_queries, seed=args.seed)
+    selection = default_selection(args.method, model.cfg.n_layers)
     t0 = time.perf_counter()
-    comp = compare_kn_selections(model, scores[args.method],
-                                 selection=locate_facts.kn_selection(args.method, model.cfg.n_layers),
+    comp = compare_kn_selections(model, located.scores[args.method], selection=selection,
                                  config=cfg, groups=labels, locality=locality, reference=reference,
                                  new_objects=new_objects)
     edit_seconds = time.perf_counter() - t0
-    payload = {"facts": [locate_facts.fact_dict(f) for f in facts], "method": args.method,
-               "threshold": args.threshold, "seconds_per_query": timing,
+    payload = {"facts": [experiment.fact_dict(f) for f in facts], "method": args.method,
+               "threshold": args.threshold, "seconds_per_query": located.seconds_per_query,
                "edit_seconds_per_fact": edit_seconds / len(facts),
                "n_k1": sum(g == "K_I" for g in labels.values()),
                "n_k2": sum(g == "K_II" for g in labels.values()),
                "new_objects": {f.key(): o for f, o in new_objects.items()},
-               "locality_facts": [locate_facts.fact_dict(f) for f in loc_facts],
+               "locality_facts": [experiment.fact_dict(f) for f in loc_facts],
                "comparison": comp.to_dict(),
                "table2": [r for r in comp.table() if r["group"] != "all" and r["selection"] != "CAS"],
                "table3": [r for r in comp.table() if r["group"] == "all"],
@@ -100,13 +72,12 @@ def compute(args) -> None:
                                     "labels": {f.key(): g for f, g in lab.items()},
                                     "rows": comp.regroup(lab).table()}
                                 for k, lab in cons.labels.items()}}
-    config = {"locator": locate_facts.method_config(args.method, args),
-              "selection": locate_facts.kn_selection(args.method, model.cfg.n_layers),
+    config = {"locator": experiment.locator_config(args, args.method), "selection": selection,
               "compare": cfg, "reference": {"n_slices": n_slices, "slice_len": slice_len,
                                             "seed": args.seed},
-              "n_locality": args.n_locality, "n_facts": locate_facts.n_facts(args),
-              "all_facts": args.all_facts, "max_answer_tokens": args.max_answer_tokens}
-    _common.save_results(args, NAME, payload, config, model_info(model), started)
+              "n_locality": args.n_locality, "n_facts": experiment.ql_n_facts(args),
+              "all_facts": args.no_known_filter, "max_answer_tokens": args.max_answer_tokens}
+    experiment.save_results(args, NAME, payload, config, model_info(model), started)
 
 
 def with_median_dppl(rows: list[dict], per_edit: list[dict]) -> list[dict]:
@@ -128,7 +99,7 @@ def report(args) -> None:
     from kn_lens.analysis.consistency import markdown_table
     from kn_lens.viz import plot_grouped_bars, plot_table
 
-    doc = _common.load_results(args, NAME)
+    doc = experiment.load_results(args, NAME)
     r = doc["results"]
     print(f"**{args.model}** ({doc['mode']}), locator {r['method']}, {len(r['facts'])} facts "
           f"(K_I {r['n_k1']}, K_II {r['n_k2']}, {r['threshold']} threshold), "
@@ -153,20 +124,20 @@ def report(args) -> None:
         if split:
             label += f" (n={ {'all': len(r['facts']), 'K_I': split['n_k1'], 'K_II': split['n_k2']}[row['group']] })"
         data.setdefault(key, {})[label] = row["Avg"]
-    p1 = plot_grouped_bars(data, _common.figure_path(args, NAME + "_groups"), ylabel="Avg of Rel, Gen, Loc",
+    p1 = plot_grouped_bars(data, experiment.figure_path(args, NAME + "_groups"), ylabel="Avg of Rel, Gen, Loc",
                            title=f"QL Tables 2-3: KN erasure / update, K_I vs K_II\n"
                                  f"({r['threshold']} threshold, {r['method']} KNs, {args.model})")
     rows = [[row["operation"], row["selection"], row["n"],
              *[float("nan") if row[m] is None else row[m] for m in (*METRICS, "dPPL median")]]
             for row in with_median_dppl(r["table3"], per_edit)]
-    p2 = plot_table(rows, ["operation", "KNs", "n", *METRICS, "dPPL median"], _common.figure_path(args, NAME + "_table3"),
+    p2 = plot_table(rows, ["operation", "KNs", "n", *METRICS, "dPPL median"], experiment.figure_path(args, NAME + "_table3"),
                     title=f"N_i vs N_g vs CAS ({r['method']}, {args.model})")
     print(f"\nfigures {p1} {p2}")
 
 
 def main() -> None:
-    ap = _common.parser(__doc__.splitlines()[0])
-    locate_facts.add_arguments(ap)
+    ap = experiment.parser(__doc__.splitlines()[0])
+    experiment.add_locate_args(ap)
     ap.add_argument("--method", default="ig", help="locator whose KNs are edited")
     ap.add_argument("--threshold", choices=("static", "otsu"), default="static")
     ap.add_argument("--n-locality", type=int, default=8, help="out-of-scope facts for Loc")
@@ -178,7 +149,7 @@ def main() -> None:
     ap.add_argument("--ppl-slice-len", type=int, default=None,
                     help="tokens per reference slice (default 64 quick, 128 full)")
     args = ap.parse_args()
-    _common.run(args, compute, report)
+    experiment.run(args, compute, report)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,10 @@ in the paper (+ = change in the expected direction).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-import _common  # noqa: E402
-import locate_facts  # noqa: E402
+from kn_lens import experiment
 
 NAME = "ql_synapses"
 CONDITIONS = ("self_enhance", "self_suppress", "self_avg",
@@ -51,23 +46,20 @@ def compute(args) -> None:
                                            predominance_score, synapse_manipulation)
     from kn_lens.datasets import builtin_dataset
     from kn_lens.facts import answer_logprobs
+    from kn_lens.locate.cache import scores_for_facts
     from kn_lens.models import model_info
 
-    _common.set_threads(args)
+    experiment.set_threads(args)
     started = time.time()
     n = args.n_facts or (8 if args.quick else 200)
     ds = builtin_dataset()
-    model = _common.load_experiment_model(args.model, args.seed)
+    model = experiment.load_experiment_model(args.model, args.seed)
     # the QL fact sample of locate_facts.py (same seed: the same facts as ql_consistency /
-    # ql_modification) and its per-fact score cache, so IG is not recomputed here
-    fact_list = locate_facts.select_facts(
-        model, ds, n, args.seed, all_facts=args.no_known_filter,
-        known_path=Path(args.results_dir) / f"known_facts_{args.model}.json",
-        max_answer_tokens=args.max_answer_tokens)
-    cache = args.cache_dir or Path(args.results_dir) / "cache"
+    # ql_modification) and the per-query score cache, so IG is not recomputed here
+    fact_list = experiment.ql_facts(args, model, ds, n)
     t0 = time.time()
-    by_fact = locate_facts.scores_for_facts(model, ds, fact_list, args.locator,
-                                            locate_facts.method_config(args.locator), cache)
+    by_fact = scores_for_facts(model, ds, fact_list, args.locator,
+                               cache_dir=experiment.score_cache(args), progress=True)
     locate_seconds = time.time() - t0
     per_fact = [[s.query for s in by_fact[f]] for f in fact_list]
     # each fact's main query: the template on which the model gives the answer the highest P
@@ -143,13 +135,13 @@ def compute(args) -> None:
               "p_axis": "key", "example": example,
               "max_answer_tokens": args.max_answer_tokens}
     _save_maps(args, {k: m.numpy() for k, m in maps.maps.items()})
-    _common.save_results(args, NAME, payload, config, model_info(model), started)
+    experiment.save_results(args, NAME, payload, config, model_info(model), started)
 
 
 def _maps_path(args) -> Path:
     """The Fig. 7/10 activation maps (3 x layer x d_mlp) live next to the JSON, as float16 npz
     (a JSON of them would be ~2 MB)."""
-    return _common.result_path(args, NAME).with_suffix(".maps.npz")
+    return experiment.result_path(args, NAME).with_suffix(".maps.npz")
 
 
 def _save_maps(args, maps: dict) -> None:
@@ -176,7 +168,7 @@ def report(args) -> None:
     from kn_lens.analysis.consistency import markdown_table
     from kn_lens.viz import plot_activation_heatmaps, plot_cs_histogram, plot_synapse_effects
 
-    doc = _common.load_results(args, NAME)
+    doc = experiment.load_results(args, NAME)
     r = doc["results"]
     facts = r["facts"]
     print(f"## QL synapses: {args.model} ({doc['mode']}, {r['n_facts']} facts, KNs from "
@@ -200,7 +192,7 @@ def report(args) -> None:
     print(f"\nmost attended tokens t_i: {top}; with key 0 ignored: {top0}\n")
     hist = ({g: [f["P"] for f in fs] for g, fs in groups.items()} if split
             else {"all facts": [f["P"] for f in facts]})
-    plot_cs_histogram(hist, _common.figure_path(args, "ql_fig5"), bins=12,
+    plot_cs_histogram(hist, experiment.figure_path(args, "ql_fig5"), bins=12,
                       xlabel="predominance score P (QL eq. 4)",
                       title=f"QL Fig. 5: P ({args.model}, {r['n_facts']} facts)")
     print("### Fig. 6: signed relative change (mean over queries; NaNs skipped)\n")
@@ -219,7 +211,7 @@ def report(args) -> None:
             suffix = ("" if v == "paper" else f"_{v}") + ("" if g == "all" else f"_{g}")
             s = {m: {c: float("nan") if x is None else x for c, x in row.items()}
                  for m, row in s.items()}
-            plot_synapse_effects(s, _common.figure_path(args, f"ql_fig6{suffix}"),
+            plot_synapse_effects(s, experiment.figure_path(args, f"ql_fig6{suffix}"),
                                  title=f"QL Fig. 6 ({args.model}, {g}, synapses: {v}, "
                                        f"KNs: {r['locator']})")
     for v, effs in r["effects"].items():
@@ -236,26 +228,23 @@ def report(args) -> None:
         maps = {k: z[k].astype(np.float32) for k in ("none", "suppressed", "enhanced")}
     vals = {k: float(np.mean([m[a][b] for a, b in kn])) for k, m in maps.items()}
     print("KN mean activation: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
-    plot_activation_heatmaps(maps, _common.figure_path(args, "ql_fig7_10"), kns=kn,
+    plot_activation_heatmaps(maps, experiment.figure_path(args, "ql_fig7_10"), kns=kn,
                              clip_quantile=0.999,
                              title=f"QL Fig. 7/10: {h['prompt']}{h['answer']} ({args.model})")
 
 
 def main(argv=None) -> None:
-    ap = _common.add_fact_args(_common.parser(__doc__.splitlines()[0]))
+    ap = experiment.add_fact_args(experiment.parser(__doc__.splitlines()[0]))
     ap.add_argument("--locator", choices=["contribution", "ig"], default=None,
                     help="KN locator (default: contribution with --quick, ig otherwise)")
     ap.add_argument("--freeze-last", type=int, default=3, help="contribution KNs: frozen last layers")
     ap.add_argument("--example", type=int, default=None,
                     help="fact index for the heatmaps (default: the first with a synapse)")
-    ap.add_argument("--max-answer-tokens", type=int, default=1,
-                    help="facts whose answer has at most this many tokens (as locate_facts.py; 0 = any)")
-    ap.add_argument("--cache-dir", type=Path, default=None,
-                    help="locate_facts.py's score cache (default <results-dir>/cache)")
+    experiment.add_score_cache_args(ap)
     args = ap.parse_args(argv)
     if args.locator is None:
         args.locator = "contribution" if args.quick else "ig"
-    _common.run(args, compute, report)
+    experiment.run(args, compute, report)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,10 @@ lowers P(answer) by less than ``--min-effect`` (0.01) are skipped and counted.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-import _common  # noqa: E402
+from kn_lens import experiment
 
 NAME = "rome_layers"
 KINDS = ("mlp", "resid", "attn")
@@ -45,12 +41,12 @@ def compute(args) -> None:
     from kn_lens.facts import make_query
     from kn_lens.models import model_info
 
-    _common.set_threads(args)
+    experiment.set_threads(args)
     started = time.time()
     n = args.n_facts or (4 if args.quick else 50)
     ds = builtin_dataset()
-    model = _common.load_experiment_model(args.model, args.seed)
-    chosen = _common.choose_facts(args, model, ds, n)
+    model = experiment.load_experiment_model(args.model, args.seed)
+    chosen = experiment.sample(args, model, ds, n, strategy="balanced").pairs()
     queries = [make_query(model, f, ds.relation_of(f).templates[t], template_index=t)
                for f, t in chosen]
     configs = _configs(args)
@@ -67,14 +63,14 @@ def compute(args) -> None:
                   for (f, t), q in zip(chosen, queries)],
         "sweeps": sweeps, "seconds_per_fact": seconds, "known_filter": not args.no_known_filter,
     }
-    _common.save_results(args, NAME, payload, {"trace": configs, "n_facts_requested": n},
+    experiment.save_results(args, NAME, payload, {"trace": configs, "n_facts_requested": n},
                          model_info(model), started)
 
 
 def report(args) -> None:
     from kn_lens.analysis.consistency import markdown_table
 
-    doc = _common.load_results(args, NAME)
+    doc = experiment.load_results(args, NAME)
     r = doc["results"]
     L = r["n_layers"]
     print(f"## Causal tracing: {args.model} ({doc['mode']}, {r['n_facts']} facts, {L} layers)\n")
@@ -92,7 +88,7 @@ def report(args) -> None:
     print(markdown_table(curves))
     for kind, s in r["sweeps"].items():
         print(f"best {kind} layer (window {s['window']}): {s['best_layer']}")
-    p = _plot(r, _common.figure_path(args, NAME), args.model)
+    p = _plot(r, experiment.figure_path(args, NAME), args.model)
     print(f"\nfigure {p}")
 
 
@@ -126,7 +122,7 @@ def _plot(r: dict, path: Path, model: str) -> Path:
 
 
 def main(argv=None) -> None:
-    ap = _common.add_fact_args(_common.parser(__doc__.splitlines()[0]))
+    ap = experiment.add_fact_args(experiment.parser(__doc__.splitlines()[0]))
     ap.add_argument("--window", type=int, default=10,
                     help="layers restored around each layer for mlp/attn (ROME: 10); resid uses 1")
     ap.add_argument("--kinds", nargs="+", choices=KINDS, default=["mlp", "resid"])
@@ -136,7 +132,7 @@ def main(argv=None) -> None:
                     help="skip facts whose corruption lowers P(answer) by less (absolute); "
                          "-1 keeps all (random test models)")
     args = ap.parse_args(argv)
-    _common.run(args, compute, report)
+    experiment.run(args, compute, report)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,9 @@ Outputs: ``results/tnfda_neurons_<model>.json`` and figures ``tnfda_fig3_*``, ``
 from __future__ import annotations
 
 import math
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-import _common  # noqa: E402
+from kn_lens import experiment
 
 NAME = "tnfda_neurons"
 # fractions of neurons at which each fact's cumulative |IE| share is stored (log grid, for Fig. 3)
@@ -52,12 +47,12 @@ def compute(args) -> None:
     from kn_lens.locate.mediation import AtPConfig, MediationConfig, mediation_agreement
     from kn_lens.models import model_info
 
-    _common.set_threads(args)
+    experiment.set_threads(args)
     started = time.time()
     ds = builtin_dataset()
-    model = _common.load_experiment_model(args.model, args.seed)
-    chosen = _common.choose_facts(args, model, ds, args.n_facts,
-                                  n_relations=4 if args.quick else None)
+    model = experiment.load_experiment_model(args.model, args.seed)
+    chosen = experiment.sample(args, model, ds, args.n_facts, strategy="balanced",
+                               n_relations=4 if args.quick else None).pairs()
     queries = [make_query(model, f, ds.relation(f.relation).templates[t], template_index=t)
                for f, t in chosen]
     atp_cfg = AtPConfig(n_noise=args.n_noise, corrupt=args.corrupt, seed=args.seed)
@@ -132,7 +127,7 @@ def compute(args) -> None:
     config = {"atp": atp_cfg, "mediation": med_cfg, "targeted_fraction": 0.01,
               "min_frequency": args.min_frequency, "n_facts_requested": args.n_facts,
               "n_exact": args.n_exact, "relations": "4 largest" if args.quick else "all with >= 2"}
-    _common.save_results(args, NAME, payload, config, model_info(model), started)
+    experiment.save_results(args, NAME, payload, config, model_info(model), started)
 
 
 def report(args) -> None:
@@ -141,7 +136,7 @@ def report(args) -> None:
     from kn_lens.analysis.consistency import markdown_table
     from kn_lens.viz import plot_grouped_bars, plot_table
 
-    doc = _common.load_results(args, NAME)
+    doc = experiment.load_results(args, NAME)
     r = doc["results"]
     ca, cp = r["concentration_abs"], r["concentration_positive"]
     print(f"## TNF-DA neurons: {args.model} ({doc['mode']}, {r['n_facts']} facts, "
@@ -167,7 +162,7 @@ def report(args) -> None:
     # Fig. 3: mean and spread over facts of the cumulative |IE| share
     grid = np.array(r["grid"])
     sh = np.array([f["grid_shares"] for f in r["facts"]])
-    _plot_fig3(grid, sh, _common.figure_path(args, "tnfda_fig3"),
+    _plot_fig3(grid, sh, experiment.figure_path(args, "tnfda_fig3"),
                title=f"TNF-DA Fig. 3 ({args.model}, {len(sh)} facts, AtP)")
     rep = r["repetition"]
     if "table" in rep:
@@ -175,7 +170,7 @@ def report(args) -> None:
         print(markdown_table(rep["table"]))
         cols = ["relation", "n", "Top1", "Top2", "Base", "Repetition"]
         plot_table([[row[c] for c in cols] for row in rep["table"]], cols,
-                   _common.figure_path(args, "tnfda_table1"), title=f"TNF-DA Table 1 ({args.model})")
+                   experiment.figure_path(args, "tnfda_table1"), title=f"TNF-DA Table 1 ({args.model})")
     else:
         print(f"\nTable 1 not computed: {rep['error']}")
     ov = r["overlap"]
@@ -190,7 +185,7 @@ def report(args) -> None:
                                  for p in ov["pairs"] if p["kind"] == "same"] or [{"a": "-"}]))
     plot_grouped_bars({"same group": {m: _nz(ov["same_group_mean"])},
                        "different groups": {m: _nz(ov["different_group_mean"])}},
-                      _common.figure_path(args, "tnfda_overlap"), ylabel=f"mean {m}",
+                      experiment.figure_path(args, "tnfda_overlap"), ylabel=f"mean {m}",
                       title=f"relation-level neuron overlap ({args.model}; "
                             f"{ov['n_same_pairs']} vs {ov['n_different_pairs']} pairs)")
 
@@ -232,7 +227,7 @@ def _plot_fig3(grid, shares, path, *, title: str) -> None:
 
 
 def main(argv=None) -> None:
-    ap = _common.add_fact_args(_common.parser(__doc__.splitlines()[0]))
+    ap = experiment.add_fact_args(experiment.parser(__doc__.splitlines()[0]))
     ap.add_argument("--n-exact", type=int, default=None,
                     help="facts with exact causal mediation (default 2 quick / 10 full)")
     ap.add_argument("--n-noise", type=int, default=None, help="noise samples (default 1 quick / 3 full)")
@@ -242,7 +237,7 @@ def main(argv=None) -> None:
                     help="relation-level set: targeted in at least this share of its facts")
     args = ap.parse_args(argv)
     _defaults(args)
-    _common.run(args, compute, report)
+    experiment.run(args, compute, report)
 
 
 if __name__ == "__main__":

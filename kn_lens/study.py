@@ -37,10 +37,11 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from kn_lens.cache import ItemCache
 from kn_lens.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -94,65 +95,17 @@ class StudyResult:
     files: tuple[str, ...] = field(default=())
 
 
-# --------------------------------------------------------------------------- cache
-
-
-class _Cache:
-    """One file per item under ``folder``, keyed by a hash of everything that determines it;
-    written atomically (a killed run leaves no half-written item)."""
-
-    def __init__(self, folder: Path, model_key: dict):
-        self.folder = folder
-        self.model_key = model_key
-        self.computed = 0
-        self.hits = 0
-
-    def key(self, **parts) -> str:
-        blob = json.dumps({"model": self.model_key, **parts}, sort_keys=True, default=str)
-        return hashlib.sha1(blob.encode()).hexdigest()[:20]
-
-    def get_or(self, key: str, fn: Callable[[], Any]) -> Any:
-        path = self.folder / f"{key}.pt"
-        if path.exists():
-            try:
-                value = torch.load(path, weights_only=False)
-                self.hits += 1
-                return value
-            except Exception:  # a corrupt item is recomputed
-                path.unlink(missing_ok=True)
-        value = fn()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        torch.save(value, tmp)
-        tmp.replace(path)
-        self.computed += 1
-        return value
-
-
 # --------------------------------------------------------------------------- steps
 
 
-def _scores(model, cache: _Cache, method: str, q) -> "torch.Tensor":
-    """The locator's per-token score map of ``q`` (float32, cached)."""
-    from kn_lens.locate import locate, method_version
-
-    key = cache.key(kind="scores", method=method, version=method_version(method),
-                    prompt=q.prompt, answer=list(q.answer_ids))
-
-    def run():
-        (s,) = locate(model, [q], method=method, progress=False)
-        per = s.per_token if s.per_token is not None else s.scores[None]
-        return {"scores": s.scores.float(), "per_token": per.float()}
-    return cache.get_or(key, run)
-
-
-def _kns(model, method: str, got: dict):
+def _kns_of(model, cache: ItemCache, method: str, queries) -> list:
+    """Each query's KNs by locator ``method`` (scores through the per-query score cache,
+    selected with the locator's authors' preset)."""
     from kn_lens.analysis.consistency import default_selection, select_kns
-    from kn_lens.neurons import NeuronScores
+    from kn_lens.locate.cache import cached_scores
 
-    s = NeuronScores(scores=got["scores"], method=method, query=None, config=None, model=None,
-                     per_token=got["per_token"])
-    return select_kns(s, default_selection(method, model.cfg.n_layers))
+    sel = default_selection(method, model.cfg.n_layers)
+    return [select_kns(s, sel) for s in cached_scores(model, queries, method, cache=cache)]
 
 
 def _causal(model, q, kns, seed: int) -> dict | None:
@@ -210,7 +163,7 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
     ds = relations if isinstance(relations, Dataset) else load_relations_file(relations)
     out = Path(out)
     info = model_info(model)
-    cache = _Cache(out / ".cache", {k: v for k, v in dataclasses.asdict(info).items()})
+    cache = ItemCache(out / ".cache")  # per-query scores (kn_lens.locate.cache)
     rng = random.Random(config.seed)
     say = log if progress else (lambda s: None)
     results: dict = {"model": dataclasses.asdict(info), "config": dataclasses.asdict(config),
@@ -240,7 +193,7 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
             qs = queries_for_fact(model, f, ds.relations[rid])
             first_query[f] = qs[0]
             for m in config.locators:
-                kn_sets[m][f] = [_kns(model, m, _scores(model, cache, m, q)) for q in qs]
+                kn_sets[m][f] = _kns_of(model, cache, m, qs)
             done += len(qs)
             say(f"[2/6] knowledge neurons: {done}/{n_items} queries x {len(config.locators)} "
                 f"locators ({cache.computed} computed, {cache.hits} cached)")
@@ -293,9 +246,9 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
         if config.known_only:  # which built-in facts this model knows: shared by every study
             from kn_lens.models import cache_dir
 
-            shared = _Cache(cache_dir() / "study", cache.model_key)
+            shared = ItemCache(cache_dir() / "study")
             keys = hashlib.sha1("\n".join(f.key() for f in sample.facts).encode()).hexdigest()
-            bkf = shared.get_or(shared.key(kind="builtin_known", facts=keys),
+            bkf = shared.get_or(shared.key(kind="builtin_known", model=info, facts=keys),
                                 lambda: list(known_facts(model, sample.facts, bds).known_facts()))
         else:
             bkf = list(sample.facts)
@@ -303,9 +256,8 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
         for rid in bds.relations:
             for f in [g for g in bkf if g.relation == rid][:config.builtin_facts]:
                 q = make_query(model, f, bds.relations[rid].templates[0])
-                ref_sets[f] = _kns(model, "contribution", _scores(model, cache, "contribution", q))
-        new_sets = {f: _kns(model, "contribution", _scores(model, cache, "contribution",
-                                                           first_query[f]))
+                (ref_sets[f],) = _kns_of(model, cache, "contribution", [q])
+        new_sets = {f: _kns_of(model, cache, "contribution", [first_query[f]])[0]
                     for facts in chosen.values() for f in facts}
         levels_new = relation_level_sets(new_sets, min_frequency=config.min_frequency) \
             if new_sets else {}

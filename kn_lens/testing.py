@@ -94,3 +94,16 @@ def tiny_gemma(seed: int = 0, n_layers: int = 3, d_model: int = 32, d_mlp: int =
                        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
                        final_rms=True, use_normalization_before_and_after=True),
                   seed, "tiny-gemma", prepend_bos, n_ctx)
+
+
+TINY_MODELS = {"tiny-gpt2": tiny_gpt2, "tiny-llama": tiny_llama, "tiny-gemma": tiny_gemma}
+
+
+def tiny_model(name: str, *, seed: int = 0, **kw):
+    """The tiny random model called ``name`` (:data:`TINY_MODELS`: ``tiny-gpt2``,
+    ``tiny-llama``, ``tiny-gemma``); ``kw`` are its builder's (``n_ctx``, ``n_layers``, ...)."""
+    from kn_lens.errors import UnknownModelError
+
+    if name not in TINY_MODELS:
+        raise UnknownModelError(f"unknown tiny model {name!r}: choose from {sorted(TINY_MODELS)}")
+    return TINY_MODELS[name](seed=seed, **kw)

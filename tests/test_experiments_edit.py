@@ -13,6 +13,8 @@ sys.path.insert(0, str(EXP))
 
 import edit_benchmark  # noqa: E402
 
+from kn_lens.edit import benchmark as bench  # noqa: E402
+
 
 def _prose():
     from kn_lens.errors import DataFileError
@@ -58,9 +60,10 @@ def test_edit_benchmark_quick(tmp_path, monkeypatch, capsys):
     import shutil
 
     shutil.rmtree(tmp_path / "cache")
-    cache = edit_benchmark.cache_dir(edit_benchmark_args(argv))
-    edit_benchmark._seed_from_archive(edit_benchmark_args(argv), cache)
-    assert len(edit_benchmark._read_rows(cache / "rome.jsonl")) == 2
+    run = bench.BenchmarkRun.from_args(edit_benchmark_args(argv))
+    cache = run.cache_dir()
+    run.restore()
+    assert len(run.rows("rome")) == 2
     rows = (cache / "ft_l.jsonl").read_text().splitlines()
     (cache / "ft_l.jsonl").write_text(rows[0] + "\n" + rows[1][:40])  # one row, one cut off
     (tmp_path / "quick" / "edit_benchmark_tiny-llama.rows.jsonl.gz").unlink()
@@ -80,11 +83,11 @@ def test_edit_benchmark_quick(tmp_path, monkeypatch, capsys):
 
     states = pickle.loads((cache / "before.pkl").read_bytes())
     assert [RequestState.from_dict(json.loads(json.dumps(s.to_dict()))) for s in states] == states
-    model = edit_benchmark.load_model(edit_benchmark_args(argv))
+    model = bench.load_benchmark_model("tiny-llama")
     from kn_lens.datasets import builtin_dataset
     from kn_lens.evaluate.probes import probe_sets
 
-    reqs = edit_benchmark.build_requests(edit_benchmark_args(argv), model, builtin_dataset())
+    reqs = run.requests(model, builtin_dataset())
     pss = probe_sets(model, reqs, n_prefix_probes=3, seed=0)
     assert states[0].matches(pss[0]) and not states[0].matches(pss[1])
 
@@ -92,9 +95,9 @@ def test_edit_benchmark_quick(tmp_path, monkeypatch, capsys):
 def edit_benchmark_args(argv):
     import argparse
 
-    return argparse.Namespace(results_dir=argv[argv.index("--results-dir") + 1], model="tiny-llama",
-                              quick=True, n_requests=2, seed=0, max_new_tokens=8,
-                              no_known_filter=True)
+    return argparse.Namespace(results_dir=Path(argv[argv.index("--results-dir") + 1]),
+                              model="tiny-llama", quick=True, n_requests=2, seed=0,
+                              max_new_tokens=8, no_known_filter=True)
 
 
 def test_cli_edit_parser():
@@ -110,14 +113,17 @@ def test_cli_edit_parser():
 def test_benchmark_ablation_variants(tmp_path, monkeypatch):
     """Each variant is its editor with the paper's ablation applied; a bad name fails before any
     model work; a variant runs through the same loop (rows under its own label)."""
-    args = edit_benchmark_args(["--results-dir", str(tmp_path)])
-    configs = edit_benchmark.editor_configs(args)
-    for label, (editor, changes) in edit_benchmark.VARIANTS.items():
-        name, cfg = edit_benchmark.resolve(label, configs)
+    from kn_lens.errors import ConfigError
+
+    configs = bench.editor_configs(quick=True)
+    for label, (editor, changes) in bench.VARIANTS.items():
+        name, cfg = bench.resolve(label, configs)
         assert name == editor and type(cfg) is type(configs[editor])
         assert all(getattr(cfg, k) == v for k, v in changes.items()), label
         assert any(getattr(configs[editor], k) != v for k, v in changes.items()), label
-    assert edit_benchmark.resolve("rome", configs) == ("rome", configs["rome"])
+    assert bench.resolve("rome", configs) == ("rome", configs["rome"])
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        bench.resolve("nope", configs)
     argv = ["edit_benchmark.py", "--model", "tiny-llama", "--no-known-filter", "--quick",
             "--results-dir", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv + ["--methods", "fine,nope"])
@@ -144,20 +150,20 @@ def test_benchmark_kne_reuses_relation_ensembles(tmp_path, monkeypatch):
     edit_benchmark.main()
     args = edit_benchmark_args(argv)
     args.n_requests = 4
-    cache = edit_benchmark.cache_dir(args)
-    saved = json.loads((cache / "kne_reuse.ensembles.json").read_text())
-    model = edit_benchmark.load_model(args)
+    run = bench.BenchmarkRun.from_args(args)
+    saved = json.loads((run.cache_dir() / "kne_reuse.ensembles.json").read_text())
+    model = bench.load_benchmark_model("tiny-llama")
     from kn_lens.datasets import builtin_dataset
 
-    requests = edit_benchmark.build_requests(args, model, builtin_dataset())
-    cfg = edit_benchmark.editor_configs(args)["kne"]
+    requests = run.requests(model, builtin_dataset())
+    cfg = bench.editor_configs(quick=True)["kne"]
     by_rel = {}
     for r in requests:
         by_rel.setdefault(r.fact.relation, []).append(r)
     for rel, rs in by_rel.items():
         expect = locate_ensemble(model, rs[:max(1, math.ceil(len(rs) / 4))], config=cfg)
         assert sorted(map(tuple, saved[rel])) == sorted(map(tuple, expect.to_list())), rel
-    rows = edit_benchmark._read_rows(cache / "kne_reuse.jsonl")
+    rows = run.rows("kne_reuse")
     assert len(rows) == 4 and not any(r["refused"] for r in rows.values())
     for r in requests:  # each edit trains exactly its relation's ensemble's W_out rows
         n = len(saved[r.fact.relation]) * model.cfg.d_model

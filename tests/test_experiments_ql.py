@@ -1,7 +1,8 @@
 """End-to-end quick runs of the Query Localization experiment scripts on a random tiny model.
 
 A random model knows no facts, so the scripts run with ``--all-facts``; the numbers are meaningless,
-the tests check the plumbing: result JSON fields, figures, cache reuse, --plot-only.
+the tests check the plumbing: result JSON fields, figures, cache reuse, --plot-only. (The score
+cache itself: tests/test_locate_cache.py; the fact sample: tests/test_sampling.py.)
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 EXP = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXP))
@@ -52,64 +52,13 @@ def test_locate_facts_caches_scores(monkeypatch, results_dir, capsys):
     assert all(len(c) == n_layers for c in r["kn_layer_counts"].values())
     assert r["seconds_per_query"]["contribution"] > 0
     cache = sorted((results_dir / "cache").glob("*.pt"))
-    assert len(cache) == 4  # 2 facts x 2 methods
+    assert len(cache) == 24  # 2 facts x 6 templates x 2 methods, one item per query
     assert _figures(results_dir, "locate_facts")
     # second run: everything from the cache (no timing), same KN set sizes
     doc2 = _run(locate_facts, ["--methods", "contribution", "atp"], monkeypatch, results_dir)
     assert doc2["results"]["seconds_per_query"] == {"contribution": None, "atp": None}
     assert doc2["results"]["mean_kn_set_size"] == pytest.approx(r["mean_kn_set_size"])
     assert "| contribution | cached |" in capsys.readouterr().out
-
-
-def test_cached_scores_match_fresh(tmp_path):
-    from kn_lens.analysis import select_kns
-    from kn_lens.datasets import builtin_dataset
-    from kn_lens.testing import tiny_gpt2
-
-    model, ds = tiny_gpt2(), builtin_dataset()
-    facts = locate_facts.select_facts(model, ds, 1, 0, all_facts=True)
-    fresh = locate_facts.scores_for_facts(model, ds, facts, "contribution", cache_dir=tmp_path,
-                                          progress=False)
-    cached = locate_facts.scores_for_facts(model, ds, facts, "contribution", cache_dir=tmp_path,
-                                           progress=False)
-    sel = locate_facts.kn_selection("contribution", model.cfg.n_layers)
-    for a, b in zip(fresh[facts[0]], cached[facts[0]]):
-        assert b.extras.get("cached") and b.query.prompt == a.query.prompt
-        scale = a.scores.abs().max()
-        assert torch.allclose(a.scores, b.scores, atol=2e-3 * float(scale))
-        assert set(select_kns(a, sel)) == set(select_kns(b, sel))
-
-
-def test_score_cache_recomputes_when_the_locator_version_changes(tmp_path, monkeypatch):
-    from kn_lens.datasets import builtin_dataset
-    from kn_lens.locate import method_version, registry
-    from kn_lens.testing import tiny_gpt2
-
-    model, ds = tiny_gpt2(), builtin_dataset()
-    facts = locate_facts.select_facts(model, ds, 1, 0, all_facts=True)
-    assert method_version("contribution") == 1
-    locate_facts.scores_for_facts(model, ds, facts, "contribution", cache_dir=tmp_path, progress=False)
-    (path,) = tmp_path.glob("contribution_*.pt")
-    assert torch.load(path, weights_only=False)["locator_version"] == 1
-    monkeypatch.setitem(registry._VERSIONS, "contribution", 2)  # the locator's numbers changed
-    again = locate_facts.scores_for_facts(model, ds, facts, "contribution", cache_dir=tmp_path,
-                                          progress=False)
-    assert not any(s.extras.get("cached") for s in again[facts[0]])
-    assert torch.load(path, weights_only=False)["locator_version"] == 2  # rewritten in place
-    third = locate_facts.scores_for_facts(model, ds, facts, "contribution", cache_dir=tmp_path,
-                                          progress=False)
-    assert all(s.extras.get("cached") for s in third[facts[0]])
-
-
-def test_select_facts_is_seeded_and_nested():
-    from kn_lens.datasets import builtin_dataset
-    from kn_lens.testing import tiny_gpt2
-
-    model, ds = tiny_gpt2(), builtin_dataset()
-    a = locate_facts.select_facts(model, ds, 5, 3, all_facts=True)
-    b = locate_facts.select_facts(model, ds, 8, 3, all_facts=True)
-    c = locate_facts.select_facts(model, ds, 5, 4, all_facts=True)
-    assert a == b[:5] and a != c  # ql_modification draws locality facts from b[5:]
 
 
 def test_ql_consistency(monkeypatch, results_dir, capsys):
@@ -171,13 +120,3 @@ def test_ql_modification(monkeypatch, results_dir):
         assert b["n_k1"] + b["n_k2"] == len(b["labels"]) == 2
         assert {row["group"] for row in b["rows"]} <= {"all", "K_I", "K_II"}
     assert r["by_threshold"]["static"]["n_k1"] == r["n_k1"]
-
-
-def test_compact_json_round_trips():
-    import _common
-
-    doc = {"a": [[1, 2], [3, 4]], "b": [1.5, None, "x ] [ y"], "c": {"d": [], "e": [[]]},
-           "s": "line\nbreak [ ]", "n": [{"k": [1, 2]}, [0.1, [2, 3]]]}
-    text = _common.compact_json(doc)
-    assert json.loads(text) == doc
-    assert '"a": [[1, 2], [3, 4]]' in text and '"b": [1.5, null, "x ] [ y"]' in text

@@ -15,7 +15,8 @@ from kn_lens.analysis.cas import (CASConfig, CASResult, CompareConfig, Selection
                                   cas_neurons, cas_neurons_by_fact,
                                   compare_kn_selections, consistency_aware_score)
 from kn_lens.analysis.consistency import (ConsistencyConfig, ConsistencyResult, FactConsistency,
-                                          GroupRow, KNSelection, consistency_analysis, cs1, cs2,
+                                          GroupRow, KNSelection, consistency_analysis,
+                                          consistency_by_method, cs1, cs2, default_selection,
                                           kn_sets_from_scores, otsu_threshold, select_kns,
                                           shared_k2_ratio, welch_t_test)
 from kn_lens.analysis.fine import (LayerDistribution, NeuronTokens, layer_distribution,
@@ -34,7 +35,7 @@ __all__ = [
     "CASConfig", "CASResult", "CompareConfig", "SelectionComparison", "cas_neurons", "cas_neurons_by_fact", "compare_kn_selections",
     "consistency_aware_score",
     "ConsistencyConfig", "ConsistencyResult", "FactConsistency", "GroupRow", "KNSelection",
-    "consistency_analysis", "cs1", "cs2", "kn_sets_from_scores", "otsu_threshold", "select_kns",
+    "consistency_analysis", "consistency_by_method", "cs1", "cs2", "default_selection", "kn_sets_from_scores", "otsu_threshold", "select_kns",
     "shared_k2_ratio", "welch_t_test",
     "LayerDistribution", "NeuronTokens", "layer_distribution", "neuron_top_tokens",
     "neuron_vocab_logits",

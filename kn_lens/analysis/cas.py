@@ -160,32 +160,6 @@ class CompareConfig:
             raise ConfigError("edit_queries must be 'all' or 'first'")
 
 
-def _default_new_objects(model, facts: Sequence[Fact], seed: int) -> dict[Fact, str]:
-    """For each fact, the object of another fact of the same relation (else of any fact) whose first
-    token differs from the fact's own (eq. 2 edits with first-token embeddings)."""
-    from kn_lens.edit.kn import token_of
-
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    objs_by_rel: dict[str, list[str]] = {}
-    for f in facts:
-        objs_by_rel.setdefault(f.relation, [])
-        if f.object not in objs_by_rel[f.relation]:
-            objs_by_rel[f.relation].append(f.object)
-    all_objs = sorted({f.object for f in facts})
-    for f in facts:
-        own = token_of(model, f.object)
-        for pool in (objs_by_rel[f.relation], all_objs):
-            cands = [o for o in pool if o != f.object and token_of(model, o) != own]
-            if cands:
-                out[f] = cands[int(torch.randint(len(cands), (1,), generator=g))]
-                break
-        else:
-            raise InvalidFactError(f"no new object with a different first token for {f.key()!r}; "
-                                   "pass new_objects")
-    return out
-
-
 def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronScores]], *,
                           selection=None, cas_config: CASConfig = CASConfig(),
                           config: CompareConfig = CompareConfig(),
@@ -203,7 +177,8 @@ def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronSc
     ``kn_lens.evaluate.evaluate_edit``: reliability on q_i, generalisation on the other queries,
     locality on ``locality`` queries (default: the first query of up to ``n_locality`` other
     facts), dPPL on ``reference`` token slices when given. Update targets ``new_objects[fact]``
-    (default: another object of the same relation with a different first token).
+    (default: :func:`kn_lens.datasets.new_objects` over ``facts``: another object of the same
+    relation, else any, with a different first token).
 
     Rows are means per (operation, selection, group), group "all" plus each label in ``groups``
     (e.g. ``ConsistencyResult.labels["static"]``). Edits whose set is empty are skipped and counted.
@@ -220,7 +195,9 @@ def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronSc
         if len(scores_by_fact[f]) < 2 or any(s.query is None for s in scores_by_fact[f]):
             raise InvalidFactError(f"fact {f.key()!r} needs >= 2 NeuronScores, each with its query")
     if "update" in config.operations and new_objects is None:
-        new_objects = _default_new_objects(model, facts, config.seed)
+        from kn_lens.datasets.edits import new_objects as draw_new_objects
+
+        new_objects = draw_new_objects(facts, seed=config.seed, model=model)
     g = torch.Generator().manual_seed(config.seed)
     ekw = {} if edit_config is None else {"config": edit_config}
     per_edit = []

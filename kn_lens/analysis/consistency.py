@@ -38,7 +38,7 @@ from kn_lens.neurons import (NeuronScores, NeuronSet, intersection, quantile, th
 __all__ = [
     "KNSelection", "select_kns", "kn_sets_from_scores", "cs1", "cs2", "otsu_threshold",
     "welch_t_test", "ConsistencyConfig", "FactConsistency", "GroupRow", "ConsistencyResult",
-    "consistency_analysis", "shared_k2_ratio", "default_selection",
+    "consistency_analysis", "consistency_by_method", "shared_k2_ratio", "default_selection",
 ]
 
 
@@ -406,6 +406,19 @@ def consistency_analysis(kn_sets: Mapping[Fact, Sequence[NeuronSet]], *,
         labels["otsu"][fc.fact] = "K_I" if s > thr else "K_II"
     return ConsistencyResult(tuple(all_facts), tuple(rows), config, method, model,
                              len(all_facts) - len(defined), labels)
+
+
+def consistency_by_method(scores: Mapping[str, Mapping[Fact, Sequence[NeuronScores]]], model, *,
+                          config: ConsistencyConfig = ConsistencyConfig()
+                          ) -> dict[str, ConsistencyResult]:
+    """``{method: ConsistencyResult}`` from ``{method: {fact: [NeuronScores per query]}}``, each
+    locator's KN sets selected with its authors' preset (:func:`default_selection`)."""
+    from kn_lens.models import model_info
+
+    info, n_layers = model_info(model), model.cfg.n_layers
+    return {m: consistency_analysis(kn_sets_from_scores(by_fact, default_selection(m, n_layers)),
+                                    config=config, method=m, model=info)
+            for m, by_fact in scores.items()}
 
 
 def shared_k2_ratio(results: Iterable[ConsistencyResult], kind: str = "static") -> float:

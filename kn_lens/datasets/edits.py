@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import random
 import warnings
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from kn_lens.errors import ConfigError, InvalidFactError
 from kn_lens.facts import EditRequest, Fact, LabelledPrompt
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 # Fixed vocabulary for random prefixes (deterministic per seed; no model needed).
 _ADJ = ("old", "small", "quiet", "bright", "long", "cold", "busy", "green", "empty", "warm", "new",
@@ -57,6 +60,55 @@ def random_prefixes(n: int, seed: int | str, *, min_sentences: int = 1, max_sent
     return tuple(out)
 
 
+def draw_new_object(fact: Fact, pools: Sequence[Sequence[str]], rng: random.Random, *,
+                    model: "HookedTransformer | None" = None,
+                    token_cache: dict[str, int] | None = None) -> str:
+    """A counterfactual object for ``fact``: ``rng.choice`` among the first of ``pools`` (e.g. the
+    relation's objects, then every object) that has a candidate, i.e. an object other than the
+    fact's own and, given ``model``, whose first token differs from the true answer's (QL's KN
+    update, eq. 2, writes toward the new answer's first-token embedding; ``token_cache``: first
+    tokens already known, shared across calls). The one place new objects are drawn:
+    :func:`build_edit_requests` (per-fact generator) and :func:`new_objects` (one generator
+    across facts)."""
+    def first(text: str) -> int:
+        from kn_lens.edit.kn import token_of
+
+        if text not in cache:
+            cache[text] = token_of(model, text)
+        return cache[text]
+
+    cache = {} if token_cache is None else token_cache
+    own = None if model is None else first(fact.object)
+    for pool in pools:
+        cands = [o for o in pool if o != fact.object and (own is None or first(o) != own)]
+        if cands:
+            return rng.choice(cands)
+    raise InvalidFactError(
+        f"no object other than {fact.object!r} for {fact.key()!r}"
+        + (" with a different first token" if model is not None else "")
+        + ": no counterfactual (pass the new objects explicitly)")
+
+
+def new_objects(facts: Sequence[Fact], *, seed: int, model: "HookedTransformer | None" = None,
+                dataset=None) -> dict[Fact, str]:
+    """One counterfactual object per fact (:func:`draw_new_object`), drawn in order from one
+    ``random.Random(seed)``: among the relation's other objects (the dataset's, else those of
+    ``facts``), falling back to every object; with ``model``, only objects whose first token
+    differs from the true answer's. QL modification's update targets and CAS's default."""
+    if dataset is not None:
+        every = sorted({f.object for f in dataset.facts})
+        of_relation = dataset.objects_of
+    else:
+        every = sorted({f.object for f in facts})
+        by_rel: dict[str, set[str]] = {}
+        for f in facts:
+            by_rel.setdefault(f.relation, set()).add(f.object)
+        of_relation = lambda r: sorted(by_rel[r])  # noqa: E731
+    rng, tokens = random.Random(seed), {}
+    return {f: draw_new_object(f, [of_relation(f.relation), every], rng, model=model,
+                               token_cache=tokens) for f in facts}
+
+
 class EditSet(list):
     """A list of EditRequests plus how it was built (``seed``) and which requests fell back to
     same-relation neighbours with other objects (``neighbour_fallback``: their case ids)."""
@@ -77,13 +129,15 @@ def build_edit_requests(
     n_paraphrases: int | None = None,  # None: every other template of the relation
     n_prefixes: int = 5,
     n_relation_specificity: int = 5,
-    rewrite_template: int = 0,
+    rewrite_template: int | Sequence[int] = 0,
     new_objects: Sequence[str] | None = None,
 ) -> EditSet:
     """One CounterFact-style :class:`EditRequest` per fact (``facts`` default: the whole dataset).
 
-    ``new_objects`` (optional, one per fact) fixes the new objects instead of drawing them.
-    Raises InvalidFactError when a relation has a single object (no counterfactual possible).
+    ``rewrite_template``: the template index of every rewrite prompt, or one per fact (e.g. each
+    fact's best template, :attr:`kn_lens.datasets.FactSample.templates`). ``new_objects``
+    (optional, one per fact) fixes the new objects instead of drawing them. Raises
+    InvalidFactError when a relation has a single object (no counterfactual possible).
     """
     from kn_lens.datasets.core import Dataset
 
@@ -95,26 +149,23 @@ def build_edit_requests(
     facts = tuple(dataset.facts if facts is None else facts)
     if new_objects is not None and len(new_objects) != len(facts):
         raise ConfigError(f"new_objects has {len(new_objects)} entries for {len(facts)} facts")
+    rewrites = list(rewrite_template) if isinstance(rewrite_template, Sequence) \
+        else [rewrite_template] * len(facts)
+    if len(rewrites) != len(facts):
+        raise ConfigError(f"rewrite_template has {len(rewrites)} entries for {len(facts)} facts")
     out: list[EditRequest] = []
     fallback: list[int] = []
-    for case_id, fact in enumerate(facts):
+    for case_id, (fact, template) in enumerate(zip(facts, rewrites)):
         rel = dataset.relation_of(fact)
-        if not 0 <= rewrite_template < len(rel.templates):
-            raise ConfigError(f"rewrite_template {rewrite_template} out of range for {rel.id!r}")
+        if not 0 <= template < len(rel.templates):
+            raise ConfigError(f"rewrite_template {template} out of range for {rel.id!r}")
         rng = random.Random(f"edit:{seed}:{fact.key()}")
         # --- new object
-        if new_objects is not None:
-            new = new_objects[case_id]
-        else:
-            candidates = [o for o in dataset.objects_of(rel.id) if o != fact.object]
-            if not candidates:
-                raise InvalidFactError(
-                    f"relation {rel.id!r} has no object other than {fact.object!r}: no counterfactual"
-                )
-            new = rng.choice(candidates)
+        new = new_objects[case_id] if new_objects is not None else \
+            draw_new_object(fact, [dataset.objects_of(rel.id)], rng)
         # --- prompts
-        rewrite = rel.render(fact.subject, rewrite_template)
-        others = [i for i in range(len(rel.templates)) if i != rewrite_template]
+        rewrite = rel.render(fact.subject, template)
+        others = [i for i in range(len(rel.templates)) if i != template]
         if n_paraphrases is not None and n_paraphrases < len(others):
             others = sorted(rng.sample(others, n_paraphrases))
         paraphrases = tuple(rel.render(fact.subject, i) for i in others)
@@ -135,7 +186,7 @@ def build_edit_requests(
         rel_spec = tuple(
             LabelledPrompt(dataset.relation_of(f).render(f.subject, 0), f.object, f) for f in same_subj
         )
-        aliases = tuple(rel.templates[rewrite_template].replace("{}", a) for a in fact.aliases)
+        aliases = tuple(rel.templates[template].replace("{}", a) for a in fact.aliases)
         prefixes = random_prefixes(n_prefixes, f"{seed}:{fact.key()}")
         out.append(EditRequest(fact=fact, new_object=new, prompts=(rewrite,),
                                paraphrase_prompts=paraphrases, neighbourhood=neighbourhood,
