@@ -142,7 +142,8 @@ def compute(args) -> None:
         per_edit = per_edit or {0: {"seconds": float("nan"), "n_params": 0}}
         out[path.stem] = {
             "complete": complete, "n_requests_done": len(items),
-            "after": aggregates_to_dict(aft), "before": aggregates_to_dict(bef), "n_edits": len(per_edit),
+            "after": aggregates_to_dict(aft), "before": aggregates_to_dict(bef),
+            "n_edits": len(per_edit),
             "n_refused": sum(bool(it.get("refused")) for it in items),
             "refused": [{"case_id": it["row"]["case_id"], "why": it["refused"]}
                         for it in items if it.get("refused")][:20],
@@ -317,13 +318,13 @@ def _papers_tables(methods: dict, first: dict, label: dict) -> None:
         ids = set.intersection(*({x["case_id"] for x in methods[k]["rows"]} for k in present))
         if not ids:
             continue
-        sub = {k: _subsetaggregates_to_dict(methods[k]["rows"], ids, "after") for k in present}
+        sub = {k: _subset_aggs(methods[k]["rows"], ids, "after") for k in present}
         print(f"\nThe same table on the {len(ids)} requests every method above has rows for:\n")
-        _paper_table(cols, rows, sub, _subsetaggregates_to_dict(methods[present[0]]["rows"], ids, "before"),
+        _paper_table(cols, rows, sub, _subset_aggs(methods[present[0]]["rows"], ids, "before"),
                      {k: k for k in present})
 
 
-def _subsetaggregates_to_dict(rows: list[dict], ids: set, side: str) -> dict:
+def _subset_aggs(rows: list[dict], ids: set, side: str) -> dict:
     """Aggregates (mean + bootstrap CI) of compact rows whose case_id is in ``ids``."""
     from kn_lens.evaluate.harness import aggregate
 

@@ -16,23 +16,30 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["ItemCache", "item_key"]
+__all__ = ["ItemCache", "item_key", "plain"]
 
 
-def _canonical(x: Any) -> Any:
+def plain(x: Any, *, nan_as_none: bool = False) -> Any:
+    """``x`` as plain JSON data: dataclasses (configs, ``ModelInfo``) by their fields, tuples as
+    lists, dict keys as strings, tensors and arrays as (nested) lists; ``nan_as_none``: NaN
+    floats as None (JSON has no NaN)."""
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {k: _canonical(v) for k, v in dataclasses.asdict(x).items()}
+        x = dataclasses.asdict(x)
     if isinstance(x, dict):
-        return {str(k): _canonical(v) for k, v in x.items()}
+        return {str(k): plain(v, nan_as_none=nan_as_none) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_canonical(v) for v in x]
+        return [plain(v, nan_as_none=nan_as_none) for v in x]
+    if hasattr(x, "tolist"):
+        return plain(x.tolist(), nan_as_none=nan_as_none)
+    if nan_as_none and isinstance(x, float) and x != x:
+        return None
     return x
 
 
 def item_key(length: int = 20, **parts: Any) -> str:
-    """The hex key of an item: SHA-1 of the canonical (sorted-key) JSON of ``parts``; frozen
-    dataclasses (configs, ``ModelInfo``) count by their fields."""
-    blob = json.dumps(_canonical(parts), sort_keys=True, default=str)
+    """The hex key of an item: SHA-1 of the canonical (sorted-key) JSON of ``parts``
+    (:func:`plain`)."""
+    blob = json.dumps(plain(parts), sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:length]
 
 
@@ -66,9 +73,14 @@ class ItemCache:
         return value
 
     def save(self, key: str, value: Any) -> None:
-        """Store ``value`` under ``key`` atomically (temporary file + rename)."""
+        """Store ``value`` (not None: None means "absent") under ``key`` atomically (temporary
+        file + rename)."""
         import torch
 
+        if value is None:
+            from kn_lens.errors import ConfigError
+
+            raise ConfigError(f"item {key}: None cannot be stored (it reads as absent)")
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")

@@ -130,19 +130,10 @@ def versions() -> dict[str, str]:
 
 
 def to_jsonable(x: Any) -> Any:
-    import dataclasses
+    """``x`` as JSON data (:func:`kn_lens.cache.plain`; NaN -> None)."""
+    from kn_lens.cache import plain
 
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {k: to_jsonable(v) for k, v in dataclasses.asdict(x).items()}
-    if isinstance(x, dict):
-        return {str(k): to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [to_jsonable(v) for v in x]
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    if isinstance(x, float) and (x != x):
-        return None
-    return x
+    return plain(x, nan_as_none=True)
 
 
 def rounded(x: Any, digits: int = 4) -> float | None:

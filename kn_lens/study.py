@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,8 @@ __all__ = ["StudyConfig", "StudyResult", "study"]
 @dataclass(frozen=True, kw_only=True)
 class StudyConfig:
     locators: tuple[str, ...] = ("contribution", "ig")
-    max_facts: int = 20  # known facts per relation whose KNs are located (seeded sample)
+    max_facts: int = 20  # known facts per relation whose KNs are located (seeded sample,
+    # kn_lens.datasets.sample_facts "balanced")
     known_only: bool = True  # False: every fact (random test models know nothing)
     builtin_facts: int = 3  # known facts per built-in relation for the sharing step (0: skip)
     min_frequency: float = 0.5  # relation-level set: neurons in >= this share of its facts
@@ -153,9 +153,9 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
     cache. The model is left as it was (every intervention is a scoped hook)."""
     from kn_lens.analysis.consistency import ConsistencyConfig, consistency_analysis
     from kn_lens.analysis.tnf_da import relation_level_sets, set_overlap
-    from kn_lens.datasets import builtin_dataset, known_facts, load_relations_file
+    from kn_lens.datasets import builtin_dataset, known_facts, load_relations_file, sample_facts
     from kn_lens.datasets.core import Dataset
-    from kn_lens.errors import NumericalError
+    from kn_lens.errors import InvalidFactError, NumericalError
     from kn_lens.facts import make_query, queries_for_fact
     from kn_lens.models import model_info
 
@@ -164,7 +164,6 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
     out = Path(out)
     info = model_info(model)
     cache = ItemCache(out / ".cache")  # per-query scores (kn_lens.locate.cache)
-    rng = random.Random(config.seed)
     say = log if progress else (lambda s: None)
     results: dict = {"model": dataclasses.asdict(info), "config": dataclasses.asdict(config),
                      "relations": {}}
@@ -174,11 +173,15 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
     known = set(kf.known_facts())
     say(f"[1/6] known facts: {len(known)} of {len(ds.facts)}")
     results["known_table"] = kf.to_markdown()
+    try:  # up to max_facts (known) facts of every relation, seeded
+        picked = sample_facts(model, ds, None, seed=config.seed, strategy="balanced",
+                              per_relation=config.max_facts, min_per_relation=1,
+                              known_only=config.known_only, known=kf).facts
+    except InvalidFactError:  # nothing known
+        picked = ()
     chosen: dict[str, list] = {}
     for rid in ds.relations:
-        pool = [f for f in ds.facts_of(rid) if f in known or not config.known_only]
-        rng.shuffle(pool)
-        chosen[rid] = sorted(pool[:config.max_facts], key=lambda f: f.subject)
+        chosen[rid] = sorted((f for f in picked if f.relation == rid), key=lambda f: f.subject)
         results["relations"][rid] = {
             "name": ds.relations[rid].name, "n_facts": len(ds.facts_of(rid)),
             "n_known": sum(f in known for f in ds.facts_of(rid)), "n_studied": len(chosen[rid])}

@@ -6,10 +6,11 @@ Two strategies, each a different question:
   ``random.Random(seed)``, the first ``n`` the model knows taken. The sample follows what the model
   knows, and it is nested: the first ``n`` facts of a larger sample are the smaller sample (so
   further facts, e.g. out-of-scope locality facts, never overlap it).
-- ``"balanced"`` (the editing benchmark, TNF-DA, FiNE, ROME tracing): the known candidates grouped
-  by relation, relations with fewer than ``min_per_relation`` left out (``n_relations``: keep the
-  largest), each relation's list shuffled with one ``random.Random(seed)`` (relations by size,
-  then id), then taken round robin until ``n``.
+- ``"balanced"`` (the editing benchmark, TNF-DA, FiNE, ROME tracing, the study): the known
+  candidates grouped by relation, relations with fewer than ``min_per_relation`` left out
+  (``n_relations``: keep the largest), each relation's list shuffled with one
+  ``random.Random(seed)`` (relations by size, then id) and cut to ``per_relation``, then taken
+  round robin until ``n`` (``n=None``: all of them, i.e. up to ``per_relation`` per relation).
 
 Candidates: the dataset's facts whose relation has at least ``min_templates`` templates and, with
 ``max_answer_tokens``, whose answer has at most that many tokens. A fact is *known* when the
@@ -54,7 +55,7 @@ class FactSample:
     templates: tuple[int, ...]
     strategy: str
     seed: int
-    n_requested: int
+    n_requested: int | None  # None: up to per_relation from every relation
     known: Literal["saved", "scored", "off"]
 
     def __len__(self) -> int:
@@ -91,26 +92,30 @@ def _best_templates(known: "KnownFacts") -> dict[Fact, int]:
     return {f: known.best_template(i) for i, f in enumerate(known.facts) if known.known[i]}
 
 
-def sample_facts(model: "HookedTransformer", dataset: "Dataset", n: int, *, seed: int,
+def sample_facts(model: "HookedTransformer", dataset: "Dataset", n: int | None, *, seed: int,
                  strategy: Literal["shuffle", "balanced"] = "shuffle", known_only: bool = True,
                  known: "KnownFacts | None" = None, min_templates: int = 1,
                  max_answer_tokens: int | None = None, n_relations: int | None = None,
-                 min_per_relation: int = 2, batch_size: int = 64,
-                 candidates_per_relation: int | None = None) -> FactSample:
+                 min_per_relation: int = 2, per_relation: int | None = None,
+                 batch_size: int = 64, candidates_per_relation: int | None = None) -> FactSample:
     """``n`` facts of ``dataset`` drawn with ``strategy`` (see the module doc), seeded by ``seed``.
 
     Fewer than ``n`` (with a warning) when fewer qualify; raises InvalidFactError when none do.
-    ``max_answer_tokens`` None or 0: any answer length. ``n_relations`` / ``min_per_relation``
-    apply to ``"balanced"`` only.
+    ``max_answer_tokens`` None or 0: any answer length. ``n_relations``, ``min_per_relation`` and
+    ``per_relation`` apply to ``"balanced"`` only; ``n=None`` needs ``per_relation``.
     """
     from kn_lens.datasets.known import known_facts
 
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown sampling strategy {strategy!r}: choose from {STRATEGIES}")
-    if n < 1 or min_templates < 1 or min_per_relation < 1 or batch_size < 1:
+    if n is None and (strategy != "balanced" or per_relation is None):
+        raise ConfigError("n=None (every relation up to per_relation) needs strategy='balanced' "
+                          "and per_relation")
+    if (n is not None and n < 1) or min_templates < 1 or min_per_relation < 1 or batch_size < 1:
         raise ConfigError("sample_facts needs n, min_templates, min_per_relation, batch_size >= 1")
-    if n_relations is not None and n_relations < 1:
-        raise ConfigError(f"n_relations must be >= 1 (or None for all), got {n_relations}")
+    for name, value in (("n_relations", n_relations), ("per_relation", per_relation)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1 (or None for no limit), got {value}")
     pool = [f for f in dataset.facts if len(dataset.relation_of(f).templates) >= min_templates]
     if max_answer_tokens:
         pool = [f for f in pool if _answer_tokens(model, f) <= max_answer_tokens]
@@ -143,7 +148,8 @@ def sample_facts(model: "HookedTransformer", dataset: "Dataset", n: int, *, seed
             cands = [(f, 0) for f in pool]
         else:
             if best is None:
-                per_rel = candidates_per_relation or max(8, 3 * n // max(1, len(dataset.relations)))
+                per_rel = candidates_per_relation or max(
+                    8, 3 * (n or 0) // max(1, len(dataset.relations)), per_relation or 0)
                 keep = set(pool)
                 scored = [f for f in dataset.filter(limit_per_relation=per_rel).facts if f in keep]
                 best, source = _best_templates(known_facts(model, scored, dataset)), "scored"
@@ -155,17 +161,19 @@ def sample_facts(model: "HookedTransformer", dataset: "Dataset", n: int, *, seed
                       key=lambda r: (-len(by_rel[r]), r))[:n_relations]
         for r in rels:
             rng.shuffle(by_rel[r])
+            by_rel[r] = by_rel[r][:per_relation]
+        wanted = sum(len(by_rel[r]) for r in rels) if n is None else n
         picked = []
         i = 0
-        while len(picked) < n and any(i < len(by_rel[r]) for r in rels):
-            picked += [by_rel[r][i] for r in rels if i < len(by_rel[r])][: n - len(picked)]
+        while len(picked) < wanted and any(i < len(by_rel[r]) for r in rels):
+            picked += [by_rel[r][i] for r in rels if i < len(by_rel[r])][: wanted - len(picked)]
             i += 1
     if not picked:
         raise InvalidFactError(
             f"no facts to sample from {dataset.name!r}: "
             + ("the model knows none of the candidates (known_only=False skips the filter)"
                if known_only else "no fact meets the template / answer-length conditions"))
-    if len(picked) < n:
+    if n is not None and len(picked) < n:
         warnings.warn(f"only {len(picked)} facts qualify (asked for {n})", stacklevel=2)
     return FactSample(tuple(f for f, _ in picked), tuple(t for _, t in picked), strategy, seed, n,
                       source)
