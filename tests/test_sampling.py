@@ -83,6 +83,14 @@ def test_balanced_is_round_robin_over_relations(gpt2_tiny, ds):
                         n_relations=4)
     assert set(Counter(f.relation for f in four.facts)) == set(order[:4])
     assert list(four.pairs()) == [(f, 0) for f in four.facts]
+    # up to k per relation (the study's): n=None with per_relation
+    small = ds.filter(relations=["painting_artist", "element_symbol"], limit_per_relation=30)
+    capped = sample_facts(gpt2_tiny, small, None, seed=0, strategy="balanced", per_relation=27,
+                          known_only=False)
+    assert Counter(f.relation for f in capped.facts) == {"painting_artist": 26,
+                                                         "element_symbol": 27}
+    with pytest.raises(ConfigError, match="per_relation"):
+        sample_facts(gpt2_tiny, ds, None, seed=0, strategy="shuffle", per_relation=3)
 
 
 def _record(model, ds, facts, known, best):
