@@ -39,7 +39,7 @@ def _requests(model, n: int, seed: int):
     from kn_lens.experiment import RESULTS, saved_known_facts
 
     ds = builtin_dataset()
-    chosen = sample_facts(model, ds, n, seed=seed, strategy="balanced",
+    chosen = sample_facts(model, ds, n, seed=seed, strategy="balanced", min_per_relation=1,
                           known=saved_known_facts(RESULTS, model.kn_info.name))
     return list(build_edit_requests(ds, chosen.facts, seed=seed,
                                     rewrite_template=chosen.templates))
