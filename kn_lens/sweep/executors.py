@@ -107,24 +107,26 @@ class Worker:
         from kn_lens.hooks import active_hook_count
 
         t0 = time.perf_counter()
-        try:
-            model = self.model(item.model)
-        except Exception as exc:  # a model that cannot be loaded: every item says why
-            return Outcome(item.key, None, 0.0, self.id, None,
-                           f"model {item.model.label} could not be loaded: "
-                           f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
+        model = None
+        if item.needs_model:
+            try:
+                model = self.model(item.model)
+            except Exception as exc:  # a model that cannot be loaded: every item says why
+                return Outcome(item.key, None, 0.0, self.id, None,
+                               f"model {item.model.label} could not be loaded: "
+                               f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
         t1 = time.perf_counter()
-        hooks_before = active_hook_count(model)
+        hooks_before = 0 if model is None else active_hook_count(model)
         try:
             result = _resolve(item.runner)(model, item)
             error = None
         except Exception as exc:
             result, error = None, f"{type(exc).__name__}: {exc}"
         finally:
-            if active_hook_count(model) > hooks_before:  # never keep a hooked model
-                model.reset_hooks(including_permanent=False)
-        return Outcome(item.key, result, time.perf_counter() - t1, self.id, self._fp, error,
-                       t1 - t0)
+            if model is not None and active_hook_count(model) > hooks_before:
+                model.reset_hooks(including_permanent=False)  # never keep a hooked model
+        return Outcome(item.key, result, time.perf_counter() - t1, self.id,
+                       self._fp if model is not None else None, error, t1 - t0)
 
 
 # --------------------------------------------------------------------------- in-process
@@ -236,7 +238,7 @@ class Pool:
             "(workers are spawned and import the main module); check that SweepConfig.imports "
             "are importable")
 
-    def _start(self, i: int) -> None:
+    def _start(self, i: int, preload: bool = True) -> None:
         slot = self._slots[i]
         parent, child = self._ctx.Pipe(duplex=True)
         self._started += 1
@@ -247,7 +249,8 @@ class Pool:
         try:
             proc = self._ctx.Process(target=_pool_main, name=f"kn-lens-{wid}", daemon=True,
                                      args=(child, _device_of(self.device, i), self.threads,
-                                           self.imports, wid, self._sys_path, self.preload))
+                                           self.imports, wid, self._sys_path,
+                                           self.preload if preload else None))
             proc.start()
         finally:
             if old is None:
@@ -303,7 +306,7 @@ class Pool:
             s.conn.close()
             out.append((items[0], Crash(items[0], f"worker process exited with code {code}",
                                         tuple(items[1:]))))
-            self._start(i)
+            self._start(i, preload=False)  # a replacement loads its model when an item needs it
         return out
 
     def close(self) -> None:
@@ -406,10 +409,11 @@ class RayExecutor:
                               "(is kn-lens installed on every node, and are SweepConfig.imports "
                               "importable there?)") from exc
 
-    def _spawn(self, i: int) -> None:
+    def _spawn(self, i: int, preload: bool = True) -> None:
         self._n += 1
-        device, threads, imports, preload = self._args
-        self._actors[i] = self._cls.remote(device, threads, imports, f"ray{i}.{self._n}", preload)
+        device, threads, imports, spec = self._args
+        self._actors[i] = self._cls.remote(device, threads, imports, f"ray{i}.{self._n}",
+                                           spec if preload else None)
 
     @property
     def capacity(self) -> int:
@@ -444,7 +448,7 @@ class RayExecutor:
                     self._refs.pop(r, None)
                 q.clear()
                 self.ray.kill(self._actors[slot], no_restart=True)
-                self._spawn(slot)
+                self._spawn(slot, preload=False)  # loads its model when an item needs it
                 out.append((items[0], Crash(items[0], f"Ray worker died: {type(exc).__name__}: "
                                                       f"{str(exc).splitlines()[0][:300]}",
                                             tuple(items[1:]))))

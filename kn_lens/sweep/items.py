@@ -93,7 +93,8 @@ class ItemKind:
     (``None``: the method takes no config), ``method_version(method)`` the version of the
     method's numbers, ``payload`` the input type(s), ``decode(stored)`` what :meth:`ResultStore.load`
     returns for a stored result (default: as stored). Bump ``version`` when the runner's output
-    changes for the same inputs."""
+    changes for the same inputs. ``needs_model=False``: the worker loads no model for these
+    items (the runner gets ``None``); the items' model still keys them."""
 
     name: str
     run: str
@@ -103,6 +104,7 @@ class ItemKind:
     method_version: Callable[[str], int] = field(default=lambda method: 1)
     payload: type | tuple[type, ...] = object
     decode: Callable[[Any], Any] | None = None
+    needs_model: bool = True  # False: the runner gets model=None (nothing is loaded)
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -150,6 +152,7 @@ class WorkItem:
     key: str = field(init=False, compare=False)
     key_json: str = field(init=False, compare=False, repr=False)
     runner: str = field(init=False, compare=False, repr=False)
+    needs_model: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         kind = get_kind(self.kind)
@@ -184,6 +187,7 @@ class WorkItem:
         object.__setattr__(self, "key_json", text)
         object.__setattr__(self, "key", hashlib.sha256(text.encode()).hexdigest()[:32])
         object.__setattr__(self, "runner", kind.run)
+        object.__setattr__(self, "needs_model", kind.needs_model)
 
     # -------------------------------------------------------------- labels for the index
 

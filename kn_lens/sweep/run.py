@@ -236,7 +236,8 @@ def sweep(items: Sequence, store: "ResultStore | str | os.PathLike", *,
     st.start_heartbeat()
     try:
         if todo:
-            executor = make_executor(config, model=model, preload=todo[0].model)
+            first = next((it.model for it in todo if it.needs_model), None)
+            executor = make_executor(config, model=model, preload=first)
             startup = time.perf_counter() - t_start
             t_compute = time.perf_counter()
         in_flight = 0
