@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import pickle
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -172,20 +173,27 @@ def _pool_main(conn, device: str, threads: int | None, imports: Sequence[str], w
         if p not in sys.path:
             sys.path.insert(0, p)
     worker = Worker(device, threads, imports, worker_id, preload=preload)
-    conn.send("ready")
+    conn.send_bytes(_dumps("ready"))
     while True:
         try:
-            item = conn.recv()
+            item = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             break
         if item is None:
             break
         out = worker.run(item)
         try:
-            conn.send(out)
+            data = _dumps(out)
         except Exception as exc:  # the result cannot be pickled
-            conn.send(Outcome(out.key, None, out.seconds, out.worker, out.fingerprint,
-                              f"the result cannot be sent back: {type(exc).__name__}: {exc}"))
+            data = _dumps(Outcome(out.key, None, out.seconds, out.worker, out.fingerprint,
+                                  f"the result cannot be sent back: {type(exc).__name__}: {exc}"))
+        conn.send_bytes(data)
+
+
+def _dumps(obj) -> bytes:
+    """Plain pickling (tensors inline): multiprocessing's own pickler would move every tensor
+    through a shared-memory file, which costs far more than copying small results."""
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class _Slot:
@@ -222,7 +230,7 @@ class Pool:
             for s in self._slots:  # every worker has imported what it needs
                 while not s.ready:
                     if s.conn.poll(0.1):
-                        s.ready = s.conn.recv() == "ready"
+                        s.ready = pickle.loads(s.conn.recv_bytes()) == "ready"
                     elif not s.proc.is_alive():
                         self._startup_failed(s)
         except BaseException:
@@ -267,7 +275,7 @@ class Pool:
     def submit(self, item) -> None:
         slot = min(self._slots, key=lambda s: len(s.queue))
         slot.queue.append(item)
-        slot.conn.send(item)
+        slot.conn.send_bytes(_dumps(item))
 
     def wait(self) -> list:
         from multiprocessing.connection import wait
@@ -287,7 +295,7 @@ class Pool:
                 continue
             try:
                 while s.conn.poll():
-                    o = s.conn.recv()
+                    o = pickle.loads(s.conn.recv_bytes())
                     if isinstance(o, str) and o == "ready":
                         s.ready = True
                     else:
@@ -313,7 +321,7 @@ class Pool:
         slots = [s for s in self._slots if s.proc is not None]
         for s in slots:
             try:
-                s.conn.send(None)
+                s.conn.send_bytes(_dumps(None))
             except (OSError, BrokenPipeError):
                 pass
         for s in slots:

@@ -56,6 +56,7 @@ class SweepConfig:
     prefetch: int = 2  # items queued per worker (hides the hand-over latency)
     max_retries: int = 2  # times an item is retried after its worker died
     claim_ttl: float = 120.0  # seconds without heartbeat before another sweep's claim is taken
+    fsync: bool = True  # flush each result to disk (ResultStore(fsync=...)); False: faster writes
     wait_for_others: bool = True  # at the end, wait for items other live sweeps are computing
     imports: tuple[str, ...] = ()  # modules workers import first (your kinds / locators)
     fail_fast: bool = False  # stop at the first item that raises
@@ -155,7 +156,7 @@ def sweep(items: Sequence, store: "ResultStore | str | os.PathLike", *,
     if not isinstance(config, SweepConfig):
         raise ConfigError(f"config must be a SweepConfig, got {type(config).__name__}")
     own_store = not isinstance(store, ResultStore)
-    st = ResultStore(store, claim_ttl=config.claim_ttl) if own_store else store
+    st = ResultStore(store, claim_ttl=config.claim_ttl, fsync=config.fsync) if own_store else store
     say = log if progress else (lambda s: None)
 
     by_key: dict = {}

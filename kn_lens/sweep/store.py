@@ -98,14 +98,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _atomic_write(path: Path, write) -> int:
+def _atomic_write(path: Path, write, fsync: bool = True) -> int:
     """``write(fileobj)`` into a temporary file beside ``path``, fsync, rename. Returns bytes."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
             size = f.tell()
         os.replace(tmp, path)
     except BaseException:
@@ -116,9 +117,13 @@ def _atomic_write(path: Path, write) -> int:
 
 class ResultStore:
     """A store folder (created when missing unless ``create=False``). ``claim_ttl``: seconds
-    without a heartbeat after which another process's claim counts as abandoned."""
+    without a heartbeat after which another process's claim counts as abandoned. ``fsync``:
+    flush every result to disk before it counts as stored (a killed *process* never loses or
+    corrupts an item either way; without fsync, a crash of the whole machine can: such an item
+    is then unreadable and :meth:`load` says to recompute it)."""
 
-    def __init__(self, root: str | os.PathLike, *, create: bool = True, claim_ttl: float = 120.0):
+    def __init__(self, root: str | os.PathLike, *, create: bool = True, claim_ttl: float = 120.0,
+                 fsync: bool = True):
         self.root = Path(root)
         if not (self.root / "index.sqlite").exists():
             if not create:
@@ -128,6 +133,7 @@ class ResultStore:
         if not claim_ttl > 0:
             raise ConfigError(f"claim_ttl must be > 0 seconds, got {claim_ttl}")
         self.claim_ttl = float(claim_ttl)
+        self.fsync = bool(fsync)
         self.items_dir = self.root / "items"
         self.items_dir.mkdir(parents=True, exist_ok=True)
         self.host = socket.gethostname()
@@ -343,12 +349,12 @@ class ResultStore:
             return False
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        size = _atomic_write(path, lambda f: torch.save(result, f))
+        size = _atomic_write(path, lambda f: torch.save(result, f), self.fsync)
         rec = {**item.labels(), "key": key, "status": "done", "created": time.time(),
                "seconds": seconds, "worker": worker, "attempts": attempts, "error": None,
                "bytes": size, "key_json": item.key_json}
         side = json.dumps(rec, sort_keys=True).encode()
-        _atomic_write(path.with_suffix(".json"), lambda f: f.write(side))
+        _atomic_write(path.with_suffix(".json"), lambda f: f.write(side), self.fsync)
         self._upsert(rec, release=True)
         return True
 
