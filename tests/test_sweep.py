@@ -420,3 +420,15 @@ def test_sweep_file_mistakes_are_reported_before_any_work(tmp_path, capsys, over
     assert main(["sweep", str(_spec_file(tmp_path, **over))]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "store").exists()
+
+
+def test_weights_fingerprint():
+    from kn_lens.sweep import weights_fingerprint
+
+    big = torch.nn.Linear(1, 2**24 + 3, bias=False)  # float32 index rounding would overflow
+    fp = weights_fingerprint(big)
+    assert fp == weights_fingerprint(big)
+    with torch.no_grad():
+        big.weight[-1] += 1.0  # the last value is sampled
+    assert weights_fingerprint(big) != fp
+    assert weights_fingerprint(testing.tiny_gpt2(seed=0)) != weights_fingerprint(testing.tiny_gpt2(seed=1))

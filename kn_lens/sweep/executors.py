@@ -80,6 +80,7 @@ class Worker:
         self._spec = None
         self._model = None
         self._fp = None
+        self._load_errors: dict = {}  # spec -> why it could not be loaded (not retried per item)
         if model is not None:  # a live model (in-process)
             from kn_lens.sweep.modelspec import ModelSpec, weights_fingerprint
 
@@ -92,6 +93,8 @@ class Worker:
                 self._model = self._spec = None
 
     def model(self, spec):
+        if spec in self._load_errors:
+            raise self._load_errors[spec]
         if spec != self._spec:
             from kn_lens.sweep.modelspec import weights_fingerprint
 
@@ -99,7 +102,11 @@ class Worker:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            self._model = spec.load(self.device)
+            try:
+                self._model = spec.load(self.device)
+            except Exception as exc:
+                self._load_errors[spec] = exc
+                raise
             self._spec = spec
             self._fp = weights_fingerprint(self._model)
         return self._model

@@ -280,7 +280,9 @@ def weights_fingerprint(model, samples: int = 64) -> str:
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
             n = flat.numel()
-            idx = torch.linspace(0, n - 1, steps=min(samples, n), device=flat.device).long()
+            k = min(samples, n)
+            idx = (torch.arange(k, dtype=torch.int64) * (n - 1)) // max(k - 1, 1)
+            idx = idx.to(flat.device)
             vals = flat[idx].to(device="cpu", dtype=torch.float64).numpy().tobytes()
             h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
             h.update(vals)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,13 @@ def _facts(raw: dict, base: Path, view) -> tuple[Any, list]:
             raise DataFileError(f"facts.known: {path} does not exist (python "
                                 "experiments/known_facts.py --model M writes it)")
         doc = json.loads(path.read_text())
-        known = set(KnownFacts.from_dict(doc.get("results", doc)).known_facts())
+        res = KnownFacts.from_dict(doc.get("results", doc))
+        spec = getattr(view, "kn_spec", None)
+        want = None if spec is None else Path(spec.name).name
+        if want is not None and res.model.name != want:
+            raise ConfigError(f"facts.known: {path} holds the known facts of {res.model.name!r}, "
+                              f"not of the sweep's model {want!r}")
+        known = set(res.known_facts())
         facts = [f for f in facts if f in known]
     mat = raw.get("max_answer_tokens")
     if mat:
@@ -183,7 +190,7 @@ def plan_sweep(doc: dict, *, base: str | Path = ".", out: str | Path | None = No
     target = out if out is not None else doc.get("out")
     if not target:
         raise ConfigError('the sweep file needs "out" (the store folder), or pass --out')
-    target = Path(target) if out is not None else (base / str(target))
+    target = Path(target) if out is not None else Path(os.path.normpath(base / str(target)))
     if not any(doc.get(k) for k in ("locate", "analysis", "edit")):
         raise ConfigError('the sweep file asks for nothing: give "locate", "analysis" and/or "edit"')
     sweep_raw = dict(_check_keys(doc.get("sweep", {}), {f.name for f in dataclasses.fields(SweepConfig)},

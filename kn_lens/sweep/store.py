@@ -248,12 +248,12 @@ class ResultStore:
         meanwhile: nothing to do) or ``busy`` (another live process computes it). Atomic: of two
         processes claiming the same key, one gets ``ok``."""
         keys = list(dict.fromkeys(keys))
-        done = self.done_keys(keys)
         out: dict[str, Literal["ok", "done", "busy"]] = {}
         now = time.time()
-        with self._tx() as c:
+        with self._tx() as c:  # the index is read inside the transaction: no item done meanwhile
             for k in keys:
-                if k in done:
+                st = c.execute("SELECT status FROM items WHERE key=?", (k,)).fetchone()
+                if st is not None and st[0] == "done" and self.path(k).exists():
                     out[k] = "done"
                     continue
                 row = c.execute("SELECT owner, host, pid, heartbeat FROM claims WHERE key=?",
