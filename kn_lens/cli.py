@@ -191,10 +191,9 @@ def _cmd_sweep(args) -> int:
     from kn_lens.sweep import sweep
     from kn_lens.sweep.specfile import load_sweep_file
 
-    plan = load_sweep_file(args.spec, out=args.out, backend=args.backend, workers=args.workers,
-                           shard=args.shard, address=args.address, device=args.device,
-                           threads=args.threads, cpus_per_worker=args.cpus_per_worker,
-                           gpus_per_worker=args.gpus_per_worker)
+    from kn_lens.sweep.run import sweep_overrides
+
+    plan = load_sweep_file(args.spec, out=args.out, **sweep_overrides(args))
     print(f"sweep {args.spec}: {plan.describe()}")
     if args.dry_run:
         return 0
@@ -323,16 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("spec", nargs="?", default=None, help="a sweep file (JSON; see "
                     "kn_lens.sweep.specfile)")
     sw.add_argument("--out", default=None, help="the store folder (default: the file's \"out\")")
-    sw.add_argument("--backend", default=None, choices=["inprocess", "pool", "ray"])
-    sw.add_argument("--workers", type=int, default=None, help="worker processes / Ray actors")
-    sw.add_argument("--shard", default=None, metavar="I/N", help="only shard I of N of the items "
-                    "(a fixed partition by key: run I = 0..N-1 anywhere, e.g. one per machine)")
-    sw.add_argument("--address", default=None, help="ray: the cluster to join (e.g. auto or "
-                    "ray://host:10001)")
-    sw.add_argument("--device", default=None, help="where workers load the model (cpu, cuda)")
-    sw.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    sw.add_argument("--cpus-per-worker", type=float, default=None)
-    sw.add_argument("--gpus-per-worker", type=float, default=None)
+    from kn_lens.sweep.run import add_sweep_arguments
+
+    add_sweep_arguments(sw)
     sw.add_argument("--dry-run", action="store_true", help="count the items and stop")
     sw.add_argument("--list", default=None, metavar="DIR", help="summarise a store (and list "
                     "rows matching --kind/--method/--relation/--subject/--model/--key, --failed "

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from kn_lens.errors import ConfigError, KnLensError, StoreError
+from kn_lens.errors import ConfigError, KnLensError
 from kn_lens.sweep.store import ResultStore
 
-__all__ = ["SweepConfig", "SweepResult", "sweep", "parse_shard", "shard_of", "BACKENDS"]
+__all__ = ["SweepConfig", "SweepResult", "sweep", "parse_shard", "shard_of", "BACKENDS",
+           "add_sweep_arguments", "sweep_overrides"]
 
 BACKENDS = ("inprocess", "pool", "ray")
 
@@ -297,3 +298,31 @@ def sweep(items: Sequence, store: "ResultStore | str | os.PathLike", *,
         shard=config.shard)
     say(f"[sweep] {result.summary()}")
     return result
+
+
+# --------------------------------------------------------------------------- command lines
+
+_ARGS = ("backend", "workers", "shard", "address", "device", "threads", "cpus_per_worker",
+         "gpus_per_worker")
+
+
+def add_sweep_arguments(parser) -> None:
+    """The executor options of ``kn-lens sweep`` on an argparse parser (for scripts that run
+    their heavy steps through a sweep); read them back with :func:`sweep_overrides`."""
+    parser.add_argument("--backend", default=None, choices=list(BACKENDS),
+                        help="where items are computed (default inprocess)")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes / Ray actors")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="only shard I of N of the items (a fixed partition by key: run "
+                        "I = 0..N-1 anywhere, e.g. one per machine)")
+    parser.add_argument("--address", default=None,
+                        help="ray: the cluster to join (e.g. auto or ray://host:10001)")
+    parser.add_argument("--device", default=None, help="where workers load the model (cpu, cuda)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    parser.add_argument("--cpus-per-worker", type=float, default=None)
+    parser.add_argument("--gpus-per-worker", type=float, default=None)
+
+
+def sweep_overrides(args) -> dict:
+    """The SweepConfig fields set on the command line (:func:`add_sweep_arguments`)."""
+    return {k: getattr(args, k) for k in _ARGS if getattr(args, k, None) is not None}

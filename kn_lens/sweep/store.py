@@ -175,11 +175,11 @@ class ResultStore:
                              f"{mode!r}); is the folder on a network file system? Use a local disk")
         with self._tx() as c:
             c.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
-            c.execute(f"CREATE TABLE IF NOT EXISTS items (key TEXT PRIMARY KEY, status TEXT NOT NULL,"
-                      f" kind TEXT, kind_version INTEGER, method TEXT, version INTEGER, model TEXT,"
-                      f" model_id TEXT, subject TEXT, relation TEXT, object TEXT, template INTEGER,"
-                      f" seed INTEGER, created REAL, seconds REAL, worker TEXT, attempts INTEGER,"
-                      f" error TEXT, bytes INTEGER, key_json TEXT)")
+            c.execute("CREATE TABLE IF NOT EXISTS items (key TEXT PRIMARY KEY, status TEXT NOT NULL,"
+                      " kind TEXT, kind_version INTEGER, method TEXT, version INTEGER, model TEXT,"
+                      " model_id TEXT, subject TEXT, relation TEXT, object TEXT, template INTEGER,"
+                      " seed INTEGER, created REAL, seconds REAL, worker TEXT, attempts INTEGER,"
+                      " error TEXT, bytes INTEGER, key_json TEXT)")
             c.execute("CREATE INDEX IF NOT EXISTS items_by_method ON items(kind, method, model_id)")
             c.execute("CREATE INDEX IF NOT EXISTS items_by_fact ON items(relation, subject)")
             c.execute("CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, owner TEXT, "
@@ -494,8 +494,6 @@ class ResultStore:
     def merge(self, other: "ResultStore | str | os.PathLike") -> int:
         """Copy into this store the items of ``other`` that it lacks (shards computed on other
         machines into stores of their own). Returns how many were copied."""
-        import shutil
-
         src = other if isinstance(other, ResultStore) else ResultStore(other, create=False)
         mine = self.done_keys(r.key for r in src.query())
         n = 0
