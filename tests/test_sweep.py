@@ -432,3 +432,28 @@ def test_weights_fingerprint():
         big.weight[-1] += 1.0  # the last value is sampled
     assert weights_fingerprint(big) != fp
     assert weights_fingerprint(testing.tiny_gpt2(seed=0)) != weights_fingerprint(testing.tiny_gpt2(seed=1))
+
+
+@pytest.mark.real_model
+def test_real_model_spec_and_tokenizer_view(default_model, tmp_path, monkeypatch):
+    """SmolLM2: the driver's tokenizer-only queries equal the loaded model's, a model from
+    load_model() has the identity of its spec, and is used in-process without a second load."""
+    from kn_lens.facts import queries_for_fact
+
+    ds = builtin_dataset()
+    facts = ds.filter(relations=["country_capital", "landmark_city"], limit_per_relation=2).facts
+    spec = ModelSpec(name="smollm2-135m")
+    view = spec.tokenizer_view()
+    for f in facts:
+        assert queries_for_fact(view, f, ds.relation_of(f)) == queries_for_fact(
+            default_model, f, ds.relation_of(f))
+    assert ModelSpec.from_model(default_model).identity() == spec.identity()
+    items = locate_items(spec, fact_queries(view, ds, facts[:1], templates=[0]), "contribution")
+    def no_second_load(self, device="cpu"):
+        raise AssertionError("the live model should have been used")
+
+    monkeypatch.setattr(ModelSpec, "load", no_second_load)
+    res = sweep(items, tmp_path, model=default_model, progress=False)
+    assert res.complete
+    (direct,) = locate(default_model, [items[0].payload], method="contribution", progress=False)
+    assert same_scores(res.load(0), direct)

@@ -95,7 +95,7 @@ class Worker:
     def model(self, spec):
         if spec in self._load_errors:
             raise self._load_errors[spec]
-        if spec != self._spec:
+        if self._spec is None or spec.identity_hash() != self._spec.identity_hash():
             from kn_lens.sweep.modelspec import weights_fingerprint
 
             self._model = self._spec = None
@@ -280,9 +280,17 @@ class Pool:
         return self.workers * self.prefetch
 
     def submit(self, item) -> None:
-        slot = min(self._slots, key=lambda s: len(s.queue))
+        i = min(range(self.workers), key=lambda j: len(self._slots[j].queue))
+        slot = self._slots[i]
+        if not slot.queue and not slot.proc.is_alive():  # died while idle: replace it
+            slot.conn.close()
+            self._start(i, preload=False)
+            slot = self._slots[i]
         slot.queue.append(item)
-        slot.conn.send_bytes(_dumps(item))
+        try:
+            slot.conn.send_bytes(_dumps(item))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the worker died: wait() reports the crash and the item is resubmitted
 
     def wait(self) -> list:
         from multiprocessing.connection import wait
@@ -300,6 +308,7 @@ class Pool:
             s = waitables[obj]
             if s in dead:
                 continue
+            eof = False
             try:
                 while s.conn.poll():
                     o = pickle.loads(s.conn.recv_bytes())
@@ -307,9 +316,13 @@ class Pool:
                         s.ready = True
                     else:
                         out.append((s.queue.popleft(), o))
-            except (EOFError, OSError):
-                pass
-            if not s.proc.is_alive() and s.queue:
+            except (EOFError, OSError):  # the worker is gone (or going): reap it
+                eof = True
+                s.proc.join(timeout=5)
+                if s.proc.is_alive():
+                    s.proc.kill()
+                    s.proc.join(timeout=5)
+            if (eof or not s.proc.is_alive()) and s.queue:
                 dead.append(s)
         for s in dead:
             i = self._slots.index(s)
