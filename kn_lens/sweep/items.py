@@ -189,6 +189,9 @@ class WorkItem:
         object.__setattr__(self, "runner", kind.run)
         object.__setattr__(self, "needs_model", kind.needs_model)
 
+    def __hash__(self) -> int:  # the key is the identity (``options`` is a dict)
+        return hash(self.key)
+
     # -------------------------------------------------------------- labels for the index
 
     @property
