@@ -201,7 +201,7 @@ def sweep(items: Sequence, store: "ResultStore | str | os.PathLike", *,
             f"{f', {len(deferred)} with other sweeps' if deferred else ''}) {rate:.2f} items/s{eta}")
 
     def handle(item, out) -> None:
-        nonlocal computed, retries, compute_seconds
+        nonlocal computed, retries, compute_seconds, done_elsewhere
         if isinstance(out, Crash):
             for q in out.queued:  # not started: resubmitted, no attempt counted
                 todo.appendleft(q)
@@ -234,6 +234,8 @@ def sweep(items: Sequence, store: "ResultStore | str | os.PathLike", *,
         if st.put(item, out.result, seconds=out.seconds, worker=out.worker, attempts=n_attempts):
             computed += 1
             compute_seconds += out.seconds
+        else:  # another sweep took the item over (this one was presumed dead): its result counts
+            done_elsewhere += 1
 
     st.start_heartbeat()
     try:
