@@ -181,6 +181,66 @@ def _cmd_study(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from kn_lens.errors import ConfigError
+
+    if args.list or args.reindex or args.merge:
+        return _sweep_store_cmd(args)
+    if not args.spec:
+        raise ConfigError("give a sweep file (kn-lens sweep SPEC), or --list / --reindex DIR")
+    from kn_lens.sweep import sweep
+    from kn_lens.sweep.specfile import load_sweep_file
+
+    from kn_lens.sweep.run import sweep_overrides
+
+    plan = load_sweep_file(args.spec, out=args.out, **sweep_overrides(args))
+    print(f"sweep {args.spec}: {plan.describe()}")
+    if args.dry_run:
+        return 0
+    res = sweep(plan.items, plan.out, config=plan.config)
+    for key, err in res.failed[:10]:
+        print(f"  failed {key}: {err}")
+    if len(res.failed) > 10:
+        print(f"  ... and {len(res.failed) - 10} more (kn-lens sweep --list {plan.out} --failed)")
+    return 0 if res.complete else 1
+
+
+def _sweep_store_cmd(args) -> int:
+    from kn_lens.sweep import ResultStore
+
+    if args.merge:
+        if not args.out:
+            from kn_lens.errors import ConfigError
+
+            raise ConfigError("--merge SRC needs --out DIR (the store to copy into)")
+        with ResultStore(args.out) as st:
+            n = sum(st.merge(src) for src in args.merge)
+        print(f"merged {n} item(s) into {args.out}")
+        return 0
+    folder = args.reindex or args.list
+    with ResultStore(folder, create=False) as st:
+        if args.reindex:
+            print(f"{folder}: index rebuilt from the files: {st.reindex()} item(s)")
+            return 0
+        filters = {k: v for k, v in (("kind", args.kind), ("method", args.method),
+                                      ("relation", args.relation), ("subject", args.subject),
+                                      ("model", args.model), ("key", args.key)) if v is not None}
+        print(f"{folder}: {len(st)} item(s) stored")
+        print("| kind | method | model | status | items | compute s | MB |\n|---|---|---|---|---:|---:|---:|")
+        for r in st.summary():
+            print(f"| {r['kind']} | {r['method']} | {r['model']} | {r['status']} | {r['n']} | "
+                  f"{r['seconds']:.1f} | {r['bytes'] / 1e6:.1f} |")
+        if filters or args.failed or args.rows:
+            rows = st.query(status="failed" if args.failed else "done", limit=args.limit,
+                            **filters)
+            print(f"\n{len(rows)} row(s){'' if args.limit is None else f' (at most {args.limit})'}:")
+            for r in rows:
+                what = f"{r.relation}|{r.subject}|t{r.template}" if r.subject else "-"
+                tail = f"error: {r.error}" if r.status == "failed" else f"{r.seconds or 0:.3f} s"
+                print(f"{r.key}  {r.kind}/{r.method}  {r.model}  {what}  {tail}")
+    return 0
+
+
 def _top(p) -> str:
     return ", ".join(f"{t!r} {pr:.2f}" for t, pr in zip(p.top_tokens, p.top_probs))
 
@@ -255,6 +315,34 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--threads", type=int, default=0)
     st.set_defaults(func=_cmd_study)
+
+    sw = sub.add_parser("sweep", help="compute many items (locators, analyses, edits) into a "
+                        "keyed result store, resumably, in-process, on a local pool or on Ray; "
+                        "or list / query a store")
+    sw.add_argument("spec", nargs="?", default=None, help="a sweep file (JSON; see "
+                    "kn_lens.sweep.specfile)")
+    sw.add_argument("--out", default=None, help="the store folder (default: the file's \"out\")")
+    from kn_lens.sweep.run import add_sweep_arguments
+
+    add_sweep_arguments(sw)
+    sw.add_argument("--dry-run", action="store_true", help="count the items and stop")
+    sw.add_argument("--list", default=None, metavar="DIR", help="summarise a store (and list "
+                    "rows matching --kind/--method/--relation/--subject/--model/--key, --failed "
+                    "or --rows)")
+    sw.add_argument("--kind", default=None)
+    sw.add_argument("--method", default=None)
+    sw.add_argument("--relation", default=None)
+    sw.add_argument("--subject", default=None)
+    sw.add_argument("--model", default=None, help="with --list: the model label, e.g. smollm2-135m")
+    sw.add_argument("--key", default=None)
+    sw.add_argument("--failed", action="store_true", help="with --list: the failed items")
+    sw.add_argument("--rows", action="store_true", help="with --list: every row")
+    sw.add_argument("--limit", type=int, default=None)
+    sw.add_argument("--reindex", default=None, metavar="DIR",
+                    help="rebuild a store's index from its files")
+    sw.add_argument("--merge", nargs="+", default=None, metavar="SRC",
+                    help="copy the items of these stores (e.g. shards) into --out")
+    sw.set_defaults(func=_cmd_sweep)
 
     pr = sub.add_parser("predict", help="top next tokens after a prompt")
     pr.add_argument("prompt")

@@ -40,3 +40,13 @@ class ConfigError(KnLensError, ValueError):
 
 class ToolUnavailableError(KnLensError, RuntimeError):
     """An external program kn-lens needs (e.g. a headless browser) is missing or failed."""
+
+
+class OptionalDependencyError(KnLensError, ImportError):
+    """A feature needs a package from an optional extra that is not installed (the message names
+    the extra, e.g. ``pip install 'kn-lens[ray]'``)."""
+
+
+class StoreError(KnLensError, RuntimeError):
+    """A result store that is inconsistent, unreadable, or used in a way that would mix results
+    (e.g. a model whose weights differ from the ones its stored results were computed with)."""

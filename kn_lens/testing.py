@@ -8,6 +8,7 @@ multi-token answers and round trips behave like a real model's tokenizer.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import tempfile
 
@@ -107,3 +108,45 @@ def tiny_model(name: str, *, seed: int = 0, **kw):
     if name not in TINY_MODELS:
         raise UnknownModelError(f"unknown tiny model {name!r}: choose from {sorted(TINY_MODELS)}")
     return TINY_MODELS[name](seed=seed, **kw)
+
+
+# --------------------------------------------------------------------------- sweep test items
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeJob:
+    """Input of the ``test.probe`` sweep kind (tests of the sweep machinery): returns ``value``
+    squared after ``sleep`` seconds; with ``crash_marker``, the worker process dies (``os._exit``)
+    the first time (when the marker file does not exist yet, creating it), as a killed worker
+    would; with ``fail``, the item raises. Needs no model (``needs_model=False``)."""
+
+    value: int
+    sleep: float = dataclasses.field(default=0.0, compare=False)  # not part of the key
+    crash_marker: str | None = None
+    fail: bool = False
+
+
+def run_probe(model, item) -> dict:
+    import os
+    import time
+    from pathlib import Path
+
+    job = item.payload
+    if job.crash_marker is not None and not Path(job.crash_marker).exists():
+        Path(job.crash_marker).write_text(str(os.getpid()))
+        os._exit(3)
+    if job.fail:
+        from kn_lens.errors import InvalidFactError
+
+        raise InvalidFactError(f"probe {job.value} fails on purpose")
+    time.sleep(job.sleep)
+    return {"value": job.value, "square": job.value ** 2, "pid": os.getpid()}
+
+
+def register_test_kinds() -> None:
+    """Register the ``test.probe`` item kind (idempotent)."""
+    from kn_lens.sweep.items import ItemKind, available_kinds, register_kind
+
+    if "test.probe" not in available_kinds():
+        register_kind(ItemKind(name="test.probe", run="kn_lens.testing:run_probe",
+                               methods=lambda: ["probe"], payload=ProbeJob, needs_model=False))
