@@ -81,7 +81,7 @@ def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
         p0 = float(predict(model, [q])[0].answer_prob)
         p_top = float(torch.exp(_lp(model, q, hooks.scale_neurons(top, 0.0))))
         rnd = random_like(top, info.n_layers, info.d_mlp,
-                          generator=torch.Generator().manual_seed(seed), exclude=top)
+                          generator=torch.Generator(device="cpu").manual_seed(seed), exclude=top)
         p_rnd = float(torch.exp(_lp(model, q, hooks.scale_neurons(rnd, 0.0))))
         best = ", ".join(str(n) for n in s.top_k(5))
         out(f"  {method:12s} {time.perf_counter() - t1:5.1f} s  top-5: {best}")

@@ -165,7 +165,7 @@ def _default_new_objects(model, facts: Sequence[Fact], seed: int) -> dict[Fact, 
     token differs from the fact's own (eq. 2 edits with first-token embeddings)."""
     from kn_lens.edit.kn import token_of
 
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
     out = {}
     objs_by_rel: dict[str, list[str]] = {}
     for f in facts:
@@ -178,7 +178,7 @@ def _default_new_objects(model, facts: Sequence[Fact], seed: int) -> dict[Fact, 
         for pool in (objs_by_rel[f.relation], all_objs):
             cands = [o for o in pool if o != f.object and token_of(model, o) != own]
             if cands:
-                out[f] = cands[int(torch.randint(len(cands), (1,), generator=g))]
+                out[f] = cands[int(torch.randint(len(cands), (1,), generator=g, device="cpu"))]
                 break
         else:
             raise InvalidFactError(f"no new object with a different first token for {f.key()!r}; "
@@ -221,7 +221,7 @@ def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronSc
             raise InvalidFactError(f"fact {f.key()!r} needs >= 2 NeuronScores, each with its query")
     if "update" in config.operations and new_objects is None:
         new_objects = _default_new_objects(model, facts, config.seed)
-    g = torch.Generator().manual_seed(config.seed)
+    g = torch.Generator(device="cpu").manual_seed(config.seed)
     ekw = {} if edit_config is None else {"config": edit_config}
     per_edit = []
     for f in facts:
@@ -231,7 +231,7 @@ def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronSc
         sets = {"N_g": union(local), "CAS": cas_neurons(scores, config=cas_config)}
         if locality is None:
             others = [o for o in facts if o != f]
-            perm = torch.randperm(len(others), generator=g)[:config.n_locality].tolist()
+            perm = torch.randperm(len(others), generator=g, device="cpu")[:config.n_locality].tolist()
             loc = [scores_by_fact[others[j]][0].query for j in perm]
         else:
             loc = [q for q in locality if q.fact != f]

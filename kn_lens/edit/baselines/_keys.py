@@ -30,8 +30,9 @@ def at_sites(model: "HookedTransformer", queries: Sequence[Query], sites: Sequen
         fwd = [(n, lambda act, hook: store.__setitem__(hook.name, act.detach())) for n in names]
         with model.hooks(fwd_hooks=fwd):
             model(pad_ids(model, chunk), stop_at_layer=min(stop, model.cfg.n_layers))
-        idx = torch.arange(len(chunk))
-        pos = torch.tensor(list(sites[s:s + batch_size]))
+        dev = store[names[0]].device
+        idx = torch.arange(len(chunk), device=dev)
+        pos = torch.tensor(list(sites[s:s + batch_size]), device=dev)
         for n in names:
             out[n].append(store[n][idx, pos].float().cpu())
     return {n: torch.cat(v) for n, v in out.items()}
