@@ -37,6 +37,9 @@ def parser(description: str) -> argparse.ArgumentParser:
                     help="where figures go (default: figures/, quick runs: "
                     "<results-dir>/quick/figures); given, it is used in every mode")
     ap.add_argument("--plot-only", action="store_true", help="redraw figures from the saved results")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when a "
+                    "GPU is visible, else cpu)")
+    ap.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (default 0: torch's own, every core); 1 when two jobs "
                     "share the machine")
@@ -165,16 +168,18 @@ def figure_path(args: argparse.Namespace, name: str) -> Path:
 TINY_MODELS = ("tiny-gpt2", "tiny-llama")  # random models from kn_lens.testing (tests only)
 
 
-def load_experiment_model(name: str, seed: int = 0):
-    """``load_model(name)``, or a tiny random model for ``tiny-gpt2`` / ``tiny-llama`` (tests:
-    they know no facts, so pair them with ``--no-known-filter``)."""
+def load_experiment_model(name: str, seed: int = 0, *, device=None, dtype=None, **tiny):
+    """``load_model(name, device=, dtype=)`` (``--device`` / ``--dtype``), or a tiny random model
+    for ``tiny-gpt2`` / ``tiny-llama`` (tests: they know no facts, so pair them with
+    ``--no-known-filter``; ``tiny`` are the builder's size arguments)."""
     if name in TINY_MODELS:
         from kn_lens import testing
 
-        return getattr(testing, name.replace("-", "_"))(seed=seed)
+        return getattr(testing, name.replace("-", "_"))(seed=seed, device=device, dtype=dtype,
+                                                         **tiny)
     from kn_lens.models import load_model
 
-    return load_model(name)
+    return load_model(name, device=device, dtype=dtype)
 
 
 def add_fact_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -150,11 +150,9 @@ def _read_rows(path: Path) -> dict[int, dict]:
 
 def load_model(args):
     """The run's model; a tiny test model gets 256 positions (real prompts + prefixes)."""
-    if args.model in _common.TINY_MODELS:
-        from kn_lens import testing
-
-        return getattr(testing, args.model.replace("-", "_"))(seed=args.seed, n_ctx=256)
-    return _common.load_experiment_model(args.model, args.seed)
+    tiny = {"n_ctx": 256} if args.model in _common.TINY_MODELS else {}
+    return _common.load_experiment_model(args.model, args.seed, device=args.device,
+                                         dtype=args.dtype, **tiny)
 
 
 def measure_before(model, pss, hcfg, cache: Path, archive: Path | None = None,

@@ -38,7 +38,8 @@ def compute(args) -> None:
     started = time.time()
     n = args.n_facts or (30 if args.quick else 200)
     ds = builtin_dataset()
-    model = _common.load_experiment_model(args.model, args.seed)
+    model = _common.load_experiment_model(args.model, args.seed, device=args.device,
+                                          dtype=args.dtype)
     chosen = _common.choose_facts(args, model, ds, n)
     queries = [make_query(model, f, ds.relation(f.relation).templates[t], template_index=t)
                for f, t in chosen]

@@ -66,9 +66,10 @@ def n_facts(args) -> int:
     return QUICK_FACTS if args.quick else FULL_FACTS
 
 
-def build_model(name: str):
-    """``load_model(name)``, or a random tiny model for ``tiny-gpt2`` / ``tiny-llama`` (tests)."""
-    return _common.load_experiment_model(name)
+def build_model(args):
+    """``load_model(args.model)``, or a random tiny model for ``tiny-gpt2`` / ``tiny-llama``
+    (tests)."""
+    return _common.load_experiment_model(args.model, device=args.device, dtype=args.dtype)
 
 
 def method_config(method: str, args=None) -> Any:
@@ -229,7 +230,7 @@ def prepare(args) -> tuple:
     from kn_lens.datasets import builtin_dataset
 
     _common.set_threads(args)
-    model = build_model(args.model)
+    model = build_model(args)
     ds = builtin_dataset()
     known_path = Path(args.results_dir) / f"known_facts_{args.model}.json"
     facts = select_facts(model, ds, n_facts(args), args.seed, all_facts=args.all_facts,

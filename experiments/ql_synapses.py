@@ -57,7 +57,8 @@ def compute(args) -> None:
     started = time.time()
     n = args.n_facts or (8 if args.quick else 200)
     ds = builtin_dataset()
-    model = _common.load_experiment_model(args.model, args.seed)
+    model = _common.load_experiment_model(args.model, args.seed, device=args.device,
+                                          dtype=args.dtype)
     # the QL fact sample of locate_facts.py (same seed: the same facts as ql_consistency /
     # ql_modification) and its per-fact score cache, so IG is not recomputed here
     fact_list = locate_facts.select_facts(

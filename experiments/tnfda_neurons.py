@@ -55,7 +55,8 @@ def compute(args) -> None:
     _common.set_threads(args)
     started = time.time()
     ds = builtin_dataset()
-    model = _common.load_experiment_model(args.model, args.seed)
+    model = _common.load_experiment_model(args.model, args.seed, device=args.device,
+                                          dtype=args.dtype)
     chosen = _common.choose_facts(args, model, ds, args.n_facts,
                                   n_relations=4 if args.quick else None)
     queries = [make_query(model, f, ds.relation(f.relation).templates[t], template_index=t)

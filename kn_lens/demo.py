@@ -34,22 +34,22 @@ def _pick(facts, n: int, seed: int):
 
 def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
              out: Callable[[str], None] = print, model=None, stats_tokens: int = 100_000,
-             new_object: str = "Rome") -> dict:
+             new_object: str = "Rome", load_kwargs: dict | None = None) -> dict:
     from kn_lens import hooks
     from kn_lens.datasets import build_edit_requests, builtin_dataset, known_facts
     from kn_lens.edit import erase
     from kn_lens.evaluate import evaluate_edit, reference_slices
     from kn_lens.facts import Fact, make_query, predict, queries_for_fact, query_from_prompt
     from kn_lens.locate import agreement, locate
-    from kn_lens.models import load_model
+    from kn_lens.models import load_model, model_info
     from kn_lens.neurons import random_like, threshold_relative, top_fraction
 
     t0 = time.perf_counter()
-    model = load_model(model_name) if model is None else model
-    info = model.kn_info
+    model = load_model(model_name, **(load_kwargs or {})) if model is None else model
+    info = model_info(model)
     out(f"== model: {info.name} ({info.n_layers} layers x {info.d_mlp} FFN neurons, "
-        f"{'gated ' if info.gated_mlp else ''}MLP, BOS={info.prepend_bos}, fold_ln={info.fold_ln}) "
-        f"loaded in {time.perf_counter() - t0:.0f} s")
+        f"{'gated ' if info.gated_mlp else ''}MLP, BOS={info.prepend_bos}, fold_ln={info.fold_ln}; "
+        f"{info.backend} on {info.device}, {info.dtype}) loaded in {time.perf_counter() - t0:.0f} s")
     ds = builtin_dataset()
     out(f"== built-in data: {len(ds.relations)} relations, {len(ds.facts)} facts")
 

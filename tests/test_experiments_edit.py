@@ -94,7 +94,7 @@ def edit_benchmark_args(argv):
 
     return argparse.Namespace(results_dir=argv[argv.index("--results-dir") + 1], model="tiny-llama",
                               quick=True, n_requests=2, seed=0, max_new_tokens=8,
-                              no_known_filter=True)
+                              no_known_filter=True, device=None, dtype=None)
 
 
 def test_cli_edit_parser():
