@@ -95,13 +95,13 @@ _BRIDGE_SUB = {"W_out": "out", "W_in": "in", "W_gate": "gate", "W_Q": "q", "W_K"
                "W_V": "v", "W_O": "o"}
 
 
-def bridge_weight(model, name: str, layer: int, kind: str) -> Tensor:
+def bridge_weight(model, name: str, layer: int, kind: str, *, writable: bool = True) -> Tensor:
     """A TransformerBridge's weight ``name`` (``blocks.{layer}.mlp.{kind}``) in TransformerLens'
     layout (``mlp.W_out`` is ``[d_mlp, d_model]``, ``attn.W_K`` ``[kv_head, d_model, d_head]``):
     the bridge's own property, a view of the wrapped Hugging Face weight (transposed for
     ``nn.Linear``, reshaped per head), so in-place writes reach the forward pass. A property that
     is a copy (a fused or quantised weight) cannot take an edit in place: a typed error names
-    it."""
+    it (``writable=False``: only its shape is needed, a copy will do)."""
     if not 0 <= layer < model.cfg.n_layers:
         raise ConfigError(f"{name}: the model has {model.cfg.n_layers} blocks")
     module = getattr(model.blocks[layer], "mlp" if kind in ("W_out", "W_in", "W_gate") else "attn")
@@ -114,7 +114,7 @@ def bridge_weight(model, name: str, layer: int, kind: str) -> Tensor:
         raise ConfigError(f"{name}: this TransformerBridge ({architecture(model)}) has no "
                           f"separate {kind} weight (e.g. a fused projection); editing it needs "
                           "backend='hooked'")
-    if view.untyped_storage().data_ptr() != stored.untyped_storage().data_ptr():
+    if writable and view.untyped_storage().data_ptr() != stored.untyped_storage().data_ptr():
         raise ConfigError(f"{name}: this TransformerBridge ({architecture(model)}) computes "
                           f"{kind} from its stored weights instead of viewing them, so an edit "
                           "cannot be written into it: apply the edit with edit.hooks(model), "

@@ -365,7 +365,7 @@ class Edit:
                     "Deltas live on processed weights; load the model as the edit's manifest says, "
                     "or pass strict=False if you know the weights agree.")
         for d in self.deltas:
-            p = _param(model, d.param)
+            p = _param(model, d.param, writable=False)
             if isinstance(d, LowRankDelta):
                 if p.ndim != 2 or d.shape != tuple(p.shape):
                     raise ConfigError(f"low-rank delta on {d.param}: u v^T is {d.shape}, the "
@@ -555,16 +555,17 @@ def _merge(deltas: tuple[Delta, ...]) -> tuple[Delta, ...]:
 # --------------------------------------------------------------------------- hook construction
 
 
-def _param(model, name: str) -> Tensor:
+def _param(model, name: str, *, writable: bool = True) -> Tensor:
     """The weight ``name`` (``blocks.5.mlp.W_out``) in TransformerLens' layout, as a tensor whose
     in-place writes reach the weights the forward pass reads (a parameter, or on a
-    TransformerBridge a view of its Hugging Face weight)."""
+    TransformerBridge a view of its Hugging Face weight; ``writable=False`` when only its shape,
+    dtype or values are read)."""
     if is_bridge(model):
         parsed = parse_param(name)
         if parsed is None:
             raise ConfigError(f"the bridge has no weight {name!r}: kn-lens edits blocks.<l>.mlp."
                               "W_out / W_in / W_gate and blocks.<l>.attn.W_Q / W_K / W_V / W_O")
-        return bridge_weight(model, name, *parsed)
+        return bridge_weight(model, name, *parsed, writable=writable)
     try:  # attribute walk: much cheaper than listing every parameter
         p = model.get_parameter(name)
         if p is not None:

@@ -281,7 +281,7 @@ class Target:
     def shape(self, model) -> tuple[int, ...]:
         if self.kind == "activation":
             return (self.n_groups, model.cfg.d_model)
-        p = _param(model, self.param)
+        p = _param(model, self.param, writable=False)
         shape = list(p.shape)
         if self.index is not None:
             if max(self.index) >= shape[self.dim]:
@@ -293,7 +293,8 @@ class Target:
     def full_index(self, model) -> Tensor:
         if self.index is not None:
             return torch.tensor(self.index, dtype=torch.long, device="cpu")
-        return torch.arange(_param(model, self.param).shape[self.dim], device="cpu")
+        return torch.arange(_param(model, self.param, writable=False).shape[self.dim],
+                            device="cpu")
 
 
 # --------------------------------------------------------------------------- config and result
