@@ -49,7 +49,8 @@ def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
     info = model_info(model)
     out(f"== model: {info.name} ({info.n_layers} layers x {info.d_mlp} FFN neurons, "
         f"{'gated ' if info.gated_mlp else ''}MLP, BOS={info.prepend_bos}, fold_ln={info.fold_ln}; "
-        f"{info.backend} on {info.device}, {info.dtype}) loaded in {time.perf_counter() - t0:.0f} s")
+        f"{info.backend} on {info.device}, {info.dtype}) "
+        f"loaded in {time.perf_counter() - t0:.0f} s")
     ds = builtin_dataset()
     out(f"== built-in data: {len(ds.relations)} relations, {len(ds.facts)} facts")
 

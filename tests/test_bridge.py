@@ -1,6 +1,6 @@
-"""``load_model(..., backend="bridge")``: TransformerLens' TransformerBridge (TransformerLens 4's model
-class) computes what the HookedTransformer of the same weights computes, through every locator,
-hook factory, the scorer, generation and edits.
+"""``load_model(..., backend="bridge")``: TransformerLens' TransformerBridge (TransformerLens 4's
+model class) computes what the HookedTransformer of the same weights computes, through every
+locator, hook factory, the scorer, generation and edits.
 
 Each tiny model is a random Hugging Face model saved to a folder and loaded twice, once per
 backend, with the same weight processing (folded norms; centred writing weights for LayerNorm

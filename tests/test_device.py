@@ -1,18 +1,18 @@
 """Any device and dtype, tested on a machine without a GPU.
 
 - ``load_model(device=, dtype=)``: names, typed errors, what ``kn_info`` records.
-- Device correctness without a GPU: the bug class is a tensor made on the default device (the CPU)
-  in a compute path, which meets the model's tensors on a GPU ("expected all tensors on the same
-  device") or silently computes on the CPU. :func:`test_no_compute_path_relies_on_the_default_device`
-  runs the pipeline on a CPU model with ``torch.set_default_device("meta")``: a factory given its
-  device (the model's, or ``"cpu"`` on purpose for results and random draws) is unaffected, one
-  relying on the default makes a meta tensor, and mixing it with the model's CPU tensors or
-  reading it raises. That is stricter than a GPU run (a CPU tensor meant to stay on the CPU must
-  say so) and catches the GPU bug on every path it runs, without a GPU. Running the model itself
-  on ``meta`` instead would catch nothing: every op on meta tensors succeeds. What it cannot
-  see (a CUDA-only kernel or a generator on the wrong device) is covered by
-  :func:`test_random_draws_are_made_on_the_cpu`: every random draw uses a CPU generator and
-  ``device="cpu"``, then moves (the same seed gives the same draws on every device).
+- Device correctness without a GPU: the bug class is a tensor made on the default device (the
+  CPU) in a compute path, which meets the model's tensors on a GPU ("expected all tensors on the
+  same device") or silently computes on the CPU. The pipeline sweep runs every compute path on a
+  CPU model under ``torch.set_default_device("meta")``: a factory given its device (the model's,
+  or ``"cpu"`` on purpose for results and random draws) is unaffected; one relying on the
+  default makes a meta tensor, and mixing it with the model's CPU tensors or reading it raises.
+  That is stricter than a GPU run (a CPU tensor meant to stay on the CPU must say so) and finds
+  the GPU bug on every path it runs, without a GPU. Running the model itself on ``meta`` would
+  find nothing: every op on meta tensors succeeds. A generator on the wrong device is not seen
+  by the sweep (a CPU generator drawing on a CPU model is fine): an AST check requires every
+  random draw to name ``device="cpu"`` (then move; the same seed gives the same draws on every
+  device). Not checked without a GPU: GPU kernels' own numerics and memory.
 - bfloat16 / float16 models (CPU kernels exist for both): results within a tolerance of the
   float32 model's, results in float32, and the reductions kn-lens keeps in float32 (the answer
   log-softmax, KL) exact to float32 on half-precision logits.

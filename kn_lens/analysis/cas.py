@@ -231,7 +231,8 @@ def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronSc
         sets = {"N_g": union(local), "CAS": cas_neurons(scores, config=cas_config)}
         if locality is None:
             others = [o for o in facts if o != f]
-            perm = torch.randperm(len(others), generator=g, device="cpu")[:config.n_locality].tolist()
+            perm = torch.randperm(len(others), generator=g,
+                                  device="cpu")[:config.n_locality].tolist()
             loc = [scores_by_fact[others[j]][0].query for j in perm]
         else:
             loc = [q for q in locality if q.fact != f]

@@ -71,7 +71,7 @@ def reference_slices(model: "HookedTransformer", n_slices: int = 8, slice_len: i
     if n_windows < n_slices:
         raise DataFileError(f"the reference text has {ids.numel()} tokens: too few for {n_slices} "
                             f"windows of {width}")
-    g = torch.Generator(device="cpu").manual_seed(seed)  # drawn on the CPU: the same on every device
+    g = torch.Generator(device="cpu").manual_seed(seed)  # the same windows on every device
     starts = torch.randperm(n_windows, generator=g, device="cpu")[:n_slices].sort().values * width
     rows = torch.stack([ids[s:s + width] for s in starts.tolist()])
     if bos:

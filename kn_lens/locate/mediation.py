@@ -187,8 +187,8 @@ def noise_samples(model: "HookedTransformer", query: Query, cfg
     nu = embedding_noise_scale(model, cfg)
     gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
     # drawn on the CPU, then moved: the same seed gives the same noise on every device
-    draws = torch.randn(cfg.n_noise, len(pos), model.cfg.d_model, generator=gen, dtype=torch.float32,
-                        device="cpu")
+    draws = torch.randn(cfg.n_noise, len(pos), model.cfg.d_model, generator=gen,
+                        dtype=torch.float32, device="cpu")
     full = torch.zeros(cfg.n_noise, len(query.input_ids), model.cfg.d_model, device="cpu")
     full[:, list(pos)] = draws * nu
     return full.to(model.cfg.device, model.cfg.dtype), pos, nu
