@@ -170,13 +170,13 @@ def fast_forward(model, *, frozen_weights: bool = False) -> Iterator:
     that need gradients (``requires_grad`` with grad mode on) never use the copy. A weight
     changed inside such a scope would not be seen (``p.data`` writes bump no version counter,
     so the copy cannot check); that is why it is opt-in."""
+    if is_bridge(model):  # Hugging Face modules behind the bridge: nothing of TransformerLens' to
+        yield model  # replace (and TransformerLens 4 has no HookedTransformer components)
+        return
     from transformer_lens.components import Attention, GroupedQueryAttention, Unembed
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
 
     patched = []  # (module, attribute names set on the instance)
-    if is_bridge(model):  # Hugging Face modules behind the bridge: nothing of TransformerLens' to
-        yield model  # replace (the checks below would skip every module anyway)
-        return
     try:
         for block in model.blocks:
             mlp = block.mlp

@@ -125,23 +125,19 @@ def bridge_weight(model, name: str, layer: int, kind: str, *, writable: bool = T
 def guard_bridge_hooks(bridge) -> None:
     """Make ``bridge.hooks(...)`` refuse hook names the bridge does not have, as a
     HookedTransformer does (TransformerLens 3.9's bridge skips them silently, which would turn a
-    missing hook point into a silently wrong result). Set on this instance only."""
-    from transformer_lens.model_bridge.bridge import build_alias_to_canonical_map
-
+    missing hook point into a silently wrong result; 4.x raises a KeyError, here a ConfigError
+    on either). Set on this instance only."""
     original = type(bridge).hooks
 
     def hooks(self, fwd_hooks=(), bwd_hooks=(), *args, **kwargs):
         fwd_hooks, bwd_hooks = list(fwd_hooks), list(bwd_hooks)
-        known = self.hook_dict
-        aliases = None
+        known = self.hook_dict  # in compatibility mode: the HookedTransformer names too
         for name, _ in fwd_hooks + bwd_hooks:
-            if isinstance(name, str) and name not in known:
-                aliases = build_alias_to_canonical_map(known) if aliases is None else aliases
-                if name not in aliases:
-                    raise ConfigError(
-                        f"hook point {name!r} does not exist on this TransformerBridge "
-                        f"({architecture(self)}); kn-lens needs it for this computation. Load "
-                        "the model with backend='hooked'.")
+            if isinstance(name, str) and name not in known and self.get_hook_point(name) is None:
+                raise ConfigError(
+                    f"hook point {name!r} does not exist on this TransformerBridge "
+                    f"({architecture(self)}); kn-lens needs it for this computation. Load "
+                    "the model with backend='hooked'.")
         return original(self, fwd_hooks, bwd_hooks, *args, **kwargs)
 
     bridge.__dict__["hooks"] = types.MethodType(hooks, bridge)

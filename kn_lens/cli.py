@@ -197,9 +197,10 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when a "
                    "GPU is visible, else cpu)")
     g.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
-    g.add_argument("--backend", default="hooked", choices=BACKENDS,
-                   help="hooked: HookedTransformer (default); bridge: TransformerBridge "
-                   "(TransformerLens 4's model class)")
+    g.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="hooked: HookedTransformer (the default with TransformerLens 3.x); "
+                   "bridge: TransformerBridge (TransformerLens 4's model class, the default "
+                   "where HookedTransformer is gone)")
     return p
 
 

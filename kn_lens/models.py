@@ -256,12 +256,22 @@ def prepare_model(alias: str, *, force: bool = False, verbose: bool = True) -> P
 
 
 def _tl_official_name(name: str) -> str | None:
-    from transformer_lens import loading_from_pretrained as loading
-
+    try:  # TransformerLens 3.x; 4.x moved the resolver to supported_models
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+    except ImportError:
+        from transformer_lens.supported_models import get_official_model_name
     try:
-        return loading.get_official_model_name(name)
+        return get_official_model_name(name)
     except ValueError:
         return None
+
+
+def _hooked_available() -> bool:
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:  # TransformerLens 4 removed it
+        return False
+    return True
 
 
 def load_model(
@@ -269,7 +279,7 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    backend: str = "hooked",
+    backend: str | None = None,
     fold_ln: bool = True,
     center_writing_weights: bool = True,
     center_unembed: bool = True,
@@ -283,12 +293,18 @@ def load_model(
     (:func:`resolve_dtype`). ``backend="hooked"`` returns a ``HookedTransformer``;
     ``backend="bridge"`` a ``TransformerBridge`` (TransformerLens 4's model class, shipped in 3.9)
     in compatibility mode with the same weight processing, so hook names, weights and scores
-    agree with the HookedTransformer's. Backend, device, dtype and weight processing are recorded
-    in ``model.kn_info``.
+    agree with the HookedTransformer's; ``None``: "hooked" where TransformerLens still has it
+    (3.x), else "bridge". Backend, device, dtype and weight processing are recorded in
+    ``model.kn_info``.
     """
+    if backend is None:
+        backend = "hooked" if _hooked_available() else "bridge"
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is not one of {BACKENDS}: 'hooked' loads a "
                           "HookedTransformer, 'bridge' a TransformerBridge (TransformerLens 4)")
+    if backend == "hooked" and not _hooked_available():
+        raise ConfigError("this TransformerLens has no HookedTransformer (removed in 4.0): load "
+                          "with backend='bridge' (CLI and scripts: --backend bridge)")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)

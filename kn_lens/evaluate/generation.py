@@ -94,10 +94,10 @@ def greedy(model: "HookedTransformer", prompt_ids: Sequence[int], max_new_tokens
 def _cache(model, rows: int):
     """A TransformerLens key/value cache for ``rows`` sequences, or None on a TransformerBridge
     (its forward has no TransformerLens cache: generation reruns the whole sequence)."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
     if is_bridge(model):
         return None
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
     return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, rows)
 
 

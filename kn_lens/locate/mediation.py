@@ -287,10 +287,10 @@ def _shared_prefix_ok(model) -> bool:
     """Whether :func:`_block_shared_prefix` reproduces this model's blocks exactly: plain
     pre-norm blocks with standard/rotary positions and ordinary (grouped-query) softmax attention.
     Anything unusual falls back to TransformerLens' blocks with a key/value cache."""
-    from transformer_lens.components import Attention, GroupedQueryAttention, TransformerBlock
-
     if is_bridge(model):  # its blocks are Hugging Face layers behind hooks: no block calls
         return False
+    from transformer_lens.components import Attention, GroupedQueryAttention, TransformerBlock
+
     cfg = model.cfg
     flags_off = ("parallel_attn_mlp", "use_normalization_before_and_after", "use_split_qkv_input",
                  "use_attn_in", "use_local_attn", "use_qk_norm", "use_logn_attn",
