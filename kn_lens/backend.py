@@ -10,8 +10,10 @@ bridge does not have, and what kn-lens does instead:
 - no ``start_at_layer`` and no TransformerLens key/value cache or block-by-block calls (Hugging
   Face owns the layer loop): the fast paths that restart at a block (IG, exact mediation, the
   editing loop, prepared perplexity) and cached generation run whole forwards on a bridge;
-- ``stop_at_layer=n_layers`` returns logits, not the final residual stream: the scorer reads the
-  rows it needs from the full logits;
+- ``stop_at_layer`` does not mean what it means on a HookedTransformer (``n_layers`` returns
+  logits, not the final residual stream; in TransformerLens 4 a block's ``hook_resid_post`` may not
+  fire before the stop): the scorer reads the rows it needs from the full logits, and forwards
+  that only collect activations run to the end (:func:`stop_before`);
 - weights are properties over the wrapped Hugging Face modules (``W_out`` is ``out.weight.T``):
   :func:`weight` returns those views, so an edit materialised in them reaches the forward pass;
 - the embedding table is Hugging Face's raw one (Gemma scales it in the forward):
@@ -50,6 +52,16 @@ def has_post_norms(model) -> bool:
     if getattr(model.cfg, "use_normalization_before_and_after", False):
         return True
     return is_bridge(model) and hasattr(model.blocks[0], "ln2_post")
+
+
+def stop_before(model, layer: int) -> dict:
+    """Keyword arguments that end a forward pass before block ``layer`` (or the unembedding) when
+    only activations of earlier blocks are read: HookedTransformer's ``stop_at_layer``; none on a bridge, whose
+    ``stop_at_layer`` differs between TransformerLens versions (the whole forward, the same
+    activations)."""
+    if is_bridge(model):
+        return {}
+    return {"stop_at_layer": min(layer, model.cfg.n_layers)}  # n_layers: no unembedding
 
 
 def architecture(model) -> str | None:

@@ -304,7 +304,8 @@ def load_model(
                           "HookedTransformer, 'bridge' a TransformerBridge (TransformerLens 4)")
     if backend == "hooked" and not _hooked_available():
         raise ConfigError("this TransformerLens has no HookedTransformer (removed in 4.0): load "
-                          "with backend='bridge' (CLI and scripts: --backend bridge)")
+                          "with backend='bridge' (the CLI: --backend bridge), or leave the "
+                          "backend out (it picks what the installed TransformerLens has)")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)

@@ -10,8 +10,9 @@ TransformerLens 3.x (HookedTransformer)? Two runs of this script, one per Transf
 ``check`` loads the same tiny random Hugging Face folders (LLaMA, GPT-2 and Gemma-3 style) with
 ``backend="bridge"`` and prints, per family and computation, the largest difference from the saved
 result: every locator, the scorer, batched generation, causal tracing, a hook factory, an edit
-through hooks and materialised, and three editors (KN erasure, FiNE, ROME). Exit status 1 when a
-difference exceeds 1e-3 x the largest value.
+through hooks and materialised, every editor (the deltas it returns), knowledge synapses,
+activation maps, scaled probabilities, prepared perplexity and the three-protocol harness. Exit
+status 1 when a difference exceeds 1e-3 x the largest value.
 """
 from __future__ import annotations
 
@@ -41,17 +42,25 @@ def computations(model) -> dict:
     from kn_lens import hooks as H
     from kn_lens.analysis import TraceConfig, causal_trace
     from kn_lens.edit import Edit, edit, head_slices, low_rank, w_in_columns, w_out_rows
+    from kn_lens.analysis.mapping import scaled_probs
+    from kn_lens.analysis.synapses import activation_maps, knowledge_synapses
+    from kn_lens.edit.baselines.ft_l import FTLConfig
+    from kn_lens.edit.baselines.memit import MEMITConfig
     from kn_lens.edit.baselines.rome import ROMEConfig
     from kn_lens.edit.fine import FiNEConfig
     from kn_lens.edit.kn import KNEditorConfig
+    from kn_lens.edit.kne import KNEConfig
+    from kn_lens.edit.tnf_da import TNFDAConfig
     from kn_lens.evaluate import generation as G
+    from kn_lens.evaluate.harness import HarnessConfig, evaluate
+    from kn_lens.evaluate.perplexity import prepare_reference, reference_slices
     from kn_lens.evaluate.scoring import score
     from kn_lens.facts import Fact, make_query, query_from_prompt
     from kn_lens.locate import IGConfig, contribution_scores, integrated_gradients
     from kn_lens.locate.mediation import (AtPConfig, MediationConfig, attribution_patching,
                                           causal_mediation)
     from kn_lens.models import model_info
-    from kn_lens.neurons import Neuron
+    from kn_lens.neurons import Neuron, NeuronSet
 
     m, cfg = model, model.cfg
     q = query_from_prompt(m, "The capital of France is", "Guido van Rossum")
@@ -80,6 +89,18 @@ def computations(model) -> dict:
                           for d in ed.deltas])
 
     prompts = [list(q.prompt_ids), list(q.prompt_ids)[2:]]
+    kns = NeuronSet([Neuron(0, 1), Neuron(1, 3)])
+    ref = reference_slices(m, n_slices=2, slice_len=16)
+    request = _request()
+
+    def judged():
+        report = evaluate(m, edit(m, [request], method="kn_erase",
+                                  config=KNEditorConfig(locator="contribution")), [request],
+                          config=HarnessConfig(max_new_tokens=3, n_bootstrap=0),
+                          reference=prepare_reference(m, ref))
+        return torch.tensor([report.after[p][k].mean for p in sorted(report.after)
+                             for k in sorted(report.after[p])])
+
     return {
         "ig": lambda: integrated_gradients(m, q, config=IGConfig(steps=6)).scores,
         "ig_eos": lambda: integrated_gradients(m, q, config=IGConfig(steps=6,
@@ -98,6 +119,18 @@ def computations(model) -> dict:
         "kn_erase": lambda: deltas("kn_erase", KNEditorConfig(locator="contribution")),
         "fine": lambda: deltas("fine", FiNEConfig(steps=3, freeze_last=1)),
         "rome": lambda: deltas("rome", ROMEConfig(v_steps=3, stats_tokens=STATS_TOKENS)),
+        "memit": lambda: deltas("memit", MEMITConfig(v_steps=3, stats_tokens=STATS_TOKENS)),
+        "ft_l": lambda: deltas("ft_l", FTLConfig(steps=3)),
+        "kn_update": lambda: deltas("kn_update", KNEditorConfig(locator="contribution")),
+        "kne_w_q": lambda: deltas("kne", KNEConfig(steps=2, ig_steps=3, module="W_Q")),
+        "tnf_da": lambda: deltas("tnf_da", TNFDAConfig(steps=2, n_noise=1, n_augment=1,
+                                                       augment_subjects=("Germany", "Italy"))),
+        "synapses": lambda: knowledge_synapses(m, q2).column_sums,
+        "activation_maps": lambda: activation_maps(m, q2).maps["suppressed"],
+        "scaled_probs": lambda: torch.as_tensor(scaled_probs(m, q2, [(kns, 0.0)])),
+        "prepared_perplexity": lambda: torch.tensor(
+            prepare_reference(m, ref).perplexity(m, start_at_layer=1)),
+        "evaluate": judged,
     }
 
 
@@ -132,9 +165,11 @@ def main() -> int:
             if args.mode == "save":
                 ref[key] = value
                 continue
-            err = float((value - ref[key]).abs().max())
-            scale = float(ref[key].abs().max())
-            ok = err <= 1e-3 * max(scale, 1e-12)
+            same_nan = torch.equal(value.isnan(), ref[key].isnan())  # e.g. a metric n/a in both
+            value, want = value.nan_to_num(), ref[key].nan_to_num()
+            err = float((value - want).abs().max())
+            scale = float(want.abs().max())
+            ok = same_nan and err <= 1e-3 * max(scale, 1e-12)
             failed += not ok
             print(f"  {name:18s} max abs diff {err:.2e} (largest value {scale:.2e}) "
                   f"{'ok' if ok else 'DIFFERS'}")

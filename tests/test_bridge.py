@@ -197,18 +197,23 @@ def test_a_weight_the_bridge_computes_cannot_be_written(pair, monkeypatch):
 
 
 def test_editors_compute_the_same_edit_on_both_backends(pair):
-    """The optimisation loop (FiNE: weight deltas; ROME: k*/v* and the rank-one update) and the
-    neuron editors run on the bridge and give the hooked model's deltas."""
+    """The optimisation loop (FiNE: weight deltas; ROME / MEMIT: k*/v* and their updates; KNE on
+    attention heads) and the neuron editors run on the bridge and give the hooked model's
+    deltas."""
+    from kn_lens.edit.baselines.memit import MEMITConfig
     from kn_lens.edit.baselines.rome import ROMEConfig
     from kn_lens.edit.fine import FiNEConfig
     from kn_lens.edit.kn import KNEditorConfig
+    from kn_lens.edit.kne import KNEConfig
     from test_edit_engine import STATS, _reference_available, _request
 
     hooked, bridge = pair
     configs = {"kn_erase": KNEditorConfig(locator="contribution"),
-               "fine": FiNEConfig(steps=3, freeze_last=1)}
-    if _reference_available():  # the reference prose gives ROME its second moments
+               "fine": FiNEConfig(steps=3, freeze_last=1),
+               "kne": KNEConfig(steps=2, ig_steps=3, module="W_Q")}
+    if _reference_available():  # the reference prose gives ROME / MEMIT their second moments
         configs["rome"] = ROMEConfig(v_steps=3, stats_tokens=STATS)
+        configs["memit"] = MEMITConfig(v_steps=3, stats_tokens=STATS)
     for method, config in configs.items():
         ea = edit(hooked, [_request()], method=method, config=config, seed=1)
         eb = edit(bridge, [_request()], method=method, config=config, seed=1)

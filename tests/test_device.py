@@ -68,6 +68,7 @@ def test_load_model_places_and_records(tmp_path):
         assert (info.device, info.dtype, info.backend) == ("cpu", "bfloat16", backend)
         assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters())
         assert model_info(m) == info
+    assert load_model(folder).kn_info.backend == "hooked"  # TransformerLens 3.x: the default
     for kw, match in [({"backend": "tl4"}, "backend"), ({"dtype": "float64x"}, "dtype"),
                       ({"device": "meta"}, "meta")]:
         with pytest.raises(ConfigError, match=match):

@@ -573,12 +573,14 @@ def attribution_patching(model: "HookedTransformer", query: Query, *,
         zeros = [torch.zeros(1, toks.shape[1], d, device=model.cfg.device, dtype=model.cfg.dtype,
                              requires_grad=True) for _ in range(L)]
 
-        def grab(act: Tensor, hook, store=store) -> Tensor:
-            layer = hooks.layer_of(hook.name)
+        def grab(act: Tensor, hook, layer: int, store=store) -> Tensor:
             store[layer] = act.detach()
             return act + zeros[layer]
 
-        fwd = _noise_hooks(noise[s]) + [(hooks.mlp_post(layer), grab) for layer in range(L)]
+        # the layer is bound here: a bridge's hook point may carry another (canonical) name
+        fwd = _noise_hooks(noise[s]) + [
+            (hooks.mlp_post(layer), lambda act, hook, layer=layer: grab(act, hook, layer))
+            for layer in range(L)]
         with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
             logits = model(toks)
             lp = _answer_logprob_from_full(logits, query, ans)

@@ -26,6 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kn_lens import hooks as H
+from kn_lens.backend import stop_before
 from kn_lens.errors import ConfigError, DataFileError
 
 if TYPE_CHECKING:
@@ -124,13 +125,12 @@ def second_moments(model: "HookedTransformer", layers: Sequence[int], *,
     acc = {layer: torch.zeros(d, d, dtype=torch.float64, device="cpu") for layer in todo}
     count = 0
     store: dict[str, Tensor] = {}
-    fwd = [(H.mlp_post(layer), lambda act, hook: store.__setitem__(hook.name, act.detach()))
-           for layer in todo]
+    fwd = [h for layer in todo for h in H.cache_hook(H.mlp_post(layer), store)]
     bos = int(bool(model.cfg.default_prepend_bos))
     for s in range(0, rows.shape[0], batch_size):
         toks = rows[s:s + batch_size].to(model.cfg.device)
         with model.hooks(fwd_hooks=fwd):
-            model(toks, stop_at_layer=max(todo) + 1)
+            model(toks, **stop_before(model, max(todo) + 1))
         for layer in todo:
             k = store[H.mlp_post(layer)][:, bos:].reshape(-1, d).double().cpu()
             acc[layer] += k.T @ k
