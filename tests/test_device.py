@@ -302,3 +302,29 @@ def test_statistics_cache_key_ignores_device_and_backend():
     assert _fingerprint(m) == key
     m.kn_info = dataclasses.replace(m.kn_info, fold_ln=not m.kn_info.fold_ln)
     assert _fingerprint(m) != key
+
+
+def test_cli_and_scripts_take_device_and_dtype(tmp_path, capsys):
+    """``--device`` / ``--dtype`` / ``--backend`` reach the loader from the CLI; the experiment
+    scripts' parser takes ``--device`` / ``--dtype`` and ``load_experiment_model`` applies them."""
+    import sys
+
+    from kn_lens.cli import build_parser, main
+
+    args = build_parser().parse_args(["locate", "The capital of France is", "Paris",
+                                      "--device", "cpu", "--dtype", "bf16", "--backend", "bridge"])
+    assert (args.device, args.dtype, args.backend) == ("cpu", "bf16", "bridge")
+    folder = tiny_hf_folder(tmp_path / "tiny", "llama")
+    assert main(["models", "info", str(folder), "--dtype", "float16", "--backend", "bridge"]) == 0
+    out = capsys.readouterr().out
+    assert "backend: bridge" in out and "dtype: float16" in out and "device: cpu" in out
+    assert main(["predict", "The capital of France is", "--model", str(folder),
+                 "--device", "meta"]) == 2  # a typed error, reported
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    try:
+        import _common
+    finally:
+        sys.path.pop(0)
+    a = _common.parser("x").parse_args(["--device", "cpu", "--dtype", "bfloat16"])
+    m = _common.load_experiment_model("tiny-llama", device=a.device, dtype=a.dtype)
+    assert next(m.parameters()).dtype == torch.bfloat16

@@ -254,7 +254,8 @@ def _grad_fast(model, items: list[tuple[int, Tensor]], resid: list[Tensor], cach
 
 
 def integrated_gradients(model, query: Query, *, config: IGConfig | None = None) -> NeuronScores:
-    """Integrated-gradients attribution of every FFN neuron to ``P(answer)`` (fast, exact).
+    """Integrated-gradients attribution of every FFN neuron to ``P(answer)`` (fast, exact; on a
+    TransformerBridge, which cannot restart at a block, the plain implementation).
 
     Returns ``NeuronScores`` with ``scores [layer, d_mlp]`` (summed over answer tokens) and
     ``per_token [answer, layer, d_mlp]``. ``extras`` holds ``p_clean`` (P(a_j) per answer token)

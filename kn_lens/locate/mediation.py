@@ -55,7 +55,9 @@ batch instead of being copied, rotated and repeated per batch item; any other ar
 (post-norms, parallel attention, local attention, q/k norms, ...) runs TransformerLens' own
 blocks with a frozen key/value cache. Both equal one full hooked forward pass per neuron
 (:func:`causal_mediation_plain`, the reference, used by the tests) up to float rounding
-(~1e-6 relative); ``chunk`` bounds memory and never changes the result. On SmolLM2-135M with
+(~1e-6 relative); ``chunk`` bounds memory and never changes the result. A TransformerBridge has
+no block calls or key/value cache: there each batch of restorations is one whole hooked forward
+(``extras["implementation"] == "full_forward"``), the same numbers at more compute. On SmolLM2-135M with
 gamma = 20 % (9,216 neurons) the cost is ~30 s of CPU time per noise sample on one core.
 
 Note what the scores are: the effect of *restoring* a neuron in the corrupted run. A neuron can
