@@ -333,12 +333,12 @@ def load_model(
             f"unknown model {name!r}: not a built-in offline model ({', '.join(sorted(OFFLINE_MODELS))}), "
             "not a model name TransformerLens knows, and not an existing folder"
         )
-    from transformer_lens import HookedTransformer
-
     try:
         if backend == "bridge":
             model = _boot_bridge(official, None, None, dev, dt, proc)
         else:
+            from transformer_lens import HookedTransformer
+
             model = HookedTransformer.from_pretrained(
                 name, device=dev, dtype=dt, default_prepend_bos=prepend_bos, **proc
             )
