@@ -306,7 +306,7 @@ def load_model(
         raise ConfigError("this TransformerLens has no HookedTransformer (removed in 4.0): load "
                           "with backend='bridge' (the CLI: --backend bridge), or leave the "
                           "backend out (it picks what the installed TransformerLens has)")
-    dev = resolve_device(device)
+    dev = str(resolve_device(device))  # TransformerLens keeps cfg.device as a string
     dt = resolve_dtype(dtype)
     name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
     proc = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
@@ -356,7 +356,7 @@ def load_model(
 
 
 def _load_folder(backend: str, folder: Path, tl_name: str | None, prepend_bos: bool,
-                 device: torch.device, dtype: torch.dtype, proc: dict):
+                 device: str, dtype: torch.dtype, proc: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
@@ -397,7 +397,7 @@ def _hooked_from_hf(folder: Path, hf, tok, tl_name: str | None, prepend_bos: boo
     return model.to(device)
 
 
-def _boot_bridge(name: str, hf, tok, device: torch.device, dtype: torch.dtype, proc: dict):
+def _boot_bridge(name: str, hf, tok, device: str, dtype: torch.dtype, proc: dict):
     """A TransformerBridge of ``name`` (a folder or a hub name; ``hf`` / ``tok`` already loaded
     when given) in compatibility mode with ``proc``'s weight processing: HookedTransformer's hook
     names and processed weights (folded norms, centred writing weights for LayerNorm models)."""

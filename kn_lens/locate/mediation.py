@@ -590,8 +590,9 @@ def attribution_patching(model: "HookedTransformer", query: Query, *,
             grads = torch.autograd.grad(p, zeros)
         p_corr.append(float(p.detach()))
         for layer in range(L):
-            delta = clean.post[layer][restore] - store[layer][0, restore]
-            out[s, layer] = (delta * grads[layer][0, restore]).sum(0).float().cpu()
+            # in float32: a half-precision model's h - h* and its products and sums
+            delta = clean.post[layer][restore].float() - store[layer][0, restore].float()
+            out[s, layer] = (delta * grads[layer][0, restore].float()).sum(0).cpu()
     _finite(out, "the attribution-patching scores")
     extras = dict(p_clean=math.exp(clean.logprob), p_corrupted=p_corr, atp_per_sample=out,
                   noise_scale=nu, corrupted_positions=cpos, restored_positions=tuple(restore),
