@@ -9,7 +9,7 @@
 
 The HookedTransformer builders take ``device`` and ``dtype`` (built in float32, then moved / cast).
 
-Both use a byte-level BPE tokenizer trained on the fly (deterministic) so that leading spaces,
+All use a byte-level BPE tokenizer trained on the fly (deterministic) so that leading spaces,
 multi-token answers and round trips behave like a real model's tokenizer.
 """
 from __future__ import annotations

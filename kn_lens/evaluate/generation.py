@@ -115,7 +115,8 @@ def greedy_batch(model: "HookedTransformer", prompts: Sequence[Sequence[int]], m
     """Greedy continuations of many prompts at once: left-padded, with an attention mask and a
     key/value cache (TransformerLens' own padded-generation path), one forward per new token for
     the whole batch. Equal to :func:`greedy` per prompt up to float rounding (tested). Rows stop
-    after EOS (the rest of their continuation is dropped)."""
+    after EOS (the rest of their continuation is dropped). On a TransformerBridge every step
+    reruns the whole left-padded batch with its mask (the same tokens, tested)."""
     if max_new_tokens < 0:
         raise ConfigError("max_new_tokens must be >= 0")
     prompts = [list(p) for p in prompts]
