@@ -32,11 +32,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from kn_lens.datasets import builtin_dataset  # noqa: E402
-from kn_lens.locate import IGConfig  # noqa: E402
-from kn_lens.sweep import (ModelSpec, ResultStore, SweepConfig, fact_queries,  # noqa: E402
+from kn_lens.datasets import builtin_dataset
+from kn_lens.locate import IGConfig
+from kn_lens.sweep import (ModelSpec, ResultStore, SweepConfig, fact_queries,
                            locate_items, sweep)
 
 # (n_layers, d_model, d_mlp, n_heads, n_kv_heads, d_head, d_vocab, gated)

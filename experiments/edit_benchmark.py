@@ -60,7 +60,7 @@ def compute(args) -> None:
         if m.strip():
             resolve(m.strip().partition("@")[0], configs)
     experiment.set_threads(args)
-    model = load_benchmark_model(args.model, args.seed)
+    model = load_benchmark_model(args.model, args.seed, device=args.device, dtype=args.dtype)
     bench = BenchmarkRun.from_args(args)
     requests = bench.requests(model, builtin_dataset())
     hcfg = HarnessConfig(max_new_tokens=args.max_new_tokens, seed=args.seed,

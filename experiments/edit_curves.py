@@ -97,7 +97,7 @@ def compute(args) -> None:
     for m in methods:  # a bad name fails before any model work
         resolve(m, configs)
     experiment.set_threads(args)
-    model = load_benchmark_model(args.model, args.seed)
+    model = load_benchmark_model(args.model, args.seed, device=args.device, dtype=args.dtype)
     pool = _bench(args).requests(model, builtin_dataset())
     if args.n_requests > len(pool):
         raise SystemExit(f"--n-requests {args.n_requests} > the benchmark's {len(pool)} requests")

@@ -32,7 +32,7 @@ def compute(args) -> None:
     if per_rel is not None:
         ds = ds.filter(limit_per_relation=per_rel)
     started = time.time()
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     cfg = KnownFactsConfig(max_rank=args.max_rank, min_share=args.min_share,
                            batch_size=args.batch_size)
     res = known_facts(model, ds.facts, ds, config=cfg)

@@ -53,7 +53,7 @@ def compute(args) -> None:
     started = time.time()
     n = args.n_facts or (8 if args.quick else 200)
     ds = builtin_dataset()
-    model = experiment.load_experiment_model(args.model, args.seed)
+    model = experiment.model_from_args(args)
     # the QL fact sample of locate_facts.py (same seed: the same facts as ql_consistency /
     # ql_modification) and the per-query score cache, so IG is not recomputed here
     fact_list = experiment.ql_facts(args, model, ds, n)

@@ -45,7 +45,7 @@ def compute(args) -> None:
     started = time.time()
     n = args.n_facts or (4 if args.quick else 50)
     ds = builtin_dataset()
-    model = experiment.load_experiment_model(args.model, args.seed)
+    model = experiment.model_from_args(args)
     chosen = experiment.sample(args, model, ds, n, strategy="balanced").pairs()
     queries = [make_query(model, f, ds.relation_of(f).templates[t], template_index=t)
                for f, t in chosen]

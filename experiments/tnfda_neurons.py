@@ -50,7 +50,7 @@ def compute(args) -> None:
     experiment.set_threads(args)
     started = time.time()
     ds = builtin_dataset()
-    model = experiment.load_experiment_model(args.model, args.seed)
+    model = experiment.model_from_args(args)
     chosen = experiment.sample(args, model, ds, args.n_facts, strategy="balanced",
                                n_relations=4 if args.quick else None).pairs()
     queries = [make_query(model, f, ds.relation(f.relation).templates[t], template_index=t)

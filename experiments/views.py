@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--figures-dir", type=Path, default=ROOT / "figures")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (default 0: torch's own)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when visible)")
+    ap.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     args = ap.parse_args()
 
     import torch
@@ -41,7 +43,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     q = query_from_prompt(model, args.prompt, args.answer)
     kns = top_k(contribution_scores(model, q), 5)  # the top-5 by contribution
     views = viz.fact_views(model, q, kns, label=f"'{args.prompt}' -> '{args.answer}', "

@@ -13,6 +13,7 @@ point fires with the same shapes) as *instance* attributes for the duration of a
 removes them in ``finally``; nested use is a no-op. Attention falls back to TransformerLens' own
 code for any configuration the fast path does not cover (split q/k/v inputs, per-head results,
 4-bit weights, ALiBi / relative biases, attention sinks, QK clipping, log-n scaling).
+A TransformerBridge runs as it is (its modules are Hugging Face's, not TransformerLens').
 ``fast_forward(model, frozen_weights=True)`` (the optimisation loop, scoring, generation and
 perplexity, none of which writes a weight) also projects q, k and v with one matmul on a fused
 W_Q | W_K | W_V copy per layer, made on first use and dropped at exit (ROME v* 4.95 -> 4.65 s per
@@ -27,6 +28,8 @@ from typing import Iterator
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from kn_lens.backend import is_bridge
 
 
 def mlp_forward(mlp, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
@@ -167,6 +170,9 @@ def fast_forward(model, *, frozen_weights: bool = False) -> Iterator:
     that need gradients (``requires_grad`` with grad mode on) never use the copy. A weight
     changed inside such a scope would not be seen (``p.data`` writes bump no version counter,
     so the copy cannot check); that is why it is opt-in."""
+    if is_bridge(model):  # Hugging Face modules behind the bridge: nothing of TransformerLens' to
+        yield model  # replace (and TransformerLens 4 has no HookedTransformer components)
+        return
     from transformer_lens.components import Attention, GroupedQueryAttention, Unembed
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
 

@@ -26,7 +26,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         return 0
     if args.models_cmd == "info":
         t0 = time.perf_counter()
-        m = models.load_model(args.name)
+        m = _load(args, args.name)
         print(f"loaded in {time.perf_counter() - t0:.1f} s")
         for k, v in models.model_info(m).to_dict().items():
             print(f"  {k}: {v}")
@@ -37,15 +37,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kn_lens.demo import run_demo
 
-    run_demo(model_name=args.model, n_facts=args.n_facts, seed=args.seed)
+    run_demo(model_name=args.model, n_facts=args.n_facts, seed=args.seed,
+             load_kwargs=_load_kwargs(args))
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from kn_lens.facts import predict, query_from_prompt
-    from kn_lens.models import load_model
 
-    model = load_model(args.model)
+    model = _load(args, args.model)
     q = query_from_prompt(model, args.prompt, args.answer or "the")
     (p,) = predict(model, [q], k=args.k)
     print(f"{args.prompt!r} ->")
@@ -59,10 +59,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_locate(args: argparse.Namespace) -> int:
     from kn_lens.facts import query_from_prompt
     from kn_lens.locate import available_methods, locate
-    from kn_lens.models import load_model
     from kn_lens.neurons import top_k
 
-    model = load_model(args.model)
+    model = _load(args, args.model)
     q = query_from_prompt(model, args.prompt, args.answer)
     methods = available_methods() if args.method == "all" else args.method.split(",")
     for method in methods:
@@ -120,9 +119,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     from kn_lens.evaluate.metrics import edit_active
     from kn_lens.evaluate.perplexity import prepare_reference, reference_slices
     from kn_lens.facts import predict, query_from_prompt
-    from kn_lens.models import load_model
 
-    model = load_model(args.model)
+    model = _load(args, args.model)
     if args.load:
         e = Edit.load(args.load)
         e.check(model)  # a saved edit for another model or weight processing is refused
@@ -163,7 +161,6 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 def _cmd_study(args) -> int:
     from kn_lens.datasets import load_relations_file
-    from kn_lens.models import load_model
     from kn_lens.study import StudyConfig, study
 
     ds = load_relations_file(args.file)  # every problem of the file, before any model work
@@ -174,7 +171,7 @@ def _cmd_study(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = _load(args, args.model)
     res = study(model, ds, out=args.out, config=cfg)
     print(f"wrote {', '.join(str(res.out / f) for f in res.files)} in {res.seconds:.0f} s "
           f"({res.computed} items computed, {res.cached} from the cache)")
@@ -241,6 +238,32 @@ def _sweep_store_cmd(args) -> int:
     return 0
 
 
+def _load_kwargs(args) -> dict:
+    return {"device": args.device, "dtype": args.dtype, "backend": args.backend}
+
+
+def _load(args, name):
+    from kn_lens.models import load_model
+
+    return load_model(name, **_load_kwargs(args))
+
+
+def _model_options() -> argparse.ArgumentParser:
+    """--device / --dtype / --backend, shared by every command that loads a model."""
+    from kn_lens.models import BACKENDS
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model placement")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when a "
+                   "GPU is visible, else cpu)")
+    g.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    g.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="hooked: HookedTransformer (the default with TransformerLens 3.x); "
+                   "bridge: TransformerBridge (TransformerLens 4's model class, the default "
+                   "where HookedTransformer is gone)")
+    return p
+
+
 def _top(p) -> str:
     return ", ".join(f"{t!r} {pr:.2f}" for t, pr in zip(p.top_tokens, p.top_probs))
 
@@ -252,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "synapses) and edit it precisely. Built on TransformerLens.",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
+    placement = _model_options()
 
     m = sub.add_parser("models", help="list, prepare (dequantise into the cache) or inspect models")
     msub = m.add_subparsers(dest="models_cmd", required=True)
@@ -259,18 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     prep = msub.add_parser("prepare", help="prepare a built-in offline model (once)")
     prep.add_argument("name", help="smollm2-135m, gemma-3-270m or all")
     prep.add_argument("--force", action="store_true", help="prepare again even if cached")
-    info = msub.add_parser("info", help="load a model and print its metadata")
+    info = msub.add_parser("info", help="load a model and print its metadata",
+                           parents=[placement])
     info.add_argument("name", nargs="?", default=None)
     m.set_defaults(func=_cmd_models)
 
     d = sub.add_parser("demo", help="the main job on a model: facts, predictions, known facts, "
-                       "knowledge neurons and an edit")
+                       "knowledge neurons and an edit", parents=[placement])
     d.add_argument("--model", default=None, help="default: smollm2-135m")
     d.add_argument("--n-facts", type=int, default=8)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_demo)
 
-    lo = sub.add_parser("locate", help="score every FFN neuron for a prompt and answer")
+    lo = sub.add_parser("locate", help="score every FFN neuron for a prompt and answer",
+                        parents=[placement])
     lo.add_argument("prompt")
     lo.add_argument("answer", help="the expected continuation, without leading space")
     lo.add_argument("--method", default="contribution",
@@ -280,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.set_defaults(func=_cmd_locate)
 
     ed = sub.add_parser("edit", help="edit a fact (ROME, MEMIT, FT-L, KN update ...) and judge it "
-                        "on the three protocols; or apply a saved edit")
+                        "on the three protocols; or apply a saved edit", parents=[placement])
     ed.add_argument("prompt", help="the rewrite prompt, e.g. 'The Eiffel Tower is located in the "
                     "city of'")
     ed.add_argument("new_object", nargs="?", default=None, help="the new object, e.g. Rome")
@@ -299,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("study", help="test hypotheses on your own relations (one JSON file): "
                         "known facts, KNs, consistency, causal check, sharing with the built-in "
-                        "relations, optional edits -> a report folder (resumable)")
+                        "relations, optional edits -> a report folder (resumable)",
+                        parents=[placement])
     st.add_argument("file", help='relations JSON: {"relations": [{"id", "name", "templates", '
                     '"facts": [[subject, object], ...]}]} (or the built-in two-file folder)')
     st.add_argument("--out", required=True, help="output folder (report.md, results.json, "
@@ -344,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="copy the items of these stores (e.g. shards) into --out")
     sw.set_defaults(func=_cmd_sweep)
 
-    pr = sub.add_parser("predict", help="top next tokens after a prompt")
+    pr = sub.add_parser("predict", help="top next tokens after a prompt", parents=[placement])
     pr.add_argument("prompt")
     pr.add_argument("--answer", default=None, help="score this answer (teacher-forced)")
     pr.add_argument("--model", default=None)

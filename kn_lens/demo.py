@@ -34,21 +34,22 @@ def _pick(facts, n: int, seed: int):
 
 def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
              out: Callable[[str], None] = print, model=None, stats_tokens: int = 100_000,
-             new_object: str = "Rome") -> dict:
+             new_object: str = "Rome", load_kwargs: dict | None = None) -> dict:
     from kn_lens import hooks
     from kn_lens.datasets import build_edit_requests, builtin_dataset, known_facts
     from kn_lens.edit import erase
     from kn_lens.evaluate import evaluate_edit, reference_slices
     from kn_lens.facts import Fact, make_query, predict, queries_for_fact, query_from_prompt
     from kn_lens.locate import agreement, locate
-    from kn_lens.models import load_model
+    from kn_lens.models import load_model, model_info
     from kn_lens.neurons import random_like, threshold_relative, top_fraction
 
     t0 = time.perf_counter()
-    model = load_model(model_name) if model is None else model
-    info = model.kn_info
+    model = load_model(model_name, **(load_kwargs or {})) if model is None else model
+    info = model_info(model)
     out(f"== model: {info.name} ({info.n_layers} layers x {info.d_mlp} FFN neurons, "
-        f"{'gated ' if info.gated_mlp else ''}MLP, BOS={info.prepend_bos}, fold_ln={info.fold_ln}) "
+        f"{'gated ' if info.gated_mlp else ''}MLP, BOS={info.prepend_bos}, fold_ln={info.fold_ln}; "
+        f"{info.backend} on {info.device}, {info.dtype}) "
         f"loaded in {time.perf_counter() - t0:.0f} s")
     ds = builtin_dataset()
     out(f"== built-in data: {len(ds.relations)} relations, {len(ds.facts)} facts")
@@ -81,7 +82,7 @@ def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
         p0 = float(predict(model, [q])[0].answer_prob)
         p_top = float(torch.exp(_lp(model, q, hooks.scale_neurons(top, 0.0))))
         rnd = random_like(top, info.n_layers, info.d_mlp,
-                          generator=torch.Generator().manual_seed(seed), exclude=top)
+                          generator=torch.Generator(device="cpu").manual_seed(seed), exclude=top)
         p_rnd = float(torch.exp(_lp(model, q, hooks.scale_neurons(rnd, 0.0))))
         best = ", ".join(str(n) for n in s.top_k(5))
         out(f"  {method:12s} {time.perf_counter() - t1:5.1f} s  top-5: {best}")

@@ -66,6 +66,9 @@ def parser(description: str) -> argparse.ArgumentParser:
                     help="where figures go (default: figures/, quick runs: "
                     "<results-dir>/quick/figures); given, it is used in every mode")
     ap.add_argument("--plot-only", action="store_true", help="redraw figures from the saved results")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when a "
+                    "GPU is visible, else cpu)")
+    ap.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (default 0: torch's own, every core); 1 when two jobs "
                     "share the machine")
@@ -304,17 +307,28 @@ def restore_from_archive(archive: Path, key: str, field: str, folder: Path, *,
 # --------------------------------------------------------------------------- models and facts
 
 
-def load_experiment_model(name: str, seed: int = 0, *, n_ctx: int | None = None):
-    """``load_model(name)``, or a tiny random model of :data:`kn_lens.testing.TINY_MODELS`
-    (``tiny-gpt2``, ``tiny-llama``: tests; they know no facts, so pair them with
-    ``--no-known-filter``) built with ``seed`` and, when given, ``n_ctx`` positions."""
+def load_experiment_model(name: str, seed: int = 0, *, n_ctx: int | None = None, device=None,
+                          dtype=None):
+    """``load_model(name, device=, dtype=)`` (``--device`` / ``--dtype``), or a tiny random model
+    of :data:`kn_lens.testing.TINY_MODELS` (``tiny-gpt2``, ``tiny-llama``: tests; they know no
+    facts, so pair them with ``--no-known-filter``) built with ``seed`` and, when given, ``n_ctx``
+    positions."""
     from kn_lens import testing
 
     if name in testing.TINY_MODELS:
-        return testing.tiny_model(name, seed=seed, **({} if n_ctx is None else {"n_ctx": n_ctx}))
+        return testing.tiny_model(name, seed=seed, device=device, dtype=dtype,
+                                  **({} if n_ctx is None else {"n_ctx": n_ctx}))
     from kn_lens.models import load_model
 
-    return load_model(name)
+    return load_model(name, device=device, dtype=dtype)
+
+
+def model_from_args(args: argparse.Namespace, **kw):
+    """:func:`load_experiment_model` of a script's ``--model`` / ``--seed`` / ``--device`` /
+    ``--dtype``."""
+    return load_experiment_model(args.model, getattr(args, "seed", 0),
+                                 device=getattr(args, "device", None),
+                                 dtype=getattr(args, "dtype", None), **kw)
 
 
 def saved_known_facts(results_dir: str | os.PathLike, model: str) -> "KnownFacts | None":
@@ -428,7 +442,8 @@ def prepare_located(args: argparse.Namespace) -> LocatedSample:
     from kn_lens.locate.cache import mean_seconds, scores_for_facts
 
     set_threads(args)
-    model = load_experiment_model(args.model)
+    model = load_experiment_model(args.model, device=getattr(args, "device", None),
+                                  dtype=getattr(args, "dtype", None))
     ds = builtin_dataset()
     facts = ql_facts(args, model, ds, ql_n_facts(args))
     if getattr(args, "shard", None):

@@ -291,7 +291,7 @@ def pad_batch(queries: Sequence[Query], pad_id: int = 0,
     lengths = [len(q.input_ids) for q in queries]
     out = torch.full((len(queries), max(lengths)), pad_id, dtype=torch.long, device=device)
     for i, q in enumerate(queries):
-        out[i, : lengths[i]] = torch.tensor(q.input_ids, dtype=torch.long)
+        out[i, : lengths[i]] = torch.tensor(q.input_ids, dtype=torch.long, device=device)
     return out, lengths
 
 

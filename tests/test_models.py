@@ -44,39 +44,18 @@ def test_tiny_model_info(tiny_model):
     assert info.gated_mlp == bool(tiny_model.cfg.gated_mlp)
 
 
-def _tiny_hf(family: str, vocab: int):
-    """A tiny random model of ``family`` as the current ``transformers`` builds and saves it."""
-    import transformers as T
-
-    small = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=64)
-    if family == "gpt2":  # the issue's report: GPT2Config has no n_ctx any more
-        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32,
-                                              n_layer=2, n_head=4))
-    if family == "gpt-neox":
-        return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(intermediate_size=64, **small))
-    if family == "llama":
-        return T.LlamaForCausalLM(T.LlamaConfig(intermediate_size=48, num_key_value_heads=2,
-                                                tie_word_embeddings=True, **small))
-    if family == "gemma-3":  # local + global layers, q/k norms, query_pre_attn_scalar != head_dim
-        return T.Gemma3ForCausalLM(T.Gemma3TextConfig(
-            intermediate_size=48, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=16,
-            sliding_window=4, layer_types=["sliding_attention", "full_attention"], **small))
-    raise ValueError(family)
-
-
 @pytest.mark.parametrize("family", ["gpt2", "gpt-neox", "llama", "gemma-3"])
 def test_hf_folder_of_each_family_loads(tmp_path, family):
     """A local folder saved by the current ``transformers`` (GPT-2, GPT-NeoX, LLaMA, Gemma-3)
     loads, and the HookedTransformer computes the folder model's next-token distribution."""
     from transformer_lens import loading_from_pretrained as loading
 
-    from kn_lens.testing import tiny_tokenizer
+    from kn_lens.testing import tiny_hf, tiny_tokenizer
 
     convert = loading.convert_hf_model_config
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    hf = _tiny_hf(family, len(tok)).eval()
+    hf = tiny_hf(family, len(tok)).eval()
     folder = tmp_path / f"tiny-{family}"
     hf.save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -198,7 +198,7 @@ def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronSc
         from kn_lens.datasets.edits import new_objects as draw_new_objects
 
         new_objects = draw_new_objects(facts, seed=config.seed, model=model)
-    g = torch.Generator().manual_seed(config.seed)
+    g = torch.Generator(device="cpu").manual_seed(config.seed)
     ekw = {} if edit_config is None else {"config": edit_config}
     per_edit = []
     for f in facts:
@@ -208,7 +208,8 @@ def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronSc
         sets = {"N_g": union(local), "CAS": cas_neurons(scores, config=cas_config)}
         if locality is None:
             others = [o for o in facts if o != f]
-            perm = torch.randperm(len(others), generator=g)[:config.n_locality].tolist()
+            perm = torch.randperm(len(others), generator=g,
+                                  device="cpu")[:config.n_locality].tolist()
             loc = [scores_by_fact[others[j]][0].query for j in perm]
         else:
             loc = [q for q in locality if q.fact != f]

@@ -171,7 +171,7 @@ def _row_scaling_hooks(variants: Sequence[tuple[NeuronSet, float]], n_rows: int,
     per_layer: dict[int, torch.Tensor] = {}
     for r, (ns, factor) in enumerate(variants):
         for n in ns:
-            mult = per_layer.setdefault(n.layer, torch.ones(n_rows, d_mlp))
+            mult = per_layer.setdefault(n.layer, torch.ones(n_rows, d_mlp, device="cpu"))
             mult[r + 1, n.index] = factor
     pos = slice(None) if positions is None else (
         [positions] if isinstance(positions, int) else list(positions))

@@ -395,7 +395,8 @@ def scale_synapses(synapses: Synapses | Bool[Tensor, "layer head key"], factor: 
 
 def _restrict(mask: Tensor, n_positions: int) -> Tensor:
     """A synapse mask cut (or zero-padded) to ``n_positions`` key positions."""
-    out = torch.zeros(mask.shape[0], mask.shape[1], n_positions, dtype=torch.bool)
+    out = torch.zeros(mask.shape[0], mask.shape[1], n_positions, dtype=torch.bool,
+                      device=mask.device)
     k = min(n_positions, mask.shape[-1])
     out[..., :k] = mask[..., :k]
     return out

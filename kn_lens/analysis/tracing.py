@@ -209,7 +209,8 @@ def _restored_probs(model, query: Query, noise: Float[Tensor, "noise pos d_model
     for j in range(L):
         rows = [s * R + l for s in range(n) for l, (lo, hi) in enumerate(windows) if lo <= j < hi]
         if rows:
-            fwd.append((name(j), _restore_rows(torch.tensor(rows), pos, clean[j])))
+            fwd.append((name(j), _restore_rows(torch.tensor(rows, device=noise.device), pos,
+                                               clean[j])))
     lp = answer_logprobs(model, [query] * (n * R), batch_size=n * R, fwd_hooks=fwd)
     return lp.exp().view(n, R)
 
@@ -300,14 +301,14 @@ def layer_sweep(model: "HookedTransformer", queries: Sequence[Query], *,
             f"found, or p_clean - p_corrupt < min_effect = {config.min_effect}); use facts the model "
             "knows, more noise, or a lower min_effect")
     ie = torch.stack([r.indirect_effect for r in kept])
-    std = ie.std(0) if len(kept) > 1 else torch.zeros(ie.shape[1])
+    std = ie.std(0) if len(kept) > 1 else torch.zeros(ie.shape[1], device=ie.device)
     mean = ie.mean(0)
     return LayerSweep(
         kind=config.kind, window=config.effective_window, mean_ie=mean, std_ie=std,
         best_layer=int(torch.argmax(mean)), ie=ie,
         p_restored=torch.stack([r.p_restored for r in kept]),
-        p_clean=torch.tensor([r.p_clean for r in kept]),
-        p_corrupt=torch.tensor([r.p_corrupt for r in kept]),
+        p_clean=torch.tensor([r.p_clean for r in kept], device="cpu"),
+        p_corrupt=torch.tensor([r.p_corrupt for r in kept], device="cpu"),
         positions=tuple(r.position for r in kept), prompts=tuple(r.prompt for r in kept),
         n_queries=len(kept), skipped=len(skipped), skipped_queries=tuple(skipped), config=config)
 

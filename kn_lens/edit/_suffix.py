@@ -60,7 +60,7 @@ class FrozenPrefix:
         store: dict[str, Tensor] = {}
         names = [H.resid_pre(start)] + [f"blocks.{i}.attn.hook_{kv}" for i in range(start, n_layers)
                                         for kv in ("k", "v")] + [H.resid_post(n_layers - 1)]
-        fwd = [(n, lambda act, hook: store.__setitem__(hook.name, act.detach())) for n in names]
+        fwd = [h for n in names for h in H.cache_hook(n, store)]
         with model.hooks(fwd_hooks=fwd):
             model(toks, stop_at_layer=n_layers)
         b = len(ids)

@@ -94,12 +94,12 @@ def resolve(label: str, configs: dict[str, Any]) -> tuple[str, Any]:
     return label, configs[label]
 
 
-def load_benchmark_model(name: str, seed: int = 0):
-    """The benchmark's model: ``load_model(name)``, or a tiny test model with
+def load_benchmark_model(name: str, seed: int = 0, *, device=None, dtype=None):
+    """The benchmark's model: ``load_model(name, device=, dtype=)``, or a tiny test model with
     :data:`TINY_N_CTX` positions."""
     from kn_lens.experiment import load_experiment_model
 
-    return load_experiment_model(name, seed, n_ctx=TINY_N_CTX)
+    return load_experiment_model(name, seed, n_ctx=TINY_N_CTX, device=device, dtype=dtype)
 
 
 def aggregates_to_dict(aggs: dict) -> dict:

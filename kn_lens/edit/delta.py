@@ -35,9 +35,12 @@ How the hook form works (exact up to float rounding, tested against the material
   ``W_gate``; ``hook_pre_linear`` for a gated MLP's ``W_in`` (the up projection).
 - ``W_Q`` / ``W_K`` / ``W_V`` head slices: ``x @ dW[h]`` is added to ``hook_q/k/v[..., h, :]``
   (before rotary) with ``x = ln1(resid_pre)``; ``W_O``: ``attn_out += z[:, :, h] @ dW_O[h]``.
-- Models that normalise block outputs (``cfg.use_normalization_before_and_after``, Gemma): the
+- Models that normalise block outputs (Gemma's ``ln1_post`` / ``ln2_post``): the
   term is added to the *un-normalised* output, recovered from ``ln{1,2}_post.hook_scale`` and
   ``hook_normalized``, and re-normalised, so the result equals the materialised weights.
+
+The added terms are computed in the dtype of the activation they join (TransformerLens' norms
+compute in float32 even in a bfloat16 model, so a post-norm term is float32 there).
 
 Put ``edit.hooks(model)`` *after* other hooks on the same hook points when you combine them: the
 edit then reads the activations that the weights actually read.
@@ -57,6 +60,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from kn_lens import hooks as H
+from kn_lens.backend import (architecture, bridge_weight, has_post_norms, is_bridge, norm_bias,
+                             norm_weight)
 from kn_lens.errors import ConfigError, DataFileError, NumericalError
 from kn_lens.models import ModelInfo, model_info
 from kn_lens.neurons import Neuron, NeuronSet
@@ -110,8 +115,8 @@ class WeightDelta:
     values: Tensor
 
     def __post_init__(self) -> None:
-        index = torch.as_tensor(self.index, dtype=torch.long).flatten().cpu()
-        values = torch.as_tensor(self.values).detach().cpu()
+        index = torch.as_tensor(self.index, dtype=torch.long, device="cpu").flatten()
+        values = torch.as_tensor(self.values, device="cpu").detach()
         object.__setattr__(self, "index", index)
         object.__setattr__(self, "values", values)
         if not isinstance(self.param, str) or not self.param:
@@ -149,13 +154,14 @@ class WeightDelta:
 
 def w_out_rows(layer: int, index: Sequence[int] | Tensor, values: Tensor) -> WeightDelta:
     """Delta on neurons' output vectors: rows of ``blocks.{layer}.mlp.W_out``, values [k, d_model]."""
-    return WeightDelta(param_name(layer, "W_out"), 0, torch.as_tensor(index), values)
+    return WeightDelta(param_name(layer, "W_out"), 0, torch.as_tensor(index, device="cpu"), values)
 
 
 def w_in_columns(layer: int, index: Sequence[int] | Tensor, values: Tensor, *,
                  gate: bool = False) -> WeightDelta:
     """Delta on neurons' input vectors: columns of ``W_in`` (or ``W_gate``), values [d_model, k]."""
-    return WeightDelta(param_name(layer, "W_gate" if gate else "W_in"), 1, torch.as_tensor(index),
+    return WeightDelta(param_name(layer, "W_gate" if gate else "W_in"), 1,
+                       torch.as_tensor(index, device="cpu"),
                        values)
 
 
@@ -164,7 +170,7 @@ def head_slices(layer: int, kind: str, heads: Sequence[int] | Tensor, values: Te
     under grouped-query attention), ``W_O`` values [k, d_head, d_model]."""
     if kind not in ("W_Q", "W_K", "W_V", "W_O"):
         raise ConfigError(f"head_slices takes W_Q, W_K, W_V or W_O, not {kind!r}")
-    return WeightDelta(param_name(layer, kind), 0, torch.as_tensor(heads), values)
+    return WeightDelta(param_name(layer, kind), 0, torch.as_tensor(heads, device="cpu"), values)
 
 
 def dense(layer: int, kind: str, values: Tensor) -> WeightDelta:
@@ -172,11 +178,12 @@ def dense(layer: int, kind: str, values: Tensor) -> WeightDelta:
     dimension (rows of W_out, columns of W_in / W_gate, all heads of W_Q/W_K/W_V/W_O)."""
     if kind not in _KINDS:
         raise ConfigError(f"unknown weight kind {kind!r}; choose one of {sorted(_KINDS)}")
-    values = torch.as_tensor(values)
+    values = torch.as_tensor(values, device="cpu")
     dim = _KINDS[kind][0]
     if not 0 <= dim < values.ndim:
         raise ConfigError(f"dense {kind} delta: a {values.ndim}-d value has no dim {dim}")
-    return WeightDelta(param_name(layer, kind), dim, torch.arange(values.shape[dim]), values)
+    return WeightDelta(param_name(layer, kind), dim, torch.arange(values.shape[dim], device="cpu"),
+                       values)
 
 
 _LOW_RANK_KINDS = ("W_out", "W_in", "W_gate")
@@ -195,8 +202,8 @@ class LowRankDelta:
     v: Tensor
 
     def __post_init__(self) -> None:
-        u = torch.as_tensor(self.u).detach().cpu()
-        v = torch.as_tensor(self.v).detach().cpu()
+        u = torch.as_tensor(self.u, device="cpu").detach()
+        v = torch.as_tensor(self.v, device="cpu").detach()
         if u.ndim == 1:
             u = u[:, None]
         if v.ndim == 1:
@@ -350,9 +357,7 @@ class Edit:
         edit was made on a model with other metadata (name, sizes, weight processing)."""
         if strict and self.model is not None:
             mine, theirs = self.model, model_info(model)
-            keys = ("name", "n_layers", "d_model", "d_mlp", "fold_ln", "center_writing_weights",
-                    "center_unembed")
-            diff = {k: (getattr(mine, k), getattr(theirs, k)) for k in keys
+            diff = {k: (getattr(mine, k), getattr(theirs, k)) for k in _WEIGHT_KEYS
                     if getattr(mine, k) != getattr(theirs, k)}
             if diff:
                 raise ConfigError(
@@ -360,7 +365,7 @@ class Edit:
                     "Deltas live on processed weights; load the model as the edit's manifest says, "
                     "or pass strict=False if you know the weights agree.")
         for d in self.deltas:
-            p = _param(model, d.param)
+            p = _param(model, d.param, writable=False)
             if isinstance(d, LowRankDelta):
                 if p.ndim != 2 or d.shape != tuple(p.shape):
                     raise ConfigError(f"low-rank delta on {d.param}: u v^T is {d.shape}, the "
@@ -483,17 +488,30 @@ class Edit:
                    manifest.get("config", {}))
 
 
+# What an edit's deltas depend on: the weights as loaded (model, sizes, weight processing), not
+# where or how the model computes (device, dtype, backend: a HookedTransformer and a bridge of
+# the same folder have the same processed weights).
+_WEIGHT_KEYS = ("name", "n_layers", "d_model", "d_mlp", "fold_ln", "center_writing_weights",
+                "center_unembed")
+
+
+def _weights_of(info: ModelInfo) -> tuple:
+    return tuple(getattr(info, k) for k in _WEIGHT_KEYS)
+
+
 def compose(edits: Iterable[Edit], description: str | None = None) -> Edit:
     """One edit with the summed deltas of ``edits`` (deltas on the same slice add)."""
     edits = list(edits)
-    models = {e.model for e in edits if e.model is not None}
+    infos = [e.model for e in edits if e.model is not None]
+    models = {_weights_of(m): m for m in reversed(infos)}  # the first edit's info per weights
     if len(models) > 1:
-        raise ConfigError(f"cannot compose edits made for different models: {sorted(m.name for m in models)}")
+        raise ConfigError(f"cannot compose edits made for different models or weight processing: "
+                          f"{sorted(models)}")
     deltas = _merge(tuple(d for e in edits for d in e.deltas))
     desc = description if description is not None else " + ".join(e.description for e in edits
                                                                     if e.description)
     methods = sorted({e.method for e in edits if e.method})
-    return Edit(deltas, desc, "+".join(methods), next(iter(models), None),
+    return Edit(deltas, desc, "+".join(methods), next(iter(models.values()), None),
                 {"composed_of": [{"description": e.description, "method": e.method,
                                   "config": e.config} for e in edits]})
 
@@ -529,7 +547,7 @@ def _merge(deltas: tuple[Delta, ...]) -> tuple[Delta, ...]:
         uniq, inverse = torch.unique(index, sorted=True, return_inverse=True)
         shape = list(values.shape)
         shape[dim] = uniq.numel()
-        summed = torch.zeros(shape, dtype=dtype).index_add_(dim, inverse, values)
+        summed = torch.zeros(shape, dtype=dtype, device="cpu").index_add_(dim, inverse, values)
         out.append(WeightDelta(param, dim, uniq, summed))
     return tuple(out)
 
@@ -537,7 +555,17 @@ def _merge(deltas: tuple[Delta, ...]) -> tuple[Delta, ...]:
 # --------------------------------------------------------------------------- hook construction
 
 
-def _param(model, name: str) -> Tensor:
+def _param(model, name: str, *, writable: bool = True) -> Tensor:
+    """The weight ``name`` (``blocks.5.mlp.W_out``) in TransformerLens' layout, as a tensor whose
+    in-place writes reach the weights the forward pass reads (a parameter, or on a
+    TransformerBridge a view of its Hugging Face weight; ``writable=False`` when only its shape,
+    dtype or values are read)."""
+    if is_bridge(model):
+        parsed = parse_param(name)
+        if parsed is None:
+            raise ConfigError(f"the bridge has no weight {name!r}: kn-lens edits blocks.<l>.mlp."
+                              "W_out / W_in / W_gate and blocks.<l>.attn.W_Q / W_K / W_V / W_O")
+        return bridge_weight(model, name, *parsed, writable=writable)
     try:  # attribute walk: much cheaper than listing every parameter
         p = model.get_parameter(name)
         if p is not None:
@@ -554,14 +582,13 @@ def _param(model, name: str) -> Tensor:
     raise ConfigError(f"the model has no parameter {name!r} (e.g. {next(iter(params))!r})")
 
 
-def _ln_apply(ln, normalized: Tensor) -> Tensor:
+def _ln_apply(model, ln, normalized: Tensor) -> Tensor:
     """Finish a (possibly unfolded) LayerNorm/RMSNorm from its hook_normalized output."""
-    w = getattr(ln, "w", None)
-    b = getattr(ln, "b", None)
+    w, b = norm_weight(model, ln), norm_bias(model, ln)
     out = normalized
-    if isinstance(w, Tensor):
+    if w is not None:
         out = out * w
-    if isinstance(b, Tensor):
+    if b is not None:
         out = out + b
     return out
 
@@ -572,7 +599,7 @@ def _unsupported(model) -> str | None:
         from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
     except ImportError:  # pragma: no cover - older TransformerLens
         POST_NORM_ARCHITECTURES = ()
-    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
+    if architecture(model) in POST_NORM_ARCHITECTURES:
         return "post-norm blocks (the output norm is applied before hook_mlp_out)"
     if cfg.positional_embedding_type == "shortformer":
         return "shortformer positional embeddings"
@@ -600,6 +627,7 @@ def delta_hooks(model: "HookedTransformer", deltas: Sequence[Any], *,
     inputs: dict[str, list] = {}  # target hook -> [(x_fn, unit_dim, index, values, einsum) | low-rank]
     out_terms: dict[tuple[int, str], list[OutputTerm]] = {}
     reason = _unsupported(model) if (deltas or outputs) else None
+    post_norms = has_post_norms(model)
 
     def input_source(layer: int, which: str):
         """Returns a function store -> the block's MLP ("mlp") or attention ("attn") input."""
@@ -610,7 +638,7 @@ def delta_hooks(model: "HookedTransformer", deltas: Sequence[Any], *,
             return lambda: store[name]
         name = H.ln2_normalized(layer) if which == "mlp" else H.ln1_normalized(layer)
         readers[name] = None
-        return lambda: _ln_apply(ln, store[name])
+        return lambda: _ln_apply(model, ln, store[name])
 
     def mlp_input_target(layer: int, kind: str) -> str:
         if kind == "W_gate" and not cfg.gated_mlp:
@@ -636,7 +664,8 @@ def delta_hooks(model: "HookedTransformer", deltas: Sequence[Any], *,
                 name = H.mlp_post(layer)
                 readers[name] = None
                 out_terms.setdefault((layer, "mlp"), []).append(
-                    lambda like, name=name, u=u, v=v: (store[name] @ u.to(like.device, like.dtype))
+                    lambda like, name=name, u=u, v=v: (store[name].to(like.dtype)
+                                                       @ u.to(like.device, like.dtype))
                     @ v.to(like.device, like.dtype).T)
             else:
                 inputs.setdefault(mlp_input_target(layer, kind), []).append(
@@ -647,15 +676,15 @@ def delta_hooks(model: "HookedTransformer", deltas: Sequence[Any], *,
             name = H.mlp_post(layer)
             readers[name] = None
             out_terms.setdefault((layer, "mlp"), []).append(
-                lambda like, name=name, idx=idx, vals=vals: _index_last(store[name], idx) @ vals.to(
-                    like.device, like.dtype))
+                lambda like, name=name, idx=idx, vals=vals: _index_last(store[name], idx).to(
+                    like.dtype) @ vals.to(like.device, like.dtype))
         elif kind == "W_O":
             name = H.attn_z(layer)
             readers[name] = None
             out_terms.setdefault((layer, "attn"), []).append(
                 lambda like, name=name, idx=idx, vals=vals: torch.einsum(
-                    "bphe,hem->bpm", store[name].index_select(2, idx.to(store[name].device)),
-                    vals.to(like.device, like.dtype)))
+                    "bphe,hem->bpm", store[name].index_select(2, idx.to(store[name].device)).to(
+                        like.dtype), vals.to(like.device, like.dtype)))
         elif kind in ("W_in", "W_gate"):
             inputs.setdefault(mlp_input_target(layer, kind), []).append(
                 (input_source(layer, "mlp"), -1, idx, vals, "bpd,dk->bpk"))
@@ -699,7 +728,7 @@ def delta_hooks(model: "HookedTransformer", deltas: Sequence[Any], *,
             for t in terms[1:]:
                 out = out + t(like)
             return out
-        if cfg.use_normalization_before_and_after:
+        if post_norms:
             ln_post = getattr(model.blocks[layer], "ln2_post" if which == "mlp" else "ln1_post")
             scale_name = H.ln2_post_scale(layer) if which == "mlp" else H.ln1_post_scale(layer)
             norm_name = H.ln2_post_normalized(layer) if which == "mlp" else H.ln1_post_normalized(layer)

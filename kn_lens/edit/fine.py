@@ -114,7 +114,7 @@ def locate_neurons(model: "HookedTransformer", requests: Sequence[EditRequest], 
 
     cfg = config or FiNEConfig()
     layers = editable_layers(model, cfg)
-    mask = torch.full((model.cfg.n_layers, model.cfg.d_mlp), float("-inf"))
+    mask = torch.full((model.cfg.n_layers, model.cfg.d_mlp), float("-inf"), device="cpu")
     mask[layers] = 0.0
     sets = []
     for r in requests:
@@ -125,7 +125,8 @@ def locate_neurons(model: "HookedTransformer", requests: Sequence[EditRequest], 
         return located
     if generator is None:
         raise ConfigError("random FiNE neurons need a generator (edit(..., seed=...) passes one)")
-    flat = torch.randperm(len(layers) * model.cfg.d_mlp, generator=generator)[:len(located)]
+    flat = torch.randperm(len(layers) * model.cfg.d_mlp, generator=generator,
+                          device="cpu")[:len(located)]
     d = model.cfg.d_mlp
     return NeuronSet(Neuron(layers[int(i) // d], int(i) % d) for i in flat)
 

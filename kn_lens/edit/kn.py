@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from kn_lens.backend import embedding_matrix
 from kn_lens.edit.delta import Edit, w_out_rows
 from kn_lens.errors import ConfigError, InvalidFactError
 from kn_lens.facts import Query, encode_answer
@@ -74,7 +75,8 @@ def erase(model: "HookedTransformer", neurons: NeuronSet, *, description: str = 
     _check_neurons(model, neurons)
     deltas = []
     for layer, idx in sorted(_by_layer(neurons).items()):
-        rows = model.blocks[layer].mlp.W_out.detach()[torch.tensor(idx)]
+        w_out = model.blocks[layer].mlp.W_out.detach()
+        rows = w_out[torch.tensor(idx, device=w_out.device)]
         deltas.append(w_out_rows(layer, idx, -rows.clone()))
     return Edit(tuple(deltas), description or f"erase {len(neurons)} KNs", "kn_erase",
                 model_info(model), {"neurons": neurons.to_list()})
@@ -99,7 +101,7 @@ def answer_embedding(model: "HookedTransformer", token: int,
                      embedding: Literal["input", "unembed"] = "input") -> Float[Tensor, "d_model"]:
     """E(token): ``W_E[token]`` ("input") or ``W_U[:, token]`` ("unembed"), as loaded."""
     if embedding == "input":
-        return model.W_E.detach()[token].clone()
+        return embedding_matrix(model, slice(token, token + 1)).detach()[0].clone()
     if embedding == "unembed":
         return model.W_U.detach()[:, token].clone()
     raise ConfigError(f"embedding must be 'input' or 'unembed', not {embedding!r}")

@@ -138,7 +138,7 @@ def head_attributions(model: "HookedTransformer", query, module: str, *, steps: 
     with torch.enable_grad():  # logits at the answer positions only; grad to the gates alone
         logits = logits_at(model, [query.input_ids] * steps, [pos] * steps, fwd_hooks=fwd)
         probs = torch.softmax(torch.stack(logits).float(), -1)  # [steps, answer, d_vocab]
-        objective = probs[:, torch.arange(len(pos)), ans].sum()
+        objective = probs[:, torch.arange(len(pos), device=probs.device), ans].sum()
         (grad,) = torch.autograd.grad(objective, gates)
     return grad.mean(0).detach().cpu()  # (w_bar - 0) x mean gradient, per gate (w_bar = 1)
 
@@ -203,7 +203,8 @@ def kne(model: "HookedTransformer", requests: Sequence[EditRequest], *,
     res = optimise(model, targets, terms, config=OptimConfig(
         steps=cfg.steps, lr=cfg.lr, stop_prob=cfg.stop_prob))
     dim = 1 if cfg.module in ("W_in", "W_gate") else 0  # W_out rows, head slices: dim 0
-    deltas = tuple(WeightDelta(param_name(t.block, cfg.module), dim, torch.tensor(t.index), v.cpu())
+    deltas = tuple(WeightDelta(param_name(t.block, cfg.module), dim,
+                               torch.tensor(t.index, device="cpu"), v.cpu())
                    for t, v in zip(targets, res.values))
     unit = "heads" if cfg.module in ATTN_MODULES else "neurons"
     desc = (f"KNE {len(neurons)} {unit} ({cfg.module}) in {len(by_layer)} layers: " +

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from kn_lens import hooks as H
 from kn_lens._fast import fast_forward
+from kn_lens.backend import is_bridge
 from kn_lens.edit import _suffix
 from kn_lens.edit.delta import _KINDS, _param, delta_hooks, param_name, parse_param
 from kn_lens.errors import ConfigError, NumericalError
@@ -102,7 +103,7 @@ class NLL(LossTerm):
         if not len(groups) == len(sites) == len(queries):
             raise ConfigError("NLL: one group and one site per query")
         self.weight = float(weight)
-        self.answers = [torch.tensor(q.answer_ids) for q in queries]
+        self.answers = [tuple(q.answer_ids) for q in queries]
         self.examples = tuple(query_example(q, group=g, site=s)
                               for q, g, s in zip(queries, groups, sites))
         self.last_probs: list[float] = []
@@ -116,7 +117,7 @@ class NLL(LossTerm):
     def loss(self, logits: list[Tensor]) -> Tensor:
         per = self.per_query(logits)
         self.last_probs = [float(x) for x in torch.exp(-per.detach() * torch.tensor(
-            [len(a) for a in self.answers], dtype=per.dtype))]  # whole-answer P per query
+            [len(a) for a in self.answers], dtype=per.dtype, device=per.device))]  # whole-answer P
         return per.mean()
 
 
@@ -180,7 +181,7 @@ class RepetitionPenalty(LossTerm):
 
     def __init__(self, queries: Sequence[Query], *, weight: float = 1.0):
         self.weight = float(weight)
-        self.answers = [torch.tensor(q.answer_ids) for q in queries]
+        self.answers = [tuple(q.answer_ids) for q in queries]
         ex = []
         for q in queries:
             ids = tuple(q.prompt_ids) + tuple(q.answer_ids) * 2
@@ -280,7 +281,7 @@ class Target:
     def shape(self, model) -> tuple[int, ...]:
         if self.kind == "activation":
             return (self.n_groups, model.cfg.d_model)
-        p = _param(model, self.param)
+        p = _param(model, self.param, writable=False)
         shape = list(p.shape)
         if self.index is not None:
             if max(self.index) >= shape[self.dim]:
@@ -291,8 +292,9 @@ class Target:
 
     def full_index(self, model) -> Tensor:
         if self.index is not None:
-            return torch.tensor(self.index, dtype=torch.long)
-        return torch.arange(_param(model, self.param).shape[self.dim])
+            return torch.tensor(self.index, dtype=torch.long, device="cpu")
+        return torch.arange(_param(model, self.param, writable=False).shape[self.dim],
+                            device="cpu")
 
 
 # --------------------------------------------------------------------------- config and result
@@ -413,8 +415,8 @@ def _group_norms(t: Target, x: Tensor) -> Tensor:
 
 def _ref(t: Target, x: Tensor) -> Tensor:
     if t.norm_ref is None:
-        return torch.ones(x.shape[0] if t.kind == "activation" else x.shape[t.dim])
-    return torch.tensor(t.norm_ref, dtype=torch.float32)
+        return torch.ones(x.shape[0] if t.kind == "activation" else x.shape[t.dim], device=x.device)
+    return torch.tensor(t.norm_ref, dtype=torch.float32, device=x.device)
 
 
 def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Sequence[LossTerm], *,
@@ -445,7 +447,9 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
     ids = [e.ids for e in examples]
     positions = [e.positions for e in examples]
     device = model.cfg.device
-    start = min(t.block for t in targets)
+    # blocks below the lowest target never change, so each step starts there -- on a
+    # HookedTransformer; a TransformerBridge always runs from the embeddings
+    start = 0 if is_bridge(model) else min(t.block for t in targets)
     t0 = time.perf_counter()
     # Exact fast path: only activation deltas at each row's site, so positions before the site
     # and blocks below ``start`` never change (kn_lens.edit._suffix).
@@ -593,8 +597,8 @@ class _SharedRows:
         self.positions = [sorted(w) for w in wanted]
         at = [{p: k for k, p in enumerate(ps)} for ps in self.positions]
         self.owner = owner
-        self.index = [torch.tensor([at[owner[i]][p] for p in e.positions], dtype=torch.long)
-                      for i, e in enumerate(examples)]
+        self.index = [torch.tensor([at[owner[i]][p] for p in e.positions], dtype=torch.long,
+                                   device="cpu") for i, e in enumerate(examples)]
 
     def split(self, row_logits: list[Tensor]) -> list[Tensor]:
         return [row_logits[r][idx.to(row_logits[r].device)]

@@ -82,7 +82,7 @@ def edit(model, requests: EditRequest | Sequence[EditRequest], *, method: str,
     requests = check_requests(model, requests)
     if not isinstance(seed, int):
         raise ConfigError(f"seed must be an int, got {seed!r}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     hooks_before = H.active_hook_count(model)
     t0 = time.perf_counter()
     try:

@@ -129,13 +129,13 @@ def augmentation_prompts(request: EditRequest, config: TNFDAConfig,
                     "TNFDAConfig(augment_subjects=(...)) or augment='none'")
             pool = [f.subject for f in ds.facts_of(request.fact.relation)]
         pool = [s for s in pool if s not in held_out]
-        order = torch.randperm(len(pool), generator=generator).tolist()
+        order = torch.randperm(len(pool), generator=generator, device="cpu").tolist()
         return [prompt.replace(subject, pool[i]) for i in order[:cfg.n_augment]]
     from kn_lens.datasets import builtin_dataset
 
     ds = builtin_dataset()
     facts = [f for f in ds.facts if f.relation != request.fact.relation and f.subject not in held_out]
-    order = torch.randperm(len(facts), generator=generator).tolist()
+    order = torch.randperm(len(facts), generator=generator, device="cpu").tolist()
     return [ds.relation_of(facts[i]).render(facts[i].subject) for i in order[:cfg.n_augment]]
 
 
@@ -146,7 +146,7 @@ def tnf_da(model: "HookedTransformer", requests: Sequence[EditRequest], *,
     and W_out rows."""
     cfg = config or TNFDAConfig()
     requests = check_requests(model, requests)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    generator = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
     if neurons is None:
         neurons = targeted_neurons(model, requests, config=cfg, generator=generator)
     neurons = neurons if isinstance(neurons, NeuronSet) else NeuronSet(neurons)

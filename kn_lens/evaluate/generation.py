@@ -21,8 +21,11 @@ from collections import Counter
 from typing import TYPE_CHECKING, Sequence
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from kn_lens._fast import fast_forward
+from kn_lens.backend import is_bridge
 from kn_lens.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -65,27 +68,45 @@ def mentions(text: str, obj: str) -> bool:
 @torch.no_grad()
 def greedy(model: "HookedTransformer", prompt_ids: Sequence[int], max_new_tokens: int, *,
            fwd_hooks: list | None = None, stop_at_eos: bool = True) -> list[int]:
-    """Greedy continuation (new token ids only) with a key/value cache, under ``fwd_hooks``."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
+    """Greedy continuation (new token ids only) with a key/value cache, under ``fwd_hooks``.
+    On a TransformerBridge (no TransformerLens cache) every step reruns the whole sequence."""
     if max_new_tokens < 0:
         raise ConfigError("max_new_tokens must be >= 0")
     if len(prompt_ids) + max_new_tokens > model.cfg.n_ctx:
         max_new_tokens = max(0, model.cfg.n_ctx - len(prompt_ids))
     eos = getattr(model.tokenizer, "eos_token_id", None)
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+    cache = _cache(model, 1)
     toks = torch.tensor([list(prompt_ids)], device=model.cfg.device)
     out: list[int] = []
     with fast_forward(model, frozen_weights=True), \
             model.hooks(fwd_hooks=fwd_hooks or []):
         for _ in range(max_new_tokens):
-            logits = model(toks, past_kv_cache=cache)[0, -1]
+            logits = _next_logits(model, toks, None, cache)[0]
             nxt = int(logits.argmax())
             out.append(nxt)
             if stop_at_eos and eos is not None and nxt == eos:
                 break
-            toks = torch.tensor([[nxt]], device=model.cfg.device)
+            new = torch.tensor([[nxt]], device=model.cfg.device)
+            toks = new if cache is not None else torch.cat([toks, new], dim=1)
     return out
+
+
+def _cache(model, rows: int):
+    """A TransformerLens key/value cache for ``rows`` sequences, or None on a TransformerBridge
+    (its forward has no TransformerLens cache: generation reruns the whole sequence)."""
+    if is_bridge(model):
+        return None
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, rows)
+
+
+def _next_logits(model, x: Tensor, mask: Tensor | None, cache) -> Float[Tensor, "batch d_vocab"]:
+    """Logits at the last position: ``x`` holds only the new tokens when a ``cache`` holds the
+    rest, else the whole sequences (``mask`` covers every position either way)."""
+    if cache is None:
+        return model(x, attention_mask=mask)[:, -1]
+    return model(x, attention_mask=mask, past_kv_cache=cache)[:, -1]
 
 
 @torch.no_grad()
@@ -94,9 +115,8 @@ def greedy_batch(model: "HookedTransformer", prompts: Sequence[Sequence[int]], m
     """Greedy continuations of many prompts at once: left-padded, with an attention mask and a
     key/value cache (TransformerLens' own padded-generation path), one forward per new token for
     the whole batch. Equal to :func:`greedy` per prompt up to float rounding (tested). Rows stop
-    after EOS (the rest of their continuation is dropped)."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
+    after EOS (the rest of their continuation is dropped). On a TransformerBridge every step
+    reruns the whole left-padded batch with its mask (the same tokens, tested)."""
     if max_new_tokens < 0:
         raise ConfigError("max_new_tokens must be >= 0")
     prompts = [list(p) for p in prompts]
@@ -117,28 +137,29 @@ def greedy_batch(model: "HookedTransformer", prompts: Sequence[Sequence[int]], m
         steps = min(max_new_tokens, model.cfg.n_ctx - width)
         if steps <= 0:
             continue
-        toks = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        toks = torch.full((len(rows), width), pad, dtype=torch.long, device="cpu")
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
         for b, r in enumerate(rows):
-            toks[b, width - len(r):] = torch.tensor(r)
+            toks[b, width - len(r):] = torch.tensor(r, device="cpu")
             mask[b, width - len(r):] = 1
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, dev, len(rows))
-        done = torch.zeros(len(rows), dtype=torch.bool)
+        cache = _cache(model, len(rows))
+        done = [False] * len(rows)
         x, m = toks.to(dev), mask.to(dev)
         with fast_forward(model, frozen_weights=True), \
                 model.hooks(fwd_hooks=fwd_hooks or []):
             for _ in range(steps):
-                logits = model(x, attention_mask=m, past_kv_cache=cache)[:, -1]
-                nxt = logits.argmax(-1).cpu()
-                for b, i in enumerate(idx):
+                nxt = _next_logits(model, x, m, cache).argmax(-1)
+                for b, (i, t) in enumerate(zip(idx, nxt.tolist())):
                     if not done[b]:
-                        outs[i].append(int(nxt[b]))
-                        if eos is not None and int(nxt[b]) == eos:
-                            done[b] = True
-                if bool(done.all()):
+                        outs[i].append(t)
+                        done[b] = eos is not None and t == eos
+                if all(done):
                     break
-                x = nxt[:, None].to(dev)
-                m = torch.ones((len(rows), 1), dtype=torch.long, device=dev)
+                ones = torch.ones((len(rows), 1), dtype=torch.long, device=dev)
+                if cache is not None:
+                    x, m = nxt[:, None], ones
+                else:
+                    x, m = torch.cat([x, nxt[:, None]], 1), torch.cat([m, ones], 1)
     return outs
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from kn_lens import hooks
 from kn_lens._fast import fast_forward
+from kn_lens.backend import is_bridge
 from kn_lens.errors import ConfigError, DataFileError, NumericalError
 from kn_lens.evaluate.reference import reference_text
 
@@ -33,7 +34,7 @@ def _tokenise(tokenizer, books: tuple[str, ...], max_chars: int | None = None) -
     if max_chars is not None and max_chars < len(text):  # cut at a space: the tokens before the
         text = text[: text.rfind(" ", 0, max_chars) + 1 or max_chars]  # cut are the full text's
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long, device="cpu")
 
 
 def reference_tokens(model: "HookedTransformer", books: Sequence[str] = DEFAULT_BOOKS, *,
@@ -62,21 +63,23 @@ def reference_slices(model: "HookedTransformer", n_slices: int = 8, slice_len: i
     if slice_len > model.cfg.n_ctx:
         raise ConfigError(f"slice_len {slice_len} exceeds the model's context of {model.cfg.n_ctx} "
                           "tokens")
-    ids = reference_tokens(model, books) if tokens is None else torch.as_tensor(tokens).flatten()
+    ids = reference_tokens(model, books) if tokens is None else \
+        torch.as_tensor(tokens, device="cpu").flatten()
     bos = bool(model.cfg.default_prepend_bos)
     width = slice_len - 1 if bos else slice_len
     n_windows = ids.numel() // width
     if n_windows < n_slices:
         raise DataFileError(f"the reference text has {ids.numel()} tokens: too few for {n_slices} "
                             f"windows of {width}")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randperm(n_windows, generator=g)[:n_slices].sort().values * width
+    g = torch.Generator(device="cpu").manual_seed(seed)  # the same windows on every device
+    starts = torch.randperm(n_windows, generator=g, device="cpu")[:n_slices].sort().values * width
     rows = torch.stack([ids[s:s + width] for s in starts.tolist()])
     if bos:
         bos_id = model.tokenizer.bos_token_id
         if bos_id is None:
             raise ConfigError("the model prepends BOS but its tokenizer has no bos_token_id")
-        rows = torch.cat([torch.full((n_slices, 1), bos_id, dtype=torch.long), rows], dim=1)
+        rows = torch.cat([torch.full((n_slices, 1), bos_id, dtype=torch.long, device="cpu"), rows],
+                         dim=1)
     return rows
 
 
@@ -139,18 +142,20 @@ class PreparedReference:
     tokens: Int[Tensor, "n_slices slice_len"]
     ppl: float
     n_tokens: int
-    resid_pre: tuple[Tensor, ...]  # per block: Float[Tensor, "n_slices slice_len d_model"]
+    resid_pre: tuple[Tensor, ...]  # per block: Float[Tensor, "n_slices slice_len d_model"];
+    # empty when built on a TransformerBridge (every perplexity then runs the whole forward)
     model_name: str
 
     def perplexity(self, model: "HookedTransformer", *, fwd_hooks: list | None = None,
                    start_at_layer: int = 0) -> float:
         n = model.cfg.n_layers
-        if len(self.resid_pre) != n:
+        if self.resid_pre and len(self.resid_pre) != n:
             raise ConfigError(f"this PreparedReference was built on a model with "
                               f"{len(self.resid_pre)} layers, not {n}")
         if not 0 <= start_at_layer < n:
             raise ConfigError(f"start_at_layer must be in [0, {n}), got {start_at_layer}")
-        if start_at_layer == 0:
+        # a TransformerBridge cannot start at a block: the whole forward (the same numbers)
+        if start_at_layer == 0 or not self.resid_pre or is_bridge(model):
             total, _ = token_nll(model, self.tokens, fwd_hooks=fwd_hooks)
             return math.exp(total / self.n_tokens)
         total = 0.0
@@ -173,10 +178,11 @@ def prepare_reference(model: "HookedTransformer", token_slices: Tensor) -> Prepa
     SmolLM2-135M with 8 x 128 tokens)."""
     from kn_lens.models import model_info
 
-    toks = torch.as_tensor(token_slices)
+    toks = torch.as_tensor(token_slices, device="cpu")
     if toks.ndim != 2 or toks.shape[1] < 2:
         raise ConfigError("prepare_reference needs a [n_slices, slice_len >= 2] token tensor")
-    names = [hooks.resid_pre(l) for l in range(model.cfg.n_layers)]
+    # a TransformerBridge cannot restart at a block: it keeps no residual stream
+    names = [] if is_bridge(model) else [hooks.resid_pre(l) for l in range(model.cfg.n_layers)]
     parts: dict = {nm: [] for nm in names}  # token_nll keeps the row order (equal-length rows)
     fwd = [(nm, lambda act, hook, nm=nm: parts[nm].append(act.detach())) for nm in names]
     total, count = token_nll(model, toks, fwd_hooks=fwd)

@@ -29,6 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from kn_lens._fast import fast_forward
+from kn_lens.backend import is_bridge
 from kn_lens.errors import ConfigError, InvalidFactError, NumericalError
 from kn_lens.facts import Query
 
@@ -113,9 +114,9 @@ def pad_ids(model: "HookedTransformer", ids: Sequence[Sequence[int]]) -> Int[Ten
     if longest > model.cfg.n_ctx:
         raise InvalidFactError(f"a sequence of {longest} tokens is longer than the model's context "
                                f"({model.cfg.n_ctx})")
-    out = torch.full((len(ids), longest), _pad_id(model), dtype=torch.long)
+    out = torch.full((len(ids), longest), _pad_id(model), dtype=torch.long, device="cpu")
     for i, r in enumerate(ids):
-        out[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        out[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long, device="cpu")
     return out.to(model.cfg.device)
 
 
@@ -141,19 +142,25 @@ def logits_at(model: "HookedTransformer", ids: Sequence[Sequence[int]],
         if any(not 0 <= p < len(r) for p in ps):
             raise ConfigError(f"position outside a row of {len(r)} tokens: {list(ps)}")
     # model.hooks() walks every hook point on exit: skip it when there is nothing to add
+    bridge = is_bridge(model)
+    if start_at_layer and bridge:
+        raise ConfigError("start_at_layer needs a HookedTransformer: a TransformerBridge runs "
+                          "Hugging Face's layer loop from the embeddings (start at 0)")
     with fast_forward(model, frozen_weights=True), \
             (model.hooks(fwd_hooks=fwd_hooks) if fwd_hooks else nullcontext()):
         if start_at_layer:
             if resid is None:
                 raise ConfigError("start_at_layer needs the residual stream entering that block")
             out = model(resid, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers)
+        elif bridge:  # no residual-stream exit: the full logits, then the rows asked for
+            out = model(pad_ids(model, ids))
         else:
             out = model(pad_ids(model, ids), stop_at_layer=model.cfg.n_layers)
         rows = torch.tensor([b for b, ps in enumerate(positions) for _ in ps], device=out.device,
                             dtype=torch.long)
         cols = torch.tensor([p for ps in positions for p in ps], device=out.device,
                             dtype=torch.long)
-        logits = unembed_rows(model, out[rows, cols])
+        logits = out[rows, cols] if bridge else unembed_rows(model, out[rows, cols])
     return list(logits.split([len(ps) for ps in positions]))
 
 
@@ -223,4 +230,4 @@ def answer_logprobs(model: "HookedTransformer", queries: Sequence[Query], *,
                     batch_size: int = 32, fwd_hooks: list | None = None) -> Float[Tensor, "n"]:
     """log P(answer) of each query (whole multi-token answer, teacher-forced)."""
     scores = score(model, queries, fwd_hooks=fwd_hooks, batch_size=batch_size)
-    return torch.tensor([s.logprob for s in scores], dtype=torch.float32)
+    return torch.tensor([s.logprob for s in scores], dtype=torch.float32, device="cpu")

@@ -29,6 +29,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kn_lens import hooks
+from kn_lens.backend import has_post_norms, norm_weight
 from kn_lens.errors import ConfigError
 from kn_lens.facts import Query
 from kn_lens.locate.integrated_gradients import _check_query
@@ -56,7 +57,7 @@ class ContributionConfig:
 
 def _post_norm(model) -> bool:
     """Whether the model normalises each MLP output before adding it to the residual (Gemma 2/3)."""
-    return bool(getattr(model.cfg, "use_normalization_before_and_after", False))
+    return has_post_norms(model)
 
 
 def unembed_directions(model, answer_ids: tuple[int, ...]) -> Float[Tensor, "layer answer d_mlp"]:
@@ -68,7 +69,7 @@ def unembed_directions(model, answer_ids: tuple[int, ...]) -> Float[Tensor, "lay
     out = []
     for b in model.blocks:
         w_out = b.mlp.W_out.float()
-        g = getattr(getattr(b, "ln2_post", None), "w", None) if _post_norm(model) else None
+        g = norm_weight(model, b.ln2_post) if _post_norm(model) else None
         if g is not None:
             w_out = w_out * g.float()[None, :]
         out.append((w_out @ w_u).T)

@@ -37,6 +37,7 @@ Two implementations give the same numbers:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,6 +46,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kn_lens import hooks
+from kn_lens.backend import is_bridge
 from kn_lens.errors import ConfigError, InvalidFactError
 from kn_lens.facts import Query, unembed_rows
 from kn_lens.models import model_info
@@ -252,20 +254,25 @@ def _grad_fast(model, items: list[tuple[int, Tensor]], resid: list[Tensor], cach
 
 
 def integrated_gradients(model, query: Query, *, config: IGConfig | None = None) -> NeuronScores:
-    """Integrated-gradients attribution of every FFN neuron to ``P(answer)`` (fast, exact).
+    """Integrated-gradients attribution of every FFN neuron to ``P(answer)`` (fast, exact; on a
+    TransformerBridge, which cannot restart at a block, the plain implementation).
 
     Returns ``NeuronScores`` with ``scores [layer, d_mlp]`` (summed over answer tokens) and
     ``per_token [answer, layer, d_mlp]``. ``extras`` holds ``p_clean`` (P(a_j) per answer token)
     and the implementation name.
     """
     config = IGConfig() if config is None else config
+    if is_bridge(model):  # no start_at_layer / TransformerLens key-value cache on a bridge
+        res = integrated_gradients_plain(model, query, config=config)
+        return dataclasses.replace(res, method=method_name(config), extras={
+            **res.extras, "implementation": "plain (TransformerBridge)"})
     _check_query(model, query)
     layers = _layers(model, config)
     tokens = list(query.input_ids)
     clean_logits, resid, post, keys, values = _clean_run(model, tokens)
     base = _baseline_acts(model, query, config, post)
     L, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
-    per_token = torch.zeros(query.n_answer, L, d_mlp)
+    per_token = torch.zeros(query.n_answer, L, d_mlp, device="cpu")
     p_clean = []
     calls = _pack(layers, config.steps, config.chunk)
     for j, (pos, tok) in enumerate(zip(query.answer_positions, query.answer_ids)):
@@ -316,7 +323,7 @@ def integrated_gradients_plain(model, query: Query, *, config: IGConfig | None =
     post = _post_acts(model, tokens)
     base = _baseline_acts(model, query, config, post)
     L, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
-    per_token = torch.zeros(query.n_answer, L, d_mlp)
+    per_token = torch.zeros(query.n_answer, L, d_mlp, device="cpu")
     for j, (pos, tok) in enumerate(zip(query.answer_positions, query.answer_ids)):
         for l in layers:
             points, diff = _path(post[l, pos], base[l, pos], config.steps)

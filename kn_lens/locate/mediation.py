@@ -55,7 +55,9 @@ batch instead of being copied, rotated and repeated per batch item; any other ar
 (post-norms, parallel attention, local attention, q/k norms, ...) runs TransformerLens' own
 blocks with a frozen key/value cache. Both equal one full hooked forward pass per neuron
 (:func:`causal_mediation_plain`, the reference, used by the tests) up to float rounding
-(~1e-6 relative); ``chunk`` bounds memory and never changes the result. On SmolLM2-135M with
+(~1e-6 relative); ``chunk`` bounds memory and never changes the result. A TransformerBridge has
+no block calls or key/value cache: there each batch of restorations is one whole hooked forward
+(``extras["implementation"] == "full_forward"``), the same numbers at more compute. On SmolLM2-135M with
 gamma = 20 % (9,216 neurons) the cost is ~30 s of CPU time per noise sample on one core.
 
 Note what the scores are: the effect of *restoring* a neuron in the corrupted run. A neuron can
@@ -80,6 +82,7 @@ from torch import Tensor
 
 from kn_lens import hooks
 from kn_lens._fast import mlp_forward as _mlp_forward
+from kn_lens.backend import embedding_matrix, is_bridge
 from kn_lens.errors import ConfigError, InvalidFactError, NumericalError
 from kn_lens.facts import Query, answer_logprobs, n_bos_tokens as _n_bos, subject_positions
 from kn_lens.models import model_info
@@ -175,7 +178,7 @@ def embedding_noise_scale(model: "HookedTransformer", cfg) -> float:
     """nu: ``cfg.noise_scale`` or ``cfg.noise_multiplier`` x std of W_E (ROME: 3 x std)."""
     if cfg.noise_scale is not None:
         return float(cfg.noise_scale)
-    return float(cfg.noise_multiplier) * float(model.W_E.detach().float().std())
+    return float(cfg.noise_multiplier) * float(embedding_matrix(model).detach().float().std())
 
 
 def noise_samples(model: "HookedTransformer", query: Query, cfg
@@ -185,8 +188,10 @@ def noise_samples(model: "HookedTransformer", query: Query, cfg
     pos = corrupted_positions(model, query, cfg.corrupt)
     nu = embedding_noise_scale(model, cfg)
     gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
-    draws = torch.randn(cfg.n_noise, len(pos), model.cfg.d_model, generator=gen, dtype=torch.float32)
-    full = torch.zeros(cfg.n_noise, len(query.input_ids), model.cfg.d_model)
+    # drawn on the CPU, then moved: the same seed gives the same noise on every device
+    draws = torch.randn(cfg.n_noise, len(pos), model.cfg.d_model, generator=gen,
+                        dtype=torch.float32, device="cpu")
+    full = torch.zeros(cfg.n_noise, len(query.input_ids), model.cfg.d_model, device="cpu")
     full[:, list(pos)] = draws * nu
     return full.to(model.cfg.device, model.cfg.dtype), pos, nu
 
@@ -230,17 +235,30 @@ class _Run:
     keys/values each attention layer computed, log P(answer)."""
 
     post: Float[Tensor, "layer pos d_mlp"]
-    resid_pre: Float[Tensor, "layer pos d_model"] | None
+    resid_pre: Float[Tensor, "layer pos d_model"] | None  # None: restorations rerun everything
     keys: list[Tensor] | None
     values: list[Tensor] | None
     logprob: float
+    noise: Tensor | None = None  # the run's embedding noise (for full-forward restorations)
 
 
 @torch.inference_mode()
 def _cached_run(model, query: Query, noise: Tensor | None) -> _Run:
     """A forward pass block by block (as generation with an empty KV cache does), recording the
-    residual stream before each block, the keys/values and every neuron's activation."""
+    residual stream before each block, the keys/values and every neuron's activation. On a
+    TransformerBridge (no block-by-block calls) one hooked forward records the activations only,
+    and restorations rerun the whole forward (:func:`_restored_logprobs_full`)."""
     toks = _tokens(model, query)
+    if is_bridge(model):
+        store: dict = {}
+        fwd = [h for layer in range(model.cfg.n_layers)
+               for h in hooks.cache_hook(hooks.mlp_post(layer), store)]
+        with model.hooks(fwd_hooks=fwd + ([] if noise is None else _noise_hooks(noise))):
+            logits = model(toks)
+        lp = _answer_logprob_from_full(logits, query,
+                                       torch.tensor(query.answer_ids, device=logits.device))
+        post = torch.stack([store[hooks.mlp_post(layer)][0] for layer in range(model.cfg.n_layers)])
+        return _Run(post, None, None, None, float(lp), noise)
     embed = model.hook_embed(model.embed(toks))
     if noise is not None:
         embed = embed + noise[None]
@@ -253,7 +271,7 @@ def _cached_run(model, query: Query, noise: Tensor | None) -> _Run:
         for i, block in enumerate(model.blocks):
             pres.append(resid[0])
             resid = block(resid, past_kv_cache_entry=entries[i])
-    ans = torch.tensor(query.answer_ids)
+    ans = torch.tensor(query.answer_ids, device=resid.device)
     lp = _answer_logprob(model, resid[:, list(query.answer_positions)], ans)
     post = torch.stack([store[hooks.mlp_post(layer)][0] for layer in range(model.cfg.n_layers)])
     return _Run(post, torch.stack(pres), [e.past_keys for e in entries],
@@ -271,6 +289,8 @@ def _shared_prefix_ok(model) -> bool:
     """Whether :func:`_block_shared_prefix` reproduces this model's blocks exactly: plain
     pre-norm blocks with standard/rotary positions and ordinary (grouped-query) softmax attention.
     Anything unusual falls back to TransformerLens' blocks with a key/value cache."""
+    if is_bridge(model):  # its blocks are Hugging Face layers behind hooks: no block calls
+        return False
     from transformer_lens.components import Attention, GroupedQueryAttention, TransformerBlock
 
     cfg = model.cfg
@@ -336,6 +356,8 @@ def _restored_logprobs(model, query: Query, run: _Run, clean_post: Tensor, layer
                        idx: Tensor, restore: tuple[int, ...]) -> Float[Tensor, "batch"]:
     """log P(answer) with neuron ``idx[b]`` of ``layer`` restored (batch item b), recomputing
     blocks ``layer..`` on the positions from the first restored one on only."""
+    if run.resid_pre is None:
+        return _restored_logprobs_full(model, query, run, clean_post, layer, idx, restore)
     p0 = min(restore)
     n = len(query.input_ids)
     b = idx.numel()
@@ -369,7 +391,35 @@ def _restored_logprobs(model, query: Query, run: _Run, clean_post: Tensor, layer
                 resid = model.blocks[i](resid, past_kv_cache_entry=entries[j])
     ans_rel = [p - p0 for p in query.answer_positions]
     assert min(ans_rel) >= 0 and max(ans_rel) < n - p0
-    return _answer_logprob(model, resid[:, ans_rel], torch.tensor(query.answer_ids))
+    return _answer_logprob(model, resid[:, ans_rel], torch.tensor(query.answer_ids, device=dev))
+
+
+@torch.inference_mode()
+def _restored_logprobs_full(model, query: Query, run: _Run, clean_post: Tensor, layer: int,
+                            idx: Tensor, restore: tuple[int, ...]) -> Float[Tensor, "batch"]:
+    """:func:`_restored_logprobs` by whole hooked forward passes (one batch row per restored
+    neuron, the run's noise on every row): what a model without TransformerLens' block calls
+    and key/value caches (a TransformerBridge) computes; the same numbers up to rounding."""
+    dev = model.cfg.device
+    b = idx.numel()
+    toks = _tokens(model, query).expand(b, -1)
+    rel = torch.tensor(list(restore), device=dev)
+    vals = clean_post[layer][list(restore)][:, idx.to(dev)].T  # [b, r]
+    bidx = torch.arange(b, device=dev)[:, None]
+    cols = idx.to(dev)[:, None]
+
+    def restore_fn(act: Tensor, hook) -> Tensor:
+        act = act.clone()
+        act[bidx, rel[None, :], cols] = vals.to(act.dtype)
+        return act
+
+    fwd = ([] if run.noise is None else _noise_hooks(run.noise)) + [
+        (hooks.mlp_post(layer), restore_fn)]
+    with model.hooks(fwd_hooks=fwd):
+        logits = model(toks)
+    logp = torch.log_softmax(logits[:, list(query.answer_positions)].float(), dim=-1)
+    ans = torch.tensor(query.answer_ids, device=logp.device)
+    return logp.gather(-1, ans.view(1, -1, 1).expand(b, -1, 1)).squeeze(-1).sum(-1)
 
 
 def _dni(clean_post: Tensor, corr_post: Tensor, restore: tuple[int, ...], eps: float
@@ -386,7 +436,7 @@ def _searched_mask(dni: Tensor, gamma: float) -> Bool[Tensor, "layer d_mlp"]:
     """The top gamma % of neurons by DNI (TNF-DA eq. 7): exactly round(gamma/100 * N) neurons."""
     flat = dni.flatten()
     k = max(1, round(gamma / 100.0 * flat.numel()))
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device="cpu")
     if k >= flat.numel():
         mask[:] = True
     else:
@@ -454,9 +504,9 @@ def _mediation(model, query: Query, cfg: MediationConfig, *, fast: bool) -> Neur
         estimate = attribution_patching(model, query, config=atp_cfg).scores
         searched = _searched_mask(estimate.abs().cpu(), cfg.gamma)
     else:
-        searched = torch.ones(L, d, dtype=torch.bool)
+        searched = torch.ones(L, d, dtype=torch.bool, device="cpu")
 
-    ie = torch.zeros(cfg.n_noise, L, d, dtype=torch.float64)
+    ie = torch.zeros(cfg.n_noise, L, d, dtype=torch.float64, device="cpu")
     p_corr = []
     for s in range(cfg.n_noise):
         run = corr[s]
@@ -479,7 +529,7 @@ def _mediation(model, query: Query, cfg: MediationConfig, *, fast: bool) -> Neur
                 for i in idx_all.tolist():
                     fwd = _noise_hooks(noise[s]) + hooks.patch_activations(
                         hooks.mlp_post(layer), clean.post[layer][None],
-                        index=torch.tensor([i]), positions=list(restore))
+                        index=torch.tensor([i], device=model.cfg.device), positions=list(restore))
                     lp = float(answer_logprobs(model, [query], fwd_hooks=fwd)[0])
                     ie[s, layer, i] = math.exp(lp) - p_base
     _finite(ie, "the indirect effects")
@@ -488,7 +538,8 @@ def _mediation(model, query: Query, cfg: MediationConfig, *, fast: bool) -> Neur
         searched=searched, dni=dni, p_clean=math.exp(clean.logprob), p_corrupted=p_corr,
         ie_per_sample=ie.float(), noise_scale=nu, corrupted_positions=cpos,
         restored_positions=restore, seconds=time.perf_counter() - t0,
-        implementation="fast" if fast else "plain",
+        implementation=("plain" if not fast else
+                        "full_forward" if clean.resid_pre is None else "fast"),
     )
     return NeuronScores(scores=scores, method="mediation", query=query, config=cfg,
                         model=model_info(model), extras=extras)
@@ -515,21 +566,23 @@ def attribution_patching(model: "HookedTransformer", query: Query, *,
     restore = list(restored_positions(query, cfg.restore_positions))
     L, d = model.cfg.n_layers, model.cfg.d_mlp
     clean = _cached_run(model, query, None)
-    out = torch.zeros(cfg.n_noise, L, d)
+    out = torch.zeros(cfg.n_noise, L, d, device="cpu")
     p_corr = []
     toks = _tokens(model, query)
-    ans = torch.tensor(query.answer_ids)
+    ans = torch.tensor(query.answer_ids, device=toks.device)
     for s in range(cfg.n_noise):
         store: dict = {}
         zeros = [torch.zeros(1, toks.shape[1], d, device=model.cfg.device, dtype=model.cfg.dtype,
                              requires_grad=True) for _ in range(L)]
 
-        def grab(act: Tensor, hook, store=store) -> Tensor:
-            layer = hooks.layer_of(hook.name)
+        def grab(act: Tensor, hook, layer: int, store=store) -> Tensor:
             store[layer] = act.detach()
             return act + zeros[layer]
 
-        fwd = _noise_hooks(noise[s]) + [(hooks.mlp_post(layer), grab) for layer in range(L)]
+        # the layer is bound here: a bridge's hook point may carry another (canonical) name
+        fwd = _noise_hooks(noise[s]) + [
+            (hooks.mlp_post(layer), lambda act, hook, layer=layer: grab(act, hook, layer))
+            for layer in range(L)]
         with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
             logits = model(toks)
             lp = _answer_logprob_from_full(logits, query, ans)
@@ -537,8 +590,9 @@ def attribution_patching(model: "HookedTransformer", query: Query, *,
             grads = torch.autograd.grad(p, zeros)
         p_corr.append(float(p.detach()))
         for layer in range(L):
-            delta = clean.post[layer][restore] - store[layer][0, restore]
-            out[s, layer] = (delta * grads[layer][0, restore]).sum(0).float().cpu()
+            # in float32: a half-precision model's h - h* and its products and sums
+            delta = clean.post[layer][restore].float() - store[layer][0, restore].float()
+            out[s, layer] = (delta * grads[layer][0, restore].float()).sum(0).cpu()
     _finite(out, "the attribution-patching scores")
     extras = dict(p_clean=math.exp(clean.logprob), p_corrupted=p_corr, atp_per_sample=out,
                   noise_scale=nu, corrupted_positions=cpos, restored_positions=tuple(restore),
@@ -579,7 +633,8 @@ def mediation_agreement(exact: NeuronScores, atp: NeuronScores, *, top_fraction:
     if not 0 < top_fraction <= 1:
         raise ConfigError(f"top_fraction must be in (0, 1], got {top_fraction}")
     mask = exact.extras.get("searched")
-    mask = torch.ones(exact.shape, dtype=torch.bool) if mask is None else mask.bool().cpu()
+    mask = torch.ones(exact.shape, dtype=torch.bool, device="cpu") if mask is None else \
+        mask.bool().cpu()
     e = exact.scores.detach().cpu().double()[mask]
     a = atp.scores.detach().cpu().double()[mask]
     n = int(mask.sum())

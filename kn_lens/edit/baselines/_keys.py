@@ -9,6 +9,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kn_lens import hooks as H
+from kn_lens.backend import stop_before
 from kn_lens.evaluate.scoring import pad_ids
 from kn_lens.facts import Query
 
@@ -27,11 +28,12 @@ def at_sites(model: "HookedTransformer", queries: Sequence[Query], sites: Sequen
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
         store: dict[str, Tensor] = {}
-        fwd = [(n, lambda act, hook: store.__setitem__(hook.name, act.detach())) for n in names]
+        fwd = [h for n in names for h in H.cache_hook(n, store)]  # keyed by the name asked for
         with model.hooks(fwd_hooks=fwd):
-            model(pad_ids(model, chunk), stop_at_layer=min(stop, model.cfg.n_layers))
-        idx = torch.arange(len(chunk))
-        pos = torch.tensor(list(sites[s:s + batch_size]))
+            model(pad_ids(model, chunk), **stop_before(model, stop))
+        dev = store[names[0]].device
+        idx = torch.arange(len(chunk), device=dev)
+        pos = torch.tensor(list(sites[s:s + batch_size]), device=dev)
         for n in names:
             out[n].append(store[n][idx, pos].float().cpu())
     return {n: torch.cat(v) for n, v in out.items()}

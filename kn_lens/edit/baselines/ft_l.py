@@ -67,7 +67,8 @@ def ft_l(model: "HookedTransformer", requests: Sequence[EditRequest], *,
     res = optimise(model, [target], terms, config=OptimConfig(
         steps=cfg.steps, lr=cfg.lr, linf=cfg.norm_constraint, stop_loss=cfg.stop_loss))
     values = res.values[0].cpu()
-    delta = WeightDelta(param_name(layer, "W_out"), 0, torch.arange(values.shape[0]), values)
+    delta = WeightDelta(param_name(layer, "W_out"), 0, torch.arange(values.shape[0], device="cpu"),
+                        values)
     desc = (f"FT-L layer {layer} (L-inf {cfg.norm_constraint:g}): " +
             "; ".join(f"{r.fact.subject} -> {r.new_object}" for r in requests[:3]))
     return Edit((delta,), desc, "ft_l", model_info(model),

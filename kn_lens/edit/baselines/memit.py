@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from kn_lens import hooks as H
+from kn_lens.backend import has_post_norms, norm_weight
 from kn_lens.edit.baselines import _keys
 from kn_lens.edit.baselines.rome import solve_spd
 from kn_lens.edit.baselines.stats import DEFAULT_TOKENS, second_moments
@@ -125,7 +126,7 @@ def raw_output_change(model: "HookedTransformer", layer: int, m: Tensor, R: Tens
     post(m') = t / rms(t / w), the nearest output the norm can produce. Without this MEMIT would
     add its residual-space R to the raw output, which the norm then rescales and rotates."""
     norm = model.blocks[layer].ln2_post
-    w = norm.w.detach().float().cpu()
+    w = norm_weight(model, norm).detach().float().cpu()
     w = torch.where(w.abs() < 1e-6, torch.full_like(w, 1e-6), w)
     eps = float(getattr(norm, "eps", 1e-6))
 
@@ -156,7 +157,7 @@ def memit(model: "HookedTransformer", requests: Sequence[EditRequest], *,
     built = [_request_queries(model, r, cfg.n_prefixes) for r in requests]
     ctx_q = [q for b in built for q in b[0]]
     ctx_s = [p for b in built for p in b[1]]
-    owner = torch.tensor([i for i, b in enumerate(built) for _ in b[0]])
+    owner = torch.tensor([i for i, b in enumerate(built) for _ in b[0]], device="cpu")
     bare_q = [b[0][0] for b in built]
     bare_s = [b[1][0] for b in built]
     deltas: list[LowRankDelta] = []
@@ -165,10 +166,10 @@ def memit(model: "HookedTransformer", requests: Sequence[EditRequest], *,
         with Edit(tuple(deltas)).applied(model, strict=False):
             k_all = _keys.keys(model, ctx_q, ctx_s, layer)
             hz = _keys.at_sites(model, bare_q, bare_s, [H.resid_post(last)])[H.resid_post(last)]
-        K = torch.zeros(len(requests), k_all.shape[1]).index_add_(0, owner, k_all)
+        K = torch.zeros(len(requests), k_all.shape[1], device="cpu").index_add_(0, owner, k_all)
         K = K / torch.bincount(owner, minlength=len(requests))[:, None].float()  # mean over contexts
         R = (Z - hz) / (len(layers) - i)
-        if getattr(model.cfg, "use_normalization_before_and_after", False):
+        if has_post_norms(model):
             R = raw_output_change(model, layer, _keys.mlp_output(model, K, layer), R)
         A = lam * Cs[layer].double() + K.double().T @ K.double()
         U = solve_spd(A.float(), K.T, cfg.ridge).float()  # [d_mlp, n]

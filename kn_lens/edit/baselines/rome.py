@@ -88,8 +88,9 @@ def solve_spd(C: Tensor, rhs: Tensor, ridge: float) -> Tensor:
     """(C + ridge * mean(diag C) I)^-1 rhs in float64."""
     C64 = C.double()
     if ridge:
-        C64 = C64 + ridge * C64.diagonal().mean() * torch.eye(C64.shape[0], dtype=torch.float64)
-    return torch.linalg.solve(C64, rhs.double())
+        C64 = C64 + ridge * C64.diagonal().mean() * torch.eye(C64.shape[0], dtype=torch.float64,
+                                                               device=C64.device)
+    return torch.linalg.solve(C64, rhs.double().to(C64.device))
 
 
 def compute_rome(model: "HookedTransformer", request: EditRequest, *, config: ROMEConfig,

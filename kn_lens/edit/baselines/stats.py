@@ -26,6 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kn_lens import hooks as H
+from kn_lens.backend import stop_before
 from kn_lens.errors import ConfigError, DataFileError
 
 if TYPE_CHECKING:
@@ -37,13 +38,16 @@ _MEMORY: dict[str, Tensor] = {}
 
 
 def _fingerprint(model) -> str:
+    from kn_lens.backend import embedding_matrix
     from kn_lens.models import model_info
 
-    info = model_info(model).to_dict()
-    w = model.W_E.detach().float().cpu()
+    # the weights decide the statistics, not where or through which model class they were run
+    # (and caches written before ModelInfo recorded device / backend keep their keys)
+    info = {k: v for k, v in model_info(model).to_dict().items() if k not in ("device", "backend")}
+    w = embedding_matrix(model, slice(0, 64)).detach().float().cpu()
     h = hashlib.sha1(json.dumps(info, sort_keys=True).encode())
-    h.update(w[: min(64, w.shape[0])].numpy().tobytes())
-    h.update(str(tuple(w.shape)).encode())
+    h.update(w.numpy().tobytes())
+    h.update(str(tuple(model.W_E.shape)).encode())
     return h.hexdigest()[:16]
 
 
@@ -76,7 +80,8 @@ def stats_windows(model: "HookedTransformer", n_tokens: int, window: int,
     rows = ids[: n_rows * width].view(n_rows, width)
     if bos:
         bos_id = model.tokenizer.bos_token_id
-        rows = torch.cat([torch.full((n_rows, 1), bos_id, dtype=torch.long), rows], dim=1)
+        rows = torch.cat([torch.full((n_rows, 1), bos_id, dtype=torch.long, device="cpu"), rows],
+                         dim=1)
     return rows
 
 
@@ -116,16 +121,16 @@ def second_moments(model: "HookedTransformer", layers: Sequence[int], *,
     t0 = time.perf_counter()
     rows = stats_windows(model, n_tokens, window, books)
     d = model.cfg.d_mlp
-    acc = {layer: torch.zeros(d, d, dtype=torch.float64) for layer in todo}
+    # float64 sums on the CPU (exact enough for 100k tokens; MPS has no float64)
+    acc = {layer: torch.zeros(d, d, dtype=torch.float64, device="cpu") for layer in todo}
     count = 0
     store: dict[str, Tensor] = {}
-    fwd = [(H.mlp_post(layer), lambda act, hook: store.__setitem__(hook.name, act.detach()))
-           for layer in todo]
+    fwd = [h for layer in todo for h in H.cache_hook(H.mlp_post(layer), store)]
     bos = int(bool(model.cfg.default_prepend_bos))
     for s in range(0, rows.shape[0], batch_size):
         toks = rows[s:s + batch_size].to(model.cfg.device)
         with model.hooks(fwd_hooks=fwd):
-            model(toks, stop_at_layer=max(todo) + 1)
+            model(toks, **stop_before(model, max(todo) + 1))
         for layer in todo:
             k = store[H.mlp_post(layer)][:, bos:].reshape(-1, d).double().cpu()
             acc[layer] += k.T @ k
