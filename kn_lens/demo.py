@@ -10,36 +10,20 @@ the weights are bit-identical and no hook is left.
 """
 from __future__ import annotations
 
-import random
 import time
 from typing import Callable
 
 import torch
 
 
-def _pick(facts, n: int, seed: int):
-    rng = random.Random(seed)
-    by_rel: dict[str, list] = {}
-    for f in facts:
-        by_rel.setdefault(f.relation, []).append(f)
-    rels = sorted(by_rel)
-    rng.shuffle(rels)
-    out = []
-    while len(out) < n and any(by_rel.values()):
-        for r in rels:
-            if by_rel[r] and len(out) < n:
-                out.append(by_rel[r].pop(rng.randrange(len(by_rel[r]))))
-    return out
-
-
 def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
              out: Callable[[str], None] = print, model=None, stats_tokens: int = 100_000,
              new_object: str = "Rome", load_kwargs: dict | None = None) -> dict:
     from kn_lens import hooks
-    from kn_lens.datasets import build_edit_requests, builtin_dataset, known_facts
+    from kn_lens.datasets import build_edit_requests, builtin_dataset, known_facts, sample_facts
     from kn_lens.edit import erase
     from kn_lens.evaluate import evaluate_edit, reference_slices
-    from kn_lens.facts import Fact, make_query, predict, queries_for_fact, query_from_prompt
+    from kn_lens.facts import make_query, predict, queries_for_fact, query_from_prompt
     from kn_lens.locate import agreement, locate
     from kn_lens.models import load_model, model_info
     from kn_lens.neurons import random_like, threshold_relative, top_fraction
@@ -55,7 +39,9 @@ def run_demo(model_name: str | None = None, n_facts: int = 8, seed: int = 0,
     out(f"== built-in data: {len(ds.relations)} relations, {len(ds.facts)} facts")
 
     # -- 2. facts, predictions, known?
-    sample = _pick(ds.facts, n_facts, seed)
+    # a display sample: facts of every relation in turn (known or not; the next lines say which)
+    sample = list(sample_facts(model, ds, n_facts, seed=seed, strategy="balanced",
+                               known_only=False, min_per_relation=1).facts)
     kf = known_facts(model, sample, ds)
     known = {f.key() for f in kf.known_facts()}
     out(f"\n== {n_facts} facts (first template), top-3 next tokens, known = answer top-1 on >= 60% "
