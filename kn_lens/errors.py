@@ -50,3 +50,14 @@ class OptionalDependencyError(KnLensError, ImportError):
 class StoreError(KnLensError, RuntimeError):
     """A result store that is inconsistent, unreadable, or used in a way that would mix results
     (e.g. a model whose weights differ from the ones its stored results were computed with)."""
+
+
+class SweepIncompleteError(KnLensError, RuntimeError):
+    """A sweep ended with items not stored: items that failed (their errors are listed; the next
+    sweep tries them again), items of other shards (``--shard``), or items another sweep still
+    computes. ``missing`` holds their keys; ``result`` the :class:`~kn_lens.sweep.SweepResult`."""
+
+    def __init__(self, message: str, *, missing: tuple = (), result=None):
+        super().__init__(message)
+        self.missing = tuple(missing)
+        self.result = result

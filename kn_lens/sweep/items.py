@@ -28,12 +28,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from kn_lens.errors import ConfigError
-from kn_lens.facts import EditRequest, Fact, Query
+from kn_lens.facts import EditRequest, Fact, Query, Relation
 from kn_lens.sweep.modelspec import ModelSpec
 
-__all__ = ["ItemKind", "WorkItem", "EditJob", "ReferenceSpec", "register_kind", "get_kind",
-           "available_kinds", "canonical", "register_analysis", "available_analyses",
-           "locate_items", "analysis_items", "edit_items", "fact_queries"]
+__all__ = ["ItemKind", "WorkItem", "EditJob", "KnownJob", "ReferenceSpec", "register_kind",
+           "get_kind", "available_kinds", "canonical", "register_analysis", "available_analyses",
+           "locate_items", "analysis_items", "edit_items", "known_item", "fact_queries", "spec_of"]
 
 
 # --------------------------------------------------------------------------- canonical JSON
@@ -266,6 +266,27 @@ class EditJob:
             raise ConfigError("EditJob.reference must be a ReferenceSpec or None")
 
 
+@dataclass(frozen=True, kw_only=True)
+class KnownJob:
+    """The input of a ``known`` item: which of ``facts`` the model knows
+    (:func:`kn_lens.datasets.known_facts`, every template of each fact's relation, from
+    ``relations``)."""
+
+    facts: tuple[Fact, ...]
+    relations: tuple[Relation, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "facts", tuple(self.facts))
+        object.__setattr__(self, "relations", tuple(self.relations))
+        if not self.facts or not all(isinstance(f, Fact) for f in self.facts):
+            raise ConfigError("KnownJob.facts must be one or more Facts")
+        if not all(isinstance(r, Relation) for r in self.relations):
+            raise ConfigError("KnownJob.relations must be Relations")
+        missing = sorted({f.relation for f in self.facts} - {r.id for r in self.relations})
+        if missing:
+            raise ConfigError(f"KnownJob: no relation given for {missing}")
+
+
 # --------------------------------------------------------------------------- analyses
 
 # method -> (module, function, config class): per-query analysis steps, fn(model, query, *, config)
@@ -358,6 +379,17 @@ register_kind(ItemKind(
     config_class=_editor_config, method_version=_editor_version, payload=EditJob))
 
 
+register_kind(ItemKind(
+    name="known", run="kn_lens.sweep.kinds:run_known", methods=lambda: ["known_facts"],
+    config_class=lambda m: _known_config(), payload=KnownJob))
+
+
+def _known_config() -> type:
+    from kn_lens.datasets.known import KnownFactsConfig
+
+    return KnownFactsConfig
+
+
 # --------------------------------------------------------------------------- builders
 
 
@@ -377,7 +409,9 @@ def fact_queries(model, dataset, facts: Iterable[Fact], templates: Sequence[int]
     return out
 
 
-def _spec(model) -> ModelSpec:
+def spec_of(model) -> ModelSpec:
+    """The :class:`ModelSpec` of a loaded model (:meth:`ModelSpec.from_model`), a spec, a name or
+    a dict of spec fields (:meth:`ModelSpec.coerce`)."""
     if isinstance(model, (ModelSpec, str, Mapping)):
         return ModelSpec.coerce(model)
     return ModelSpec.from_model(model)
@@ -390,7 +424,7 @@ def locate_items(model, queries: Iterable[Query], method: str, config: Any = Non
     maximum, ties in KN selection aside the sets do not change) and loads it back as float32."""
     if store_dtype not in ("float32", "float16"):
         raise ConfigError(f"store_dtype must be 'float32' or 'float16', got {store_dtype!r}")
-    spec = _spec(model)
+    spec = spec_of(model)
     opts = {} if store_dtype == "float32" else {"store_dtype": store_dtype}
     return [WorkItem("locate", method, q, spec, config, options=opts) for q in queries]
 
@@ -399,7 +433,7 @@ def analysis_items(model, queries: Iterable[Query], method: str, config: Any = N
                    ) -> list[WorkItem]:
     """One ``analysis`` item per query (``synapses``: QL's knowledge synapses, ``trace``: ROME's
     causal trace, or a registered analysis)."""
-    spec = _spec(model)
+    spec = spec_of(model)
     return [WorkItem("analysis", method, q, spec, config) for q in queries]
 
 
@@ -408,7 +442,22 @@ def edit_items(model, requests: Iterable[EditRequest], method: str, config: Any 
                keep_edit: bool = True) -> list[WorkItem]:
     """One ``edit`` item per request: the edit computed with editor ``method`` (seeded) and
     judged by the harness."""
-    spec = _spec(model)
+    spec = spec_of(model)
     return [WorkItem("edit", method, EditJob(request=r, harness=harness, reference=reference,
                                              keep_edit=keep_edit), spec, config, seed=seed)
             for r in requests]
+
+
+def known_item(model, facts: Iterable[Fact], relations, config: Any = None) -> WorkItem:
+    """One ``known`` item: the :class:`~kn_lens.datasets.KnownFacts` of ``facts`` on ``model``
+    (``relations``: a ``Dataset``, a mapping id -> ``Relation`` or ``Relation`` s; only the facts'
+    relations are kept, so the key does not change with unrelated ones)."""
+    from kn_lens.datasets.core import Dataset
+
+    facts = tuple(facts)
+    if isinstance(relations, Dataset):
+        relations = relations.relations
+    rels = relations.values() if isinstance(relations, Mapping) else relations
+    used = {f.relation for f in facts}
+    job = KnownJob(facts=facts, relations=tuple(r for r in rels if r.id in used))
+    return WorkItem("known", "known_facts", job, spec_of(model), config)

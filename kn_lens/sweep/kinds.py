@@ -5,7 +5,8 @@
 - ``analysis``: a per-query analysis step (``synapses`` -> ``Synapses``, ``trace`` ->
   ``TraceResult``);
 - ``edit``: the editor ``item.method`` on one request, judged by the harness ->
-  :class:`EditOutcome` (the one-request ``EditReport`` and, with ``keep_edit``, the ``Edit``).
+  :class:`EditOutcome` (the one-request ``EditReport`` and, with ``keep_edit``, the ``Edit``);
+- ``known``: which facts the model knows -> :class:`~kn_lens.datasets.KnownFacts`.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["run_locate", "run_analysis", "run_edit", "CompactScores", "EditOutcome",
-           "decode_scores"]
+__all__ = ["run_locate", "run_analysis", "run_edit", "run_known", "CompactScores", "EditOutcome",
+           "decode_scores", "prepared_reference"]
 
 
 def run_locate(model, item):
@@ -35,6 +36,12 @@ def run_analysis(model, item):
     return fn(model, item.payload, config=item.config)
 
 
+def run_known(model, item):
+    from kn_lens.datasets.known import known_facts
+
+    return known_facts(model, item.payload.facts, item.payload.relations, config=item.config)
+
+
 @dataclass(frozen=True)
 class EditOutcome:
     """An ``edit`` item's result: the harness's report on the one request (rows, aggregates;
@@ -51,7 +58,7 @@ def run_edit(model, item):
     job = item.payload
     reference = None
     if job.reference is not None:
-        reference = _reference(model, job.reference)
+        reference = prepared_reference(model, job.reference)
     kept: list = []
     report = edit_and_evaluate(model, [job.request], method=item.method,
                                editor_config=item.config, config=job.harness,
@@ -60,9 +67,10 @@ def run_edit(model, item):
     return EditOutcome(report, kept[0] if job.keep_edit else None)
 
 
-def _reference(model, spec):
-    """Reference prose prepared once per model and spec (kept on the model object: a worker's
-    model lives as long as the worker)."""
+def prepared_reference(model, spec):
+    """The reference prose of a :class:`~kn_lens.sweep.ReferenceSpec` prepared for dPPL
+    (:func:`kn_lens.evaluate.perplexity.prepare_reference`), once per model and spec (kept on the
+    model object: a worker's model lives as long as the worker)."""
     from kn_lens.evaluate.perplexity import prepare_reference, reference_slices
 
     cache = model.__dict__.setdefault("_kn_sweep_references", {})

@@ -29,11 +29,9 @@ from typing import Any, Mapping
 import torch
 
 from kn_lens.errors import ConfigError, ModelWeightsUnavailableError, UnknownModelError
+from kn_lens.testing import TINY_MODELS  # the one table of tiny test models (name -> builder)
 
-__all__ = ["ModelSpec", "weights_fingerprint", "TINY_MODELS"]
-
-# name -> builder in kn_lens.testing
-TINY_MODELS = {"tiny-gpt2": "tiny_gpt2", "tiny-llama": "tiny_llama", "tiny-gemma": "tiny_gemma"}
+__all__ = ["ModelSpec", "weights_fingerprint"]
 _TINY_SIZES = ("n_layers", "d_model", "d_mlp", "n_ctx")
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -128,9 +126,7 @@ class ModelSpec:
         return self.name in TINY_MODELS
 
     def _tiny_kwargs(self) -> dict:
-        from kn_lens import testing
-
-        fn = getattr(testing, TINY_MODELS[self.name])
+        fn = TINY_MODELS[self.name]
         kw = {k: p.default for k, p in inspect.signature(fn).parameters.items()
               if p.default is not inspect.Parameter.empty}
         kw.update(dict(self.tiny))
@@ -164,9 +160,7 @@ class ModelSpec:
     def load(self, device: str | torch.device = "cpu"):
         """Load the model (a worker does this once); it carries this spec as ``model.kn_spec``."""
         if self.is_tiny:
-            from kn_lens import testing
-
-            model = getattr(testing, TINY_MODELS[self.name])(**self._tiny_kwargs())
+            model = TINY_MODELS[self.name](**self._tiny_kwargs())
             if str(device) != "cpu":
                 model.to(device)
         else:

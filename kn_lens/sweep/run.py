@@ -12,8 +12,8 @@ from typing import Any, Callable, Sequence
 from kn_lens.errors import ConfigError, KnLensError
 from kn_lens.sweep.store import ResultStore
 
-__all__ = ["SweepConfig", "SweepResult", "sweep", "parse_shard", "shard_of", "BACKENDS",
-           "add_sweep_arguments", "sweep_overrides"]
+__all__ = ["SweepConfig", "SweepResult", "sweep", "sweep_results", "SkippedItem", "parse_shard",
+           "shard_of", "BACKENDS", "add_sweep_arguments", "sweep_overrides"]
 
 BACKENDS = ("inprocess", "pool", "ray")
 
@@ -140,7 +140,8 @@ class SweepResult:
 
 def sweep(items: Sequence, store: "ResultStore | str | os.PathLike", *,
           config: SweepConfig = SweepConfig(), model=None, progress: bool = True,
-          log: Callable[[str], None] = print) -> SweepResult:
+          log: Callable[[str], None] = print,
+          on_result: Callable[[Any, Any], None] | None = None) -> SweepResult:
     """Compute every item of ``items`` that ``store`` does not hold yet, store each result as it
     arrives, and say what was done.
 
@@ -150,7 +151,9 @@ def sweep(items: Sequence, store: "ResultStore | str | os.PathLike", *,
     use in-process for items of its spec (other backends load models from the items' specs).
     Items that raise are recorded as failed (``SweepResult.failed``) and tried again by the next
     sweep; ``fail_fast`` stops at the first one instead (raising its error as a
-    ``KnLensError``). The model is left as it was."""
+    ``KnLensError``). ``on_result(item, result)`` is called in the driver for each item this
+    sweep computes, once it is stored (progress lines, or a copy of the result kept elsewhere).
+    The model is left as it was."""
     from kn_lens.sweep.executors import Crash, make_executor
 
     t_start = time.perf_counter()
@@ -234,6 +237,8 @@ def sweep(items: Sequence, store: "ResultStore | str | os.PathLike", *,
         if st.put(item, out.result, seconds=out.seconds, worker=out.worker, attempts=n_attempts):
             computed += 1
             compute_seconds += out.seconds
+            if on_result is not None:
+                on_result(item, out.result)
         else:  # another sweep took the item over (this one was presumed dead): its result counts
             done_elsewhere += 1
 
@@ -302,29 +307,102 @@ def sweep(items: Sequence, store: "ResultStore | str | os.PathLike", *,
     return result
 
 
+@dataclass(frozen=True)
+class SkippedItem:
+    """Stands for the result of an item that raised one of the errors the caller accepts
+    (:func:`sweep_results`' ``skip``), e.g. a query whose subject causal tracing cannot find."""
+
+    key: str
+    error: str  # "Type: message"
+
+
+def sweep_results(items: Sequence, store: "ResultStore | str | os.PathLike", *,
+                  config: SweepConfig = SweepConfig(), model=None, progress: bool = True,
+                  log: Callable[[str], None] = print, skip: tuple[type, ...] = (),
+                  on_result: Callable[[Any, Any], None] | None = None) -> list:
+    """:func:`sweep`, then every item's result, in the order of ``items`` (what a script's heavy
+    step needs: all of them or none). An item that raised an error of a type in ``skip`` gives a
+    :class:`SkippedItem` in its place. Raises :class:`~kn_lens.errors.SweepIncompleteError` when
+    any other item is not stored: it failed (its error is listed; the next run tries it again),
+    it belongs to another shard (``config.shard``), or another sweep still computes it. Every
+    item stored meanwhile stays stored."""
+    from kn_lens.errors import SweepIncompleteError
+
+    own = not isinstance(store, ResultStore)
+    st = ResultStore(store, claim_ttl=config.claim_ttl, fsync=config.fsync) if own else store
+    try:
+        items = list(items)
+        res = sweep(items, st, config=config, model=model, progress=progress, log=log,
+                    on_result=on_result)
+        errors = dict(res.failed)
+        accepted = tuple(f"{t.__name__}:" for t in skip)
+        done = st.done_keys(it.key for it in items)
+        out, failed, missing = [], {}, set()
+        for it in items:
+            if it.key in done:
+                out.append(st.load(it.key))
+            elif accepted and errors.get(it.key, "").startswith(accepted):
+                out.append(SkippedItem(it.key, errors[it.key]))
+            elif it.key in errors:
+                failed[it.key] = f"{it.kind}/{it.method}: {errors[it.key]}"
+            else:
+                missing.add(it.key)
+        if failed or missing:
+            parts = []
+            if failed:
+                shown = "; ".join(list(failed.values())[:3])
+                parts.append(f"{len(failed)} failed ({shown}{'; ...' if len(failed) > 3 else ''}"
+                             "); run again to retry them")
+            if missing and config.shard is not None:
+                parts.append(f"{len(missing)} belong to other shards than {config.shard[0]}/"
+                             f"{config.shard[1]}: run the other shards, then once without "
+                             "--shard")
+            elif missing:
+                parts.append(f"{len(missing)} are still being computed by another sweep on "
+                             f"{st.root}")
+            raise SweepIncompleteError(
+                f"{len(failed) + len(missing)} of {len(set(done) | set(failed) | missing)} items "
+                f"are not stored in {st.root}: " + "; ".join(parts),
+                missing=tuple(failed) + tuple(sorted(missing)), result=res)
+        return out
+    finally:
+        if own:
+            st.close()
+
+
 # --------------------------------------------------------------------------- command lines
 
 _ARGS = ("backend", "workers", "shard", "address", "device", "threads", "cpus_per_worker",
          "gpus_per_worker")
 
 
-def add_sweep_arguments(parser) -> None:
+def add_sweep_arguments(parser, *, exclude: Sequence[str] = ()) -> None:
     """The executor options of ``kn-lens sweep`` on an argparse parser (for scripts that run
-    their heavy steps through a sweep); read them back with :func:`sweep_overrides`."""
-    parser.add_argument("--backend", default=None, choices=list(BACKENDS),
-                        help="where items are computed (default inprocess)")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes / Ray actors")
-    parser.add_argument("--shard", default=None, metavar="I/N",
-                        help="only shard I of N of the items (a fixed partition by key: run "
-                        "I = 0..N-1 anywhere, e.g. one per machine)")
-    parser.add_argument("--address", default=None,
-                        help="ray: the cluster to join (e.g. auto or ray://host:10001)")
-    parser.add_argument("--device", default=None, help="where workers load the model (cpu, cuda)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    parser.add_argument("--cpus-per-worker", type=float, default=None)
-    parser.add_argument("--gpus-per-worker", type=float, default=None)
+    their heavy steps through a sweep); read them back with :func:`sweep_overrides`. ``exclude``:
+    options (by field name, e.g. ``"threads"``) the parser already has for its own use."""
+    bad = sorted(set(exclude) - set(_ARGS))
+    if bad:
+        raise ConfigError(f"add_sweep_arguments: unknown option(s) {bad}; choose from {_ARGS}")
+
+    def add(name: str, **kw) -> None:
+        if name not in exclude:
+            parser.add_argument("--" + name.replace("_", "-"), default=None, **kw)
+
+    add("backend", choices=list(BACKENDS), help="where items are computed (default inprocess)")
+    add("workers", type=int, help="worker processes / Ray actors")
+    add("shard", metavar="I/N", help="only shard I of N of the items (a fixed partition by key: "
+        "run I = 0..N-1 anywhere, e.g. one per machine)")
+    add("address", help="ray: the cluster to join (e.g. auto or ray://host:10001)")
+    add("device", help="where workers load the model (cpu, cuda)")
+    add("threads", type=int, help="torch threads per worker")
+    add("cpus_per_worker", type=float)
+    add("gpus_per_worker", type=float)
 
 
 def sweep_overrides(args) -> dict:
-    """The SweepConfig fields set on the command line (:func:`add_sweep_arguments`)."""
-    return {k: getattr(args, k) for k in _ARGS if getattr(args, k, None) is not None}
+    """The SweepConfig fields set on the command line (:func:`add_sweep_arguments`); a parser's
+    own ``--threads`` is read too, 0 (torch's default) counting as unset."""
+    out = {k: getattr(args, k) for k in _ARGS if getattr(args, k, None) is not None}
+    if out.get("threads") == 0:
+        del out["threads"]
+    return out
