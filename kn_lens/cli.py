@@ -162,19 +162,24 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 def _cmd_study(args) -> int:
     from kn_lens.datasets import load_relations_file
     from kn_lens.study import StudyConfig, study
+    from kn_lens.sweep import SweepConfig
+    from kn_lens.sweep.run import sweep_overrides
 
     ds = load_relations_file(args.file)  # every problem of the file, before any model work
     cfg = StudyConfig(locators=tuple(args.locators.split(",")), max_facts=args.max_facts,
                       known_only=not args.all_facts, builtin_facts=args.builtin_facts,
                       edit=args.edit, n_edit=args.n_edit, seed=args.seed)
+    # --threads / --device: also the workers'; --backend is the model's (--executor: the sweep's)
+    sweep = SweepConfig(**sweep_overrides(args, exclude=("backend",)),
+                        **({"backend": args.executor} if args.executor else {}))
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     model = _load(args, args.model)
-    res = study(model, ds, out=args.out, config=cfg)
+    res = study(model, ds, out=args.out, config=cfg, sweep=sweep)
     print(f"wrote {', '.join(str(res.out / f) for f in res.files)} in {res.seconds:.0f} s "
-          f"({res.computed} items computed, {res.cached} from the cache)")
+          f"({res.computed} items computed, {res.cached} from the store)")
     return 0
 
 
@@ -340,7 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--edit", default=None, help="an editor: edit a sample of facts and judge it")
     st.add_argument("--n-edit", type=int, default=5)
     st.add_argument("--seed", type=int, default=0)
-    st.add_argument("--threads", type=int, default=0)
+    st.add_argument("--threads", type=int, default=0,
+                    help="torch threads (default 0: torch's own); also each sweep worker's")
+    from kn_lens.sweep.run import add_sweep_arguments
+
+    # how the locator items are computed (--threads, --device: the study's own, also the workers')
+    add_sweep_arguments(st, exclude=("threads", "device", "backend"))
+    from kn_lens.sweep.run import BACKENDS as EXECUTORS
+
+    st.add_argument("--executor", default=None, choices=EXECUTORS,
+                    help="where the locator items are computed: inprocess (default), pool, ray "
+                    "(kn-lens sweep's --backend)")
     st.set_defaults(func=_cmd_study)
 
     sw = sub.add_parser("sweep", help="compute many items (locators, analyses, edits) into a "

@@ -5,13 +5,21 @@ provenance (config, seed, model info, package versions, command; :func:`save_res
 atomically: an interrupted run leaves nothing half-written) -> figure(s) drawn from the saved file
 (:func:`figure_path`). ``--plot-only`` redraws from the file (:func:`run`).
 
+Heavy per-item steps (a locator on each query, causal tracing, an edit judged by the harness)
+run through a sweep (:mod:`kn_lens.sweep`): every item is stored once in the result store
+``<results-dir>/sweeps`` (``--store``), keyed by everything that determines it, so a killed run
+resumes, a rerun computes nothing, and scripts share items (the QL scripts the same per-query
+scores). :func:`add_sweep_args` gives a script the executor flags (``--backend inprocess|pool|ray``,
+``--workers``, ``--shard I/N``, ``--address``, ``--device``, ...; the default, in-process, gives
+the same results as any other), :func:`sweep_items` runs a step's items and loads their results.
+
 Also here: the tiny random test models by name (:func:`load_experiment_model`), the saved
 known-facts run and the seeded fact samples of a script (:func:`saved_known_facts`,
 :func:`sample`), resumable JSON-lines row files and their gzipped archives
 (:func:`read_jsonl`, :func:`append_jsonl`, :func:`write_archive`, :func:`read_archive`,
-:func:`restore_from_archive`), and the Query Localization scripts' shared first step: a seeded
-sample of known facts with every locator's per-query scores from the score cache
-(:func:`add_locate_args`, :func:`prepare_located`).
+:func:`restore_from_archive`) in a run's folder (:func:`cache_folder`, :func:`run_key`), and the
+Query Localization scripts' shared first step: a seeded sample of known facts with every
+locator's per-query scores from the store (:func:`add_locate_args`, :func:`prepare_located`).
 
 Paths: ``results/`` and ``figures/`` of the checkout kn_lens runs from (an editable install), else
 of the current directory (:data:`ROOT`).
@@ -37,6 +45,7 @@ if TYPE_CHECKING:
     from kn_lens.datasets import Dataset, FactSample, KnownFacts
     from kn_lens.facts import Fact
     from kn_lens.neurons import NeuronScores
+    from kn_lens.sweep import SweepConfig
 
 
 def _project_root() -> Path:
@@ -94,13 +103,22 @@ def set_threads(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, compute: Callable, report: Callable) -> None:
     """Every script's last step: compute and save (unless ``--plot-only``), then report/plot from
     the saved file. A bad setting (``ConfigError``, e.g. an unknown method) exits with its
-    message."""
-    from kn_lens.errors import ConfigError
+    message; so does a sweep whose items are not all stored (failed items, listed; the next run
+    retries them). With ``--shard I/N`` the script stops once its shard's items are stored."""
+    from kn_lens.errors import ConfigError, SweepIncompleteError
 
     try:
         if not args.plot_only:
             compute(args)
         report(args)
+    except SweepIncompleteError as e:
+        res = e.result
+        if getattr(args, "shard", None) and res is not None and not res.failed:
+            busy = f" ({res.busy} of them still computed by another sweep)" if res.busy else ""
+            print(f"shard {args.shard}: its {len(res.keys)} items are in {store_dir(args)}{busy}; "
+                  "run the other shards, then the same command without --shard to analyse")
+            return
+        raise SystemExit(f"error: {e}") from e
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from e
 
@@ -133,10 +151,23 @@ def versions() -> dict[str, str]:
 
 
 def to_jsonable(x: Any) -> Any:
-    """``x`` as JSON data (:func:`kn_lens.cache.plain`; NaN -> None)."""
-    from kn_lens.cache import plain
+    """``x`` as JSON data for a results file: dataclasses (configs, ``ModelInfo``) by their
+    fields, tuples as lists, dict keys as strings, tensors and arrays as (nested) lists, NaN as
+    None (JSON has no NaN). (Keys are built by :func:`kn_lens.sweep.canonical`, which names
+    classes and hashes tensors instead.)"""
+    import dataclasses
 
-    return plain(x, nan_as_none=True)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        x = dataclasses.asdict(x)
+    if isinstance(x, dict):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if hasattr(x, "tolist"):
+        return to_jsonable(x.tolist())
+    if isinstance(x, float) and x != x:
+        return None
+    return x
 
 
 def rounded(x: Any, digits: int = 4) -> float | None:
@@ -223,9 +254,20 @@ def figure_path(args: argparse.Namespace, name: str) -> Path:
 # --------------------------------------------------------------------------- resumable rows
 
 
+def run_key(**settings: Any) -> str:
+    """The 10-hex key of a run's settings (names its folder, :func:`cache_folder`, and tags its
+    archived rows): SHA-1 of the sorted JSON of ``settings`` (:func:`kn_lens.sweep.canonical`).
+    The format is frozen: committed archives carry these keys, and a run resumes from them."""
+    import hashlib
+
+    from kn_lens.sweep.items import canonical
+
+    return hashlib.sha1(json.dumps(canonical(settings), sort_keys=True).encode()).hexdigest()[:10]
+
+
 def cache_folder(args: Any, name: str, key: str) -> Path:
     """``<results-dir>/cache/<name>_<model>[_quick]_<key>`` (created): a resumable run's state,
-    ``key`` from the settings that determine its rows (:func:`kn_lens.cache.item_key`)."""
+    ``key`` from the settings that determine its rows (:func:`run_key`)."""
     d = Path(args.results_dir) / "cache" / f"{name}_{args.model}{'_quick' if args.quick else ''}_{key}"
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -375,28 +417,114 @@ QL_MIN_TEMPLATES = 5  # QL uses facts with several neighbour queries; CS needs >
 
 def add_locate_args(ap: argparse.ArgumentParser, *,
                     methods: Sequence[str] = ("ig", "contribution")) -> None:
-    """The Query Localization scripts' flags (on top of :func:`parser`)."""
+    """The Query Localization scripts' flags (on top of :func:`parser`): the fact filter,
+    ``--methods``, ``--ig-steps``, ``--max-answer-tokens`` and the sweep flags
+    (:func:`add_sweep_args`)."""
     add_fact_args(ap)
     ap.add_argument("--methods", nargs="+", default=list(methods),
                     help="locators (kn_lens.locate registry names): ig, ig_eos, contribution, atp, ...")
     ap.add_argument("--ig-steps", type=int, default=None, help="IG Riemann steps (default 20)")
-    add_score_cache_args(ap)
-    ap.add_argument("--shard", default=None, metavar="K/N",
-                    help="compute (and cache) scores only for facts K, K+N, K+2N, ... of the sample; "
-                         "run N shards in parallel, then once without --shard to use the cache")
+    add_answer_length_arg(ap)
+    add_sweep_args(ap)
 
 
-def add_score_cache_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--cache-dir", type=Path, default=None,
-                    help="the per-query score cache (default <results-dir>/cache)")
+def add_answer_length_arg(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-answer-tokens", type=int, default=1,
                     help="keep facts whose answer is at most this many tokens (default 1: ParaRel's "
                          "single-token objects, as in QL / Dai et al.; IG costs one pass per answer "
                          "token); 0 = any length")
 
 
-def score_cache(args: argparse.Namespace) -> Path:
-    return args.cache_dir or Path(args.results_dir) / "cache"
+# --------------------------------------------------------------------------- sweeps
+
+
+def add_sweep_args(ap: argparse.ArgumentParser) -> None:
+    """The sweep flags of a script whose heavy steps run through :mod:`kn_lens.sweep`: the
+    executor options of ``kn-lens sweep`` (:func:`kn_lens.sweep.run.add_sweep_arguments`; the
+    script's own ``--threads`` also sets the workers' torch threads) and ``--store``."""
+    from kn_lens.sweep.run import add_sweep_arguments
+
+    add_sweep_arguments(ap, exclude=("threads",))
+    ap.add_argument("--store", "--cache-dir", dest="store", type=Path, default=None,
+                    help="the result store every item of the run is kept in (default "
+                    "<results-dir>/sweeps; shared by the scripts: the QL scripts reuse each "
+                    "other's per-query scores)")
+
+
+def store_dir(args: Any) -> Path:
+    """The run's result store folder: ``--store``, else ``<results-dir>/sweeps``."""
+    store = getattr(args, "store", None)
+    return Path(store) if store is not None else Path(args.results_dir) / "sweeps"
+
+
+def sweep_config(args: Any) -> "SweepConfig":
+    """The :class:`~kn_lens.sweep.SweepConfig` of the script's flags (:func:`add_sweep_args`;
+    none given: in-process)."""
+    from kn_lens.sweep import SweepConfig
+    from kn_lens.sweep.run import sweep_overrides
+
+    return SweepConfig(**sweep_overrides(args))
+
+
+def sweep_items(args: Any, items: Sequence, model=None, **kw) -> list:
+    """Run a script's heavy step: :func:`kn_lens.sweep.sweep_results` of ``items`` in the run's
+    store with its sweep flags (``model``: the live model the in-process backend uses; ``kw``:
+    ``skip``, ``on_result``). Returns every item's result in order; raises
+    :class:`~kn_lens.errors.SweepIncompleteError` (which :func:`run` reports) when some are not
+    stored, e.g. with ``--shard``."""
+    from kn_lens.sweep import sweep_results
+
+    return sweep_results(items, store_dir(args), config=sweep_config(args), model=model,
+                         log=lambda s: print(s, flush=True), **kw)
+
+
+def sweep_rows(args: Any, jobs: Sequence[tuple[Any, Path]], model=None, *,
+               id_of: Callable[[dict], Any],
+               describe: Callable[[Any, list[dict]], str] | None = None) -> None:
+    """Compute rows through a sweep into JSON-lines row files: ``jobs`` are ``(item, file)``,
+    each item's result a list of row dicts (``id_of(row)`` identifies one in its file). Each
+    item's rows are appended to its file as soon as the item is stored (``describe(item, rows)``
+    -> a progress line); rows of items already in the store but missing from their file (a run
+    killed in between, another process sharing the store) are appended first, and again at the
+    end. Build only items whose rows the files lack: rows in a file are never recomputed."""
+    from kn_lens.sweep import ResultStore
+
+    owner: dict[str, list[Path]] = {}  # one item may fill several files (equal settings)
+    for it, path in jobs:
+        owner.setdefault(it.key, []).append(Path(path))
+    ids = {path: set(read_jsonl(path, id_of)) for paths in owner.values() for path in paths}
+
+    def keep(key: str, rows: list[dict]) -> None:
+        for path in owner[key]:
+            new = [r for r in rows if id_of(r) not in ids[path]]
+            if new:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                append_jsonl(path, new)
+                ids[path].update(id_of(r) for r in new)
+
+    def sync() -> None:
+        with ResultStore(store_dir(args)) as st:
+            for key in sorted(st.done_keys(owner)):
+                keep(key, st.load(key))
+
+    def computed(item, rows: list[dict]) -> None:
+        keep(item.key, rows)
+        if describe is not None:
+            print(describe(item, rows), flush=True)
+
+    sync()
+    try:
+        sweep_items(args, [it for it, _ in jobs], model, on_result=computed)
+    finally:
+        sync()
+
+
+def item_seconds(args: Any, items: Sequence) -> list[float | None]:
+    """Each item's compute time as the store's index recorded it (whenever it was computed)."""
+    from kn_lens.sweep import ResultStore
+
+    with ResultStore(store_dir(args), create=False) as st:
+        return [st.record(it.key).seconds for it in items]
 
 
 def ql_n_facts(args: argparse.Namespace) -> int:
@@ -436,35 +564,20 @@ class LocatedSample:
 
 
 def prepare_located(args: argparse.Namespace) -> LocatedSample:
-    """Model, dataset, the QL fact sample (``--shard``: its slice) and every ``--methods``
-    locator's per-query scores through the score cache."""
+    """Model, dataset, the QL fact sample and every ``--methods`` locator's per-query scores,
+    the missing ones computed by one sweep into the run's store (:func:`sweep_items`'s flags;
+    ``--shard I/N``: only that shard's items, then the script stops)."""
     from kn_lens.datasets import builtin_dataset
-    from kn_lens.locate.cache import mean_seconds, scores_for_facts
+    from kn_lens.locate.cache import mean_seconds, scores_for_methods
 
     set_threads(args)
     model = load_experiment_model(args.model, device=getattr(args, "device", None),
                                   dtype=getattr(args, "dtype", None))
     ds = builtin_dataset()
     facts = ql_facts(args, model, ds, ql_n_facts(args))
-    if getattr(args, "shard", None):
-        facts = facts[shard(args.shard)]
-    scores, timing = {}, {}
-    for m in args.methods:
-        scores[m] = scores_for_facts(model, ds, facts, m, config=locator_config(args, m),
-                                     cache_dir=score_cache(args), progress=True,
-                                     log=lambda s: print(s, flush=True))
-        timing[m] = mean_seconds(scores[m])
+    scores = scores_for_methods(model, ds, facts,
+                                {m: locator_config(args, m) for m in args.methods},
+                                store=store_dir(args), sweep_config=sweep_config(args),
+                                progress=True, log=lambda s: print(s, flush=True))
+    timing = {m: mean_seconds(s) for m, s in scores.items()}
     return LocatedSample(model, ds, tuple(facts), scores, timing)
-
-
-def shard(spec: str) -> slice:
-    """``"K/N"`` -> the slice K::N of a sample (0 <= K < N)."""
-    from kn_lens.errors import ConfigError
-
-    try:
-        k, n = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard must look like K/N (e.g. 0/2), got {spec!r}") from None
-    if not 0 <= k < n:
-        raise ConfigError(f"--shard {spec!r}: need 0 <= K < N")
-    return slice(k, None, n)

@@ -1,9 +1,10 @@
 """``kn_lens.study`` / ``kn-lens study FILE``: test hypotheses on relations of your own.
 
 Input: one relations file (:func:`kn_lens.datasets.load_relations_file`: every problem is listed,
-with its location, before any model work). The run, resumable (every per-query result is cached
-under ``OUT/.cache``, keyed by everything that determines it; a killed run resumes and computes
-only what is missing):
+with its location, before any model work). The run, resumable (every per-query locator result is
+a sweep item (:mod:`kn_lens.sweep`) in the result store ``OUT/.cache``, keyed by everything that
+determines it; a killed run resumes and computes only what is missing; ``sweep=SweepConfig(...)``
+computes them on a local pool or on Ray):
 
 1. **known facts** per relation and template (answer's first token top-1 on >= 60 % of the
    templates, the built-in criterion);
@@ -29,7 +30,6 @@ atomically; a bad input file writes nothing.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -40,11 +40,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from kn_lens.cache import ItemCache
 from kn_lens.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
+
+    from kn_lens.sweep import ResultStore, SweepConfig
 
 __all__ = ["StudyConfig", "StudyResult", "study"]
 
@@ -98,14 +99,34 @@ class StudyResult:
 # --------------------------------------------------------------------------- steps
 
 
-def _kns_of(model, cache: ItemCache, method: str, queries) -> list:
-    """Each query's KNs by locator ``method`` (scores through the per-query score cache,
-    selected with the locator's authors' preset)."""
-    from kn_lens.analysis.consistency import default_selection, select_kns
-    from kn_lens.locate.cache import cached_scores
+class _Located:
+    """The study's per-query KNs: locator scores through the result store (one sweep per call,
+    :func:`kn_lens.locate.cache.locate_many`), selected with each locator's authors' preset;
+    counts the queries computed in this run and those stored before."""
 
-    sel = default_selection(method, model.cfg.n_layers)
-    return [select_kns(s, sel) for s in cached_scores(model, queries, method, cache=cache)]
+    def __init__(self, model, store: "ResultStore", sweep: "SweepConfig | None", progress: bool,
+                 log: Callable[[str], None]):
+        self.model, self.store, self.sweep = model, store, sweep
+        self.progress, self.log = progress, log
+        self.computed = self.cached = 0
+
+    def kns(self, jobs: dict[str, list]) -> dict[str, list]:
+        """``{method: queries}`` -> ``{method: [NeuronSet per query]}``, every missing score
+        computed by one sweep."""
+        from kn_lens.analysis.consistency import default_selection, select_kns
+        from kn_lens.locate.cache import locate_many
+
+        scores = locate_many(self.model, [(m, None, qs) for m, qs in jobs.items()],
+                             store=self.store, sweep_config=self.sweep, progress=self.progress,
+                             log=self.log)
+        out = {}
+        for m, ss in zip(jobs, scores):
+            n_cached = sum(bool(s.extras.get("cached")) for s in ss)
+            self.cached += n_cached
+            self.computed += len(ss) - n_cached
+            sel = default_selection(m, self.model.cfg.n_layers)
+            out[m] = [select_kns(s, sel) for s in ss]
+        return out
 
 
 def _causal(model, q, kns, seed: int) -> dict | None:
@@ -147,24 +168,34 @@ def _write_text(path: Path, text: str) -> None:
 
 def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, out: str | os.PathLike,
           config: StudyConfig = StudyConfig(), progress: bool = True,
-          log: Callable[[str], None] = print) -> StudyResult:
+          log: Callable[[str], None] = print, sweep: "SweepConfig | None" = None) -> StudyResult:
     """Run the study of ``relations`` (a relations file, see the module doc, or a ``Dataset``)
     on ``model`` into the folder ``out``; returns what was written and how much came from the
-    cache. The model is left as it was (every intervention is a scoped hook)."""
-    from kn_lens.analysis.consistency import ConsistencyConfig, consistency_analysis
-    from kn_lens.analysis.tnf_da import relation_level_sets, set_overlap
-    from kn_lens.datasets import builtin_dataset, known_facts, load_relations_file, sample_facts
+    result store ``out/.cache``. ``sweep``: how the locator items are computed (default
+    in-process; ``SweepConfig(backend="pool", workers=4)``, Ray, ...). The model is left as it
+    was (every intervention is a scoped hook)."""
+    from kn_lens.datasets import load_relations_file
     from kn_lens.datasets.core import Dataset
-    from kn_lens.errors import InvalidFactError, NumericalError
-    from kn_lens.facts import make_query, queries_for_fact
     from kn_lens.models import model_info
+    from kn_lens.sweep import ResultStore
 
     t0 = time.perf_counter()
     ds = relations if isinstance(relations, Dataset) else load_relations_file(relations)
     out = Path(out)
-    info = model_info(model)
-    cache = ItemCache(out / ".cache")  # per-query scores (kn_lens.locate.cache)
     say = log if progress else (lambda s: None)
+    with ResultStore(out / ".cache") as store:  # per-query scores (kn_lens.locate.cache)
+        located = _Located(model, store, sweep, progress, log)
+        return _study(model, ds, out, model_info(model), located, config, say, t0)
+
+
+def _study(model, ds, out: Path, info, located: _Located, config: StudyConfig, say,
+           t0: float) -> StudyResult:
+    from kn_lens.analysis.consistency import ConsistencyConfig, consistency_analysis
+    from kn_lens.analysis.tnf_da import relation_level_sets, set_overlap
+    from kn_lens.datasets import builtin_dataset, known_facts, sample_facts
+    from kn_lens.errors import InvalidFactError, NumericalError
+    from kn_lens.facts import make_query, queries_for_fact
+
     results: dict = {"model": dataclasses.asdict(info), "config": dataclasses.asdict(config),
                      "relations": {}}
 
@@ -186,20 +217,19 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
             "name": ds.relations[rid].name, "n_facts": len(ds.facts_of(rid)),
             "n_known": sum(f in known for f in ds.facts_of(rid)), "n_studied": len(chosen[rid])}
 
-    # 2. KNs of every studied fact on every template, by each locator
+    # 2. KNs of every studied fact on every template, by each locator (one sweep)
     kn_sets: dict[str, dict] = {m: {} for m in config.locators}
-    first_query: dict = {}
-    n_items = sum(len(v) * len(ds.relations[r].templates) for r, v in chosen.items())
-    done = 0
-    for rid, facts in chosen.items():
-        for f in facts:
-            qs = queries_for_fact(model, f, ds.relations[rid])
-            first_query[f] = qs[0]
-            for m in config.locators:
-                kn_sets[m][f] = _kns_of(model, cache, m, qs)
-            done += len(qs)
-            say(f"[2/6] knowledge neurons: {done}/{n_items} queries x {len(config.locators)} "
-                f"locators ({cache.computed} computed, {cache.hits} cached)")
+    per_fact = {f: queries_for_fact(model, f, ds.relations[rid])
+                for rid, facts in chosen.items() for f in facts}
+    flat = [q for qs in per_fact.values() for q in qs]
+    if flat:
+        kns = located.kns({m: flat for m in config.locators})
+        for m in config.locators:
+            it = iter(kns[m])
+            kn_sets[m] = {f: [next(it) for _ in qs] for f, qs in per_fact.items()}
+    first_query = {f: qs[0] for f, qs in per_fact.items()}
+    say(f"[2/6] knowledge neurons: {len(flat)} queries x {len(config.locators)} locators "
+        f"({located.computed} computed, {located.cached} stored before)")
 
     # 3. consistency per relation and locator
     cons: dict = {}
@@ -247,21 +277,19 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
         bds = builtin_dataset()
         sample = bds.filter(limit_per_relation=max(8, 3 * config.builtin_facts))
         if config.known_only:  # which built-in facts this model knows: shared by every study
-            from kn_lens.models import cache_dir
-
-            shared = ItemCache(cache_dir() / "study")
-            keys = hashlib.sha1("\n".join(f.key() for f in sample.facts).encode()).hexdigest()
-            bkf = shared.get_or(shared.key(kind="builtin_known", model=info, facts=keys),
-                                lambda: list(known_facts(model, sample.facts, bds).known_facts()))
+            bkf = list(_builtin_known(model, sample, bds).known_facts())
         else:
             bkf = list(sample.facts)
-        ref_sets = {}
-        for rid in bds.relations:
-            for f in [g for g in bkf if g.relation == rid][:config.builtin_facts]:
-                q = make_query(model, f, bds.relations[rid].templates[0])
-                (ref_sets[f],) = _kns_of(model, cache, "contribution", [q])
-        new_sets = {f: _kns_of(model, cache, "contribution", [first_query[f]])[0]
-                    for facts in chosen.values() for f in facts}
+        ref_facts = [f for rid in bds.relations
+                     for f in [g for g in bkf if g.relation == rid][:config.builtin_facts]]
+        ref_queries = [make_query(model, f, bds.relations[f.relation].templates[0])
+                       for f in ref_facts]
+        new_facts = [f for facts in chosen.values() for f in facts]
+        # the new facts' first queries: already stored by step 2 when it used contribution
+        kns = located.kns({"contribution": ref_queries + [first_query[f] for f in new_facts]})
+        sets = kns["contribution"]
+        ref_sets = dict(zip(ref_facts, sets[:len(ref_facts)]))
+        new_sets = dict(zip(new_facts, sets[len(ref_facts):]))
         levels_new = relation_level_sets(new_sets, min_frequency=config.min_frequency) \
             if new_sets else {}
         levels_ref = relation_level_sets(ref_sets, min_frequency=config.min_frequency) \
@@ -285,11 +313,22 @@ def study(model: "HookedTransformer", relations: "str | os.PathLike | Any", *, o
     files = _write_outputs(model, ds, out, results, kn_sets, first_query, config)
     secs = time.perf_counter() - t0
     results["seconds"] = round(secs, 1)
-    results["cache"] = {"computed": cache.computed, "cached": cache.hits}
+    results["cache"] = {"computed": located.computed, "cached": located.cached}
     _write_text(out / "results.json", json.dumps(results, indent=1, default=str))
     report = (out / "report.md").read_text()
-    return StudyResult(out, results, report, cache.computed, cache.hits, secs,
+    return StudyResult(out, results, report, located.computed, located.cached, secs,
                        tuple(files) + ("results.json",))
+
+
+def _builtin_known(model, sample, bds):
+    """Which facts of the built-in sample ``model`` knows: a ``known`` sweep item in the store
+    ``<kn-lens cache>/study`` shared by every study of the model (computed once)."""
+    from kn_lens.models import cache_dir
+    from kn_lens.sweep import known_item, sweep_results
+
+    item = known_item(model, sample.facts, bds)
+    (kf,) = sweep_results([item], cache_dir() / "study", model=model, progress=False)
+    return kf
 
 
 def _edits(model, ds, chosen, config: StudyConfig, say) -> dict:

@@ -29,7 +29,7 @@ from kn_lens.analysis.tnf_da import (IEConcentration, RelationOverlapResult, Rep
                                      relation_overlap, targeted_neuron_repetition,
                                      targeted_neurons)
 from kn_lens.analysis.tracing import (LayerSweep, TraceConfig, TraceResult, causal_trace,
-                                      layer_sweep)
+                                      layer_sweep, summarize_traces)
 
 __all__ = [
     "CASConfig", "CASResult", "CompareConfig", "SelectionComparison", "cas_neurons", "cas_neurons_by_fact", "compare_kn_selections",
@@ -44,5 +44,5 @@ __all__ = [
     "IEConcentration", "RelationOverlapResult", "RepetitionResult", "ie_concentration",
     "mean_ie_concentration", "relation_level_sets", "relation_overlap",
     "targeted_neuron_repetition", "targeted_neurons",
-    "LayerSweep", "TraceConfig", "TraceResult", "causal_trace", "layer_sweep",
+    "LayerSweep", "TraceConfig", "TraceResult", "causal_trace", "layer_sweep", "summarize_traces",
 ]

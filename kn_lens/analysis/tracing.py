@@ -280,21 +280,34 @@ def layer_sweep(model: "HookedTransformer", queries: Sequence[Query], *,
     """:func:`causal_trace` on every query; mean and std of the indirect effect per layer over
     the kept queries and its argmax (``best_layer``). ``progress(i, n)`` is called after each
     query when given. Raises :class:`~kn_lens.errors.InvalidFactError` when no query is kept."""
-    kept: list[TraceResult] = []
-    skipped: list[tuple[str, str]] = []
+    traces: list[TraceResult | str] = []
     for i, q in enumerate(queries):
         try:
-            r = causal_trace(model, q, config=config)
+            traces.append(causal_trace(model, q, config=config))
         except InvalidFactError as e:
-            skipped.append((getattr(q, "prompt", repr(q)), f"subject not located: {e}"))
-        else:
-            if r.total_effect < config.min_effect:
-                skipped.append((q.prompt, f"corruption effect {r.total_effect:.4f} < "
-                                          f"min_effect {config.min_effect}"))
-            else:
-                kept.append(r)
+            traces.append(str(e))
         if progress is not None:
             progress(i + 1, len(queries))
+    return summarize_traces(queries, traces, config=config)
+
+
+def summarize_traces(queries: Sequence[Query], traces: Sequence["TraceResult | str"], *,
+                     config: TraceConfig) -> LayerSweep:
+    """The :class:`LayerSweep` of traces computed one query at a time (:func:`layer_sweep`, or a
+    sweep's ``trace`` items): ``traces[i]`` is query i's :class:`TraceResult` under ``config``,
+    or the message of the ``InvalidFactError`` that kept its subject from being located."""
+    if len(traces) != len(queries):
+        raise ConfigError(f"summarize_traces: {len(traces)} traces for {len(queries)} queries")
+    kept: list[TraceResult] = []
+    skipped: list[tuple[str, str]] = []
+    for q, r in zip(queries, traces):
+        if isinstance(r, str):
+            skipped.append((getattr(q, "prompt", repr(q)), f"subject not located: {r}"))
+        elif r.total_effect < config.min_effect:
+            skipped.append((q.prompt, f"corruption effect {r.total_effect:.4f} < "
+                                      f"min_effect {config.min_effect}"))
+        else:
+            kept.append(r)
     if not kept:
         raise InvalidFactError(
             f"layer_sweep kept none of {len(queries)} queries ({len(skipped)} skipped: subject not "
@@ -313,4 +326,5 @@ def layer_sweep(model: "HookedTransformer", queries: Sequence[Query], *,
         n_queries=len(kept), skipped=len(skipped), skipped_queries=tuple(skipped), config=config)
 
 
-__all__ = ["TraceConfig", "TraceResult", "LayerSweep", "causal_trace", "layer_sweep", "layer_window"]
+__all__ = ["TraceConfig", "TraceResult", "LayerSweep", "causal_trace", "layer_sweep",
+           "summarize_traces", "layer_window"]

@@ -9,6 +9,13 @@ Requests (:meth:`BenchmarkRun.requests`): ``n_requests`` known facts balanced ov
 the rewrite prompt, as CounterFact-style requests (:func:`kn_lens.datasets.build_edit_requests`:
 a counterfactual object drawn from the relation's other objects, paraphrases, neighbourhood,
 relation-specificity, alias prompts, prefixes), case ids 0..n-1.
+
+Rows: one edit (of one request, or a batch) judged by the harness against the run's pre-edit
+measurement is a ``benchmark_edit`` sweep item (:class:`BenchmarkEdit`, computed by
+:func:`run_benchmark_edit` in any executor of :mod:`kn_lens.sweep`); its result is the list of
+row dicts the run's row files hold (:meth:`BenchmarkRun.rows`, appended as each item is stored).
+The row files stay the run's record (and its archives the committed one): rows already there are
+never computed again, whatever code wrote them.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ if TYPE_CHECKING:
     from kn_lens.facts import EditRequest
 
 __all__ = ["METHODS", "VARIANTS", "REUSE", "editor_configs", "resolve", "BenchmarkRun",
-           "measure_before", "load_benchmark_model", "row_id", "aggregates_to_dict"]
+           "BenchmarkEdit", "run_benchmark_edit", "benchmark_item", "measure_before",
+           "load_benchmark_model", "row_id", "aggregates_to_dict"]
 
 METHODS = ("ft_l", "rome", "memit", "kn_update", "kn_erase", "fine", "kne", "tnf_da")
 
@@ -170,10 +178,10 @@ class BenchmarkRun:
 
     @property
     def key(self) -> str:
-        from kn_lens.cache import item_key
+        from kn_lens.experiment import run_key
 
-        return item_key(10, n_requests=self.n_requests, seed=self.seed, quick=self.quick,
-                        max_new_tokens=self.max_new_tokens, no_known_filter=self.no_known_filter)
+        return run_key(n_requests=self.n_requests, seed=self.seed, quick=self.quick,
+                       max_new_tokens=self.max_new_tokens, no_known_filter=self.no_known_filter)
 
     def cache_dir(self) -> Path:
         from kn_lens.experiment import cache_folder
@@ -235,3 +243,91 @@ class BenchmarkRun:
             write_archive(self.before_path, self.key,
                           ({"kind": "before", "i": i, "state": s.to_dict()}
                            for i, s in enumerate(states)))
+
+
+# --------------------------------------------------------------------------- rows as sweep items
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchmarkEdit:
+    """The input of a ``benchmark_edit`` item: one edit of ``requests`` (one request, or a batch)
+    by the item's editor (``neurons``: a given neuron set, e.g. KNE's reused ensembles; None: the
+    editor locates its own), judged by the harness (``harness``) on the run's probe sets
+    against the run's pre-edit measurement of them (``probes`` / ``before``, measured once for
+    every request), with dPPL on the ``reference`` prose: in the generation protocol's rows when
+    the harness generates, else as each row's ``"dppl"``."""
+
+    requests: tuple["EditRequest", ...]
+    probes: tuple[Any, ...]  # ProbeSet per request
+    before: tuple[Any, ...]  # RequestState per request
+    harness: Any  # HarnessConfig
+    reference: Any = None  # kn_lens.sweep.ReferenceSpec | None
+    neurons: Any = None  # NeuronSet | None
+
+    def __post_init__(self) -> None:
+        for name in ("requests", "probes", "before"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not self.requests or not len(self.requests) == len(self.probes) == len(self.before):
+            raise ConfigError("BenchmarkEdit: one probe set and one pre-edit state per request, "
+                              f"got {len(self.requests)} / {len(self.probes)} / "
+                              f"{len(self.before)}")
+
+    @property
+    def fact(self):  # the index's subject / relation columns
+        return self.requests[0].fact
+
+
+def benchmark_item(model, requests, probes, before, *, method: str, config: Any, harness: Any,
+                   reference: Any = None, neurons: Any = None, seed: int = 0):
+    """The ``benchmark_edit`` :class:`~kn_lens.sweep.WorkItem` of one edit (see
+    :class:`BenchmarkEdit`; ``model``: a model or its :class:`~kn_lens.sweep.ModelSpec`)."""
+    from kn_lens.sweep.items import WorkItem, spec_of
+
+    job = BenchmarkEdit(requests=requests, probes=probes, before=before, harness=harness,
+                        reference=reference, neurons=neurons)
+    return WorkItem("benchmark_edit", method, job, spec_of(model), config, seed=seed)
+
+
+def run_benchmark_edit(model, item) -> list[dict]:
+    """A worker's ``benchmark_edit`` item: the edit (timed; a request the editor refuses with a
+    typed error is judged as no edit and says why), judged -> one row dict per request:
+    ``{"row", "seconds", "n_params", "n_requests_in_edit", "refused"}`` (+ ``"dppl"`` when the
+    harness does not generate)."""
+    from kn_lens.edit import Edit, edit
+    from kn_lens.errors import KnLensError
+    from kn_lens.evaluate.harness import edit_dppl, judge
+    from kn_lens.models import model_info
+    from kn_lens.sweep.kinds import prepared_reference
+
+    job = item.payload
+    t0 = time.perf_counter()
+    refused = None
+    try:
+        e = edit(model, list(job.requests), method=item.method, config=item.config,
+                 neurons=job.neurons, seed=item.seed or 0)
+    except KnLensError as exc:  # the method cannot make this edit: judged as no edit
+        refused = f"{type(exc).__name__}: {exc}"
+        e = Edit((), "refused", item.method, model_info(model))
+    secs = time.perf_counter() - t0
+    reference = None if job.reference is None else prepared_reference(model, job.reference)
+    rows = judge(model, e, list(job.probes), list(job.before), config=job.harness,
+                 reference=reference, edit_index=job.requests[0].case_id)
+    extra = {}
+    if reference is not None and "generation" not in job.harness.protocols:
+        extra["dppl"] = edit_dppl(model, e, reference)
+    return [{"row": r.to_dict(), "seconds": secs, "n_params": e.n_params, **extra,
+             "n_requests_in_edit": len(job.requests), "refused": refused} for r in rows]
+
+
+def _register() -> None:
+    from kn_lens.sweep.items import ItemKind, available_kinds, get_kind, register_kind
+
+    if "benchmark_edit" not in available_kinds():
+        edits = get_kind("edit")  # the same editors, configs and versions
+        register_kind(ItemKind(
+            name="benchmark_edit", run="kn_lens.edit.benchmark:run_benchmark_edit",
+            methods=edits.methods, config_class=edits.config_class,
+            method_version=edits.method_version, payload=BenchmarkEdit))
+
+
+_register()

@@ -1,32 +1,40 @@
-"""The per-query score cache: a locator's ``NeuronScores`` of a query, computed once.
+"""The per-query score cache: a locator's ``NeuronScores`` of a query, computed once, through a
+sweep.
 
-One item per (model, locator, locator version, config, prompt, answer ids) in a
-:class:`kn_lens.cache.ItemCache` (:func:`score_key`): a changed input, or a locator whose numbers
-changed (``kn_lens.locate.method_version`` bumped), is a different item and is computed again,
-never a stale hit. Items hold the score maps as computed (float32, ``per_token`` and ``extras``
-included), so a cached result equals the fresh one exactly and an analysis gives the same numbers
-whether its scores came from the cache or not. Each query is stored as soon as it is computed: a
-killed run loses at most the query in progress.
+Each query's scores are one ``locate`` work item (:func:`kn_lens.sweep.locate_items`) in a
+:class:`kn_lens.sweep.ResultStore`, keyed by everything that determines them
+(:attr:`kn_lens.sweep.WorkItem.key`: the model's identity, the locator and its version, the config
+with every field, the prompt and the answer's token ids): a changed input, or a locator whose
+numbers changed (``kn_lens.locate.method_version`` bumped), is a different item and is computed
+again, never a stale hit. The missing items are computed by one :func:`kn_lens.sweep.sweep`
+(``sweep_config``: in-process by default, or a local pool / Ray / one shard), each stored as soon
+as it is computed (float32, ``per_token`` and ``extras`` included, so a stored score equals the
+fresh one exactly): a killed run loses at most the items in progress, and a rerun computes only
+what is missing.
 
-    scores = scores_for_facts(model, dataset, facts, "ig", cache_dir="results/cache")
+    scores = scores_for_facts(model, dataset, facts, "ig", store="results/sweeps")
     # {fact: [NeuronScores of template 0, 1, ...]}
+
+Every returned score carries ``extras["seconds"]`` (its compute time, from the store's index) and,
+when it was stored before this call, ``extras["cached"] = True``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+import tempfile
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-from kn_lens.cache import ItemCache
 from kn_lens.facts import Fact, Query
 from kn_lens.neurons import NeuronScores
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = ["score_key", "cached_scores", "scores_for_facts", "method_config", "mean_seconds"]
+    from kn_lens.sweep import ResultStore, SweepConfig
 
-FORMAT = 3  # of a stored item (2: the experiment scripts' float16 per-fact files)
+__all__ = ["cached_scores", "locate_many", "scores_for_facts", "scores_for_methods",
+           "method_config", "mean_seconds", "open_store"]
 
 
 def method_config(method: str, **changes: Any) -> Any:
@@ -36,77 +44,99 @@ def method_config(method: str, **changes: Any) -> Any:
     return get_method(method)[1](**changes)
 
 
-def score_key(model: "HookedTransformer", method: str, config: Any, query: Query) -> str:
-    """The item key of ``query``'s scores: model identity (:func:`kn_lens.models.model_info`,
-    weight processing included), locator, its version, config, prompt and answer token ids."""
-    from kn_lens.locate import method_version
-    from kn_lens.models import model_info
+@contextlib.contextmanager
+def open_store(store: "ResultStore | str | os.PathLike | None") -> Iterator["ResultStore"]:
+    """``store`` as an open :class:`~kn_lens.sweep.ResultStore` (a folder is opened, or created,
+    and closed after; None: a temporary store, deleted after)."""
+    from kn_lens.sweep import ResultStore
 
-    return ItemCache.key(kind="scores", format=FORMAT, model=model_info(model), method=method,
-                         version=method_version(method), config=config, prompt=query.prompt,
-                         answer=list(query.answer_ids))
+    if isinstance(store, ResultStore):
+        yield store
+        return
+    with contextlib.ExitStack() as stack:
+        if store is None:
+            store = stack.enter_context(tempfile.TemporaryDirectory(prefix="kn-lens-store-"))
+        st = stack.enter_context(ResultStore(store))
+        yield st
 
 
-def _as_cache(cache: ItemCache | str | os.PathLike | None) -> ItemCache | None:
-    return cache if cache is None or isinstance(cache, ItemCache) else ItemCache(cache)
+def locate_many(model: "HookedTransformer", jobs: Sequence[tuple[str, Any, Sequence[Query]]], *,
+                store: "ResultStore | str | os.PathLike | None" = None,
+                sweep_config: "SweepConfig | None" = None, progress: bool = False,
+                log: Callable[[str], None] = print) -> list[list[NeuronScores]]:
+    """The scores of every ``(method, config, queries)`` job (config None: the locator's
+    defaults), through ``store``, every missing item computed by one sweep."""
+    from kn_lens.sweep import SweepConfig, locate_items, sweep_results
+
+    items = [locate_items(model, qs, m, method_config(m) if cfg is None else cfg)
+             for m, cfg, qs in jobs]
+    flat = [it for its in items for it in its]
+    if not flat:
+        return [[] for _ in jobs]
+    with open_store(store) as st:
+        before = st.done_keys(it.key for it in flat)
+        scores = sweep_results(flat, st, config=sweep_config or SweepConfig(), model=model,
+                               progress=progress, log=log)
+        seconds = {k: st.record(k).seconds for k in {it.key for it in flat}}
+    out, i = [], 0
+    for its in items:
+        group = []
+        for it in its:
+            s = scores[i]
+            i += 1
+            s.extras["seconds"] = seconds[it.key]
+            if it.key in before:
+                s.extras["cached"] = True
+            group.append(s)
+        out.append(group)
+    return out
 
 
 def cached_scores(model: "HookedTransformer", queries: Sequence[Query], method: str, *,
-                  config: Any = None, cache: ItemCache | str | os.PathLike | None = None
-                  ) -> list[NeuronScores]:
-    """``locate(model, query, method, config)`` for each query, through ``cache`` (an
-    :class:`~kn_lens.cache.ItemCache` or its folder; None: no cache). ``config`` None: the
-    locator's defaults. Freshly computed scores carry ``extras["seconds"]`` (this run's time);
-    cached ones the extras stored with them and ``extras["cached"] = True``."""
-    from kn_lens.locate import locate  # looked up per call: tests may stand in for it
-    from kn_lens.models import model_info
+                  config: Any = None, store: "ResultStore | str | os.PathLike | None" = None,
+                  sweep_config: "SweepConfig | None" = None, progress: bool = False,
+                  log: Callable[[str], None] = print) -> list[NeuronScores]:
+    """``locate(model, query, method, config)`` for each query, through ``store`` (a
+    :class:`~kn_lens.sweep.ResultStore` or its folder; None: a temporary one). ``config`` None:
+    the locator's defaults. See the module doc for ``extras``."""
+    return locate_many(model, [(method, config, queries)], store=store, sweep_config=sweep_config,
+                       progress=progress, log=log)[0]
 
-    config = method_config(method) if config is None else config
-    cache = _as_cache(cache)
-    out = []
-    for q in queries:
-        key = None if cache is None else score_key(model, method, config, q)
-        item = None if key is None else cache.load(key)
-        if item is not None:
-            out.append(NeuronScores(item["scores"], method, q, config, model_info(model),
-                                    item["per_token"], {**item["extras"], "cached": True}))
-            continue
-        t0 = time.perf_counter()
-        (s,) = locate(model, [q], method=method, config=config, progress=False)
-        seconds = time.perf_counter() - t0
-        if key is not None:
-            cache.save(key, {"format": FORMAT, "method": method, "prompt": q.prompt,
-                             "scores": s.scores.detach().cpu(),
-                             "per_token": None if s.per_token is None
-                             else s.per_token.detach().cpu(),
-                             "extras": dict(s.extras), "seconds": seconds})
-        s.extras["seconds"] = seconds
-        out.append(s)
+
+def scores_for_methods(model: "HookedTransformer", dataset, facts: Sequence[Fact],
+                       methods: Mapping[str, Any], *,
+                       store: "ResultStore | str | os.PathLike | None" = None,
+                       sweep_config: "SweepConfig | None" = None, progress: bool = False,
+                       log: Callable[[str], None] = print
+                       ) -> dict[str, dict[Fact, list[NeuronScores]]]:
+    """``{method: {fact: [NeuronScores per template of its relation]}}`` for every locator of
+    ``methods`` (name -> config, None: its defaults) on the QL neighbour queries q_1..q_k of each
+    fact, every missing item computed by one sweep."""
+    from kn_lens.facts import queries_for_fact
+
+    per_fact = [queries_for_fact(model, f, dataset.relation_of(f)) for f in facts]
+    flat = [q for qs in per_fact for q in qs]
+    located = locate_many(model, [(m, cfg, flat) for m, cfg in methods.items()], store=store,
+                          sweep_config=sweep_config, progress=progress, log=log)
+    out: dict[str, dict[Fact, list[NeuronScores]]] = {}
+    for m, scores in zip(methods, located):
+        it = iter(scores)
+        out[m] = {f: [next(it) for _ in qs] for f, qs in zip(facts, per_fact)}
     return out
 
 
 def scores_for_facts(model: "HookedTransformer", dataset, facts: Sequence[Fact], method: str, *,
-                     config: Any = None, cache_dir: str | os.PathLike | ItemCache | None = None,
-                     progress: bool = False, log: Callable[[str], None] = print
-                     ) -> dict[Fact, list[NeuronScores]]:
-    """``{fact: [NeuronScores per template of its relation]}`` for locator ``method`` (the QL
-    neighbour queries q_1..q_k of each fact), through the cache in ``cache_dir`` (None: none).
-    ``progress`` logs one line per fact that needed computing."""
-    from kn_lens.facts import queries_for_fact
-
-    cache = _as_cache(cache_dir)
-    out: dict[Fact, list[NeuronScores]] = {}
-    for i, fact in enumerate(facts):
-        queries = queries_for_fact(model, fact, dataset.relation_of(fact))
-        out[fact] = cached_scores(model, queries, method, config=config, cache=cache)
-        secs = [s.extras["seconds"] for s in out[fact] if not s.extras.get("cached")]
-        if progress and secs:
-            log(f"  [{method}] {i + 1}/{len(facts)} {fact.key()} {sum(secs):.1f} s")
-    return out
+                     config: Any = None, store: "ResultStore | str | os.PathLike | None" = None,
+                     sweep_config: "SweepConfig | None" = None, progress: bool = False,
+                     log: Callable[[str], None] = print) -> dict[Fact, list[NeuronScores]]:
+    """``{fact: [NeuronScores per template of its relation]}`` for locator ``method``
+    (:func:`scores_for_methods` with one locator)."""
+    return scores_for_methods(model, dataset, facts, {method: config}, store=store,
+                              sweep_config=sweep_config, progress=progress, log=log)[method]
 
 
 def mean_seconds(scores: Mapping[Fact, Sequence[NeuronScores]]) -> float | None:
-    """Mean seconds per query computed in this run (None: every query came from the cache)."""
+    """Mean seconds per query computed in this run (None: every query was stored before)."""
     secs = [s.extras["seconds"] for seq in scores.values() for s in seq
             if not s.extras.get("cached")]
     return sum(secs) / len(secs) if secs else None

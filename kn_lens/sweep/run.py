@@ -399,10 +399,13 @@ def add_sweep_arguments(parser, *, exclude: Sequence[str] = ()) -> None:
     add("gpus_per_worker", type=float)
 
 
-def sweep_overrides(args) -> dict:
-    """The SweepConfig fields set on the command line (:func:`add_sweep_arguments`); a parser's
-    own ``--threads`` is read too, 0 (torch's default) counting as unset."""
-    out = {k: getattr(args, k) for k in _ARGS if getattr(args, k, None) is not None}
+def sweep_overrides(args, *, exclude: Sequence[str] = ()) -> dict:
+    """The SweepConfig fields set on the command line (:func:`add_sweep_arguments`), but those in
+    ``exclude`` (options the parser has with another meaning); a parser's own ``--threads`` /
+    ``--device`` are read too (the script's are the workers'), a threads of 0 (torch's default)
+    counting as unset."""
+    out = {k: getattr(args, k) for k in _ARGS
+           if k not in exclude and getattr(args, k, None) is not None}
     if out.get("threads") == 0:
         del out["threads"]
     return out
