@@ -10,15 +10,21 @@ templates, 10 neighbourhood prompts, relation-specificity and alias prompts, 5 t
 them in batches of ``--memit-batch`` (100). A request an editor refuses with a typed error (QL's
 KN update when the old and new objects share their first token) is judged as no edit and counted.
 
-Resumable: each (method, request) row is appended to ``results/cache/edit_benchmark_<model>/`` as
-it is computed; a rerun with the same arguments continues where it stopped, and ``--methods``
-lets two processes share the work. The result file aggregates every method whose rows are
-complete (``--partial``: also the others, marked n/N). ``--archive-rows`` gzips every raw row to
-``results/edit_benchmark_<model>.rows.jsonl.gz``; a run on another machine seeds its cache from
-that file and continues.
+Resumable: each (method, request) row is appended to
+``results/cache/edit_benchmark_<model>_<key>/<method>.jsonl`` as it is computed; a rerun with the
+same arguments continues where it stopped (rows in those files are never recomputed). Each edit
+and its judgement is a sweep item (``kn_lens.edit.benchmark.BenchmarkEdit``) stored in the result
+store ``results/sweeps`` (``--store``) before its rows are appended, so edits run in-process
+(default) or spread over processes (``--backend pool --workers N``) or Ray, and processes sharing
+the store (e.g. two ``--methods`` lists, or the same one twice) never compute the same edit. The
+result file aggregates every method whose rows are complete (``--partial``: also the others,
+marked n/N). ``--archive-rows`` gzips every raw row to
+``results/edit_benchmark_<model>.rows.jsonl.gz``; a run on another machine seeds its row files
+from that file and continues.
 
     python experiments/edit_benchmark.py --quick                  # CI: 2 requests, tiny budget
     python experiments/edit_benchmark.py --threads 1              # 200 requests on SmolLM2
+    python experiments/edit_benchmark.py --methods fine --backend pool --workers 4 --threads 1
     python experiments/edit_benchmark.py --model gemma-3-270m --n-requests 100
 """
 from __future__ import annotations
@@ -45,14 +51,14 @@ def compute(args) -> None:
     import torch
 
     from kn_lens.datasets import builtin_dataset
-    from kn_lens.edit import Edit, edit, editor_version
-    from kn_lens.errors import KnLensError
+    from kn_lens.edit import editor_version
     from kn_lens.edit.baselines.stats import second_moments
+    from kn_lens.edit.benchmark import benchmark_item
     from kn_lens.edit.layers import memit_layers, rome_layer
-    from kn_lens.evaluate import prepare_reference, reference_slices
-    from kn_lens.evaluate.harness import HarnessConfig, judge
+    from kn_lens.evaluate.harness import HarnessConfig
     from kn_lens.evaluate.probes import probe_sets
     from kn_lens.models import model_info
+    from kn_lens.sweep import ReferenceSpec
 
     started = time.time()
     configs = editor_configs(quick=args.quick)
@@ -71,7 +77,7 @@ def compute(args) -> None:
     pss = probe_sets(model, requests, n_prefix_probes=hcfg.n_prefix_probes, seed=args.seed)
     before = bench.measure_before(model, pss, hcfg)
     n_slices, slice_len = (2, 64) if args.quick else (8, 128)
-    reference = prepare_reference(model, reference_slices(model, n_slices, slice_len, seed=args.seed))
+    reference = ReferenceSpec(n_slices=n_slices, slice_len=slice_len, seed=args.seed)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     stats_seconds = {}
     for m in dict.fromkeys(x.partition("@")[0] for x in methods):  # one-time statistics,
@@ -80,12 +86,14 @@ def compute(args) -> None:
             t0 = time.perf_counter()
             second_moments(model, layers, n_tokens=configs[m].stats_tokens)
             stats_seconds[m] = time.perf_counter() - t0
+    labels: dict[str, str] = {}  # item key -> method label
     runs = []  # (editor, batch size): "memit@100" in --methods asks for one batch size explicitly
     for m in methods:
         name, _, k = m.partition("@")
         runs.append((name, min(int(k), len(requests)) if k else 1))
     if "memit" in methods and args.memit_batch > 1 and not any(b > 1 for _, b in runs):
         runs.append(("memit", min(args.memit_batch, len(requests))))
+    jobs = []  # (item, its label's row file): every edit still missing, for one sweep
     for name, batch in runs:
         method, config = resolve(name, configs)
         label = name if batch == 1 else f"{name}@{batch}"
@@ -99,27 +107,24 @@ def compute(args) -> None:
             if name in REUSE and todo else None
         for s in range(0, len(todo), batch):
             idx = todo[s:s + batch]
-            t0 = time.perf_counter()
-            refused = None
-            try:
-                neurons = None if shared is None else \
-                    shared[requests[idx[0]].fact.relation]
-                e = edit(model, [requests[i] for i in idx], method=method, config=config,
-                         neurons=neurons, seed=args.seed)
-            except KnLensError as exc:  # the method cannot make this edit: judged as no edit
-                refused = f"{type(exc).__name__}: {exc}"
-                e = Edit((), "refused", method, model_info(model))
-                print(f"  {label} {idx[0]}: refused ({refused})")
-            secs = time.perf_counter() - t0
-            rows = judge(model, e, [pss[i] for i in idx], [before[i] for i in idx], config=hcfg,
-                         reference=reference, edit_index=idx[0])
-            experiment.append_jsonl(path, [{"row": r.to_dict(), "seconds": secs,
-                                            "n_params": e.n_params, "n_requests_in_edit": len(idx),
-                                            "refused": refused} for r in rows])
-            r0 = rows[0].after
-            print(f"  {label} {idx[0]}/{len(requests)}: {secs:.1f} s, ES {r0['counterfact']['ES']:.2f} "
-                  f"NS {r0['counterfact']['NS']:.2f} gen {r0['generation']['rewrite_success']:.2f}",
-                  flush=True)
+            neurons = None if shared is None else shared[requests[idx[0]].fact.relation]
+            item = benchmark_item(model, [requests[i] for i in idx], [pss[i] for i in idx],
+                                  [before[i] for i in idx], method=method, config=config,
+                                  harness=hcfg, reference=reference, neurons=neurons,
+                                  seed=args.seed)
+            labels.setdefault(item.key, label)
+            jobs.append((item, path))
+
+    def describe(item, rows: list[dict]) -> str:
+        r0, label = rows[0], labels[item.key]
+        i, after = r0["row"]["case_id"], r0["row"]["after"]
+        refused = f"  {label} {i}: refused ({r0['refused']})\n" if r0["refused"] else ""
+        return (f"{refused}  {label} {i}/{len(requests)}: {r0['seconds']:.1f} s, ES "
+                f"{after['counterfact']['ES']:.2f} NS {after['counterfact']['NS']:.2f} gen "
+                f"{after['generation']['rewrite_success']:.2f}")
+    # each edit + judgement is a sweep item (in-process, or --backend pool / ray), its rows
+    # appended to the label's file as soon as it is stored
+    experiment.sweep_rows(args, jobs, model, id_of=row_id, describe=describe)
     # aggregate every complete method file
     from kn_lens.evaluate.harness import aggregate
 
@@ -375,6 +380,7 @@ def main() -> None:
                     help="gzip every raw row next to the results (a later run resumes from it)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="greedy continuation length (default 32; quick 8)")
+    experiment.add_sweep_args(ap)
     args = ap.parse_args()
     if args.n_requests is None:
         args.n_requests = args.n_facts or (2 if args.quick else 200)

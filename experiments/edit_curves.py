@@ -14,7 +14,10 @@ of every judged edit on the benchmark's reference prose.
   ``results/cache/edit_curves_<model>_<key>/seq_<method>/step/`` with the step count.
 - ``--mode batch``: the requests edited in consecutive batches of K (``--batch-sizes``, default
   1, 10, 100), each request judged under its batch's edit. K = 1 reuses the benchmark's rows of
-  the same requests when they exist (its cache or rows archive), else computes them here.
+  the same requests when they exist (its cache or rows archive), else computes them here. Each
+  batch's edit is a sweep item (as the benchmark's: stored in ``results/sweeps``, ``--backend
+  pool --workers N`` spreads them over processes); sequential editing cannot be split so (each
+  edit is made on the model with every earlier one applied) and runs in the script's process.
 
 ``--archive-rows`` gzips the rows (and the sequential checkpoints) next to the results; a run on
 another machine resumes from that file (the composed edit of an unfinished sequential run is
@@ -32,10 +35,10 @@ import time
 from pathlib import Path
 
 from kn_lens import experiment
-from kn_lens.cache import item_key
-from kn_lens.edit.benchmark import (BenchmarkRun, aggregates_to_dict, editor_configs,
-                                    load_benchmark_model, measure_before, resolve, row_id)
-from kn_lens.experiment import append_jsonl, read_jsonl, rounded
+from kn_lens.edit.benchmark import (BenchmarkRun, aggregates_to_dict, benchmark_item,
+                                    editor_configs, load_benchmark_model, measure_before, resolve,
+                                    row_id)
+from kn_lens.experiment import append_jsonl, read_jsonl, rounded, run_key
 
 NAME = "edit_curves"
 SEQ_METHODS = ("ft_l", "rome", "memit", "kn_update", "fine", "kne", "tnf_da_atp")
@@ -62,7 +65,7 @@ def _bench(args) -> BenchmarkRun:
 def _key(args) -> str:
     cfg = {k: getattr(args, k) for k in ("n_requests", "seed", "quick", "no_known_filter")}
     cfg["pool"] = _pool(args)
-    return item_key(10, **cfg)
+    return run_key(**cfg)
 
 
 def cache_dir(args) -> Path:
@@ -86,10 +89,11 @@ def compute(args) -> None:
     import torch
 
     from kn_lens.datasets import builtin_dataset
-    from kn_lens.evaluate import prepare_reference, reference_slices
     from kn_lens.evaluate.harness import HarnessConfig
     from kn_lens.evaluate.probes import probe_sets
     from kn_lens.models import model_info
+    from kn_lens.sweep import ReferenceSpec
+    from kn_lens.sweep.kinds import prepared_reference
 
     started = time.time()
     configs = editor_configs(quick=args.quick)
@@ -110,20 +114,29 @@ def compute(args) -> None:
     pss = probe_sets(model, requests, n_prefix_probes=hcfg.n_prefix_probes, seed=args.seed)
     before = measure_before(model, pss, hcfg, cache)
     n_slices, slice_len = (2, 64) if args.quick else (8, 128)
-    reference = prepare_reference(model, reference_slices(model, n_slices, slice_len,
-                                                          seed=args.seed))
+    reference = ReferenceSpec(n_slices=n_slices, slice_len=slice_len, seed=args.seed)
     ctx = dict(model=model, requests=requests, pss=pss, before=before, hcfg=hcfg,
                reference=reference, configs=configs, cache=cache)
-    if args.mode == "sequential":
+    if args.mode == "sequential":  # each edit made on the model with every earlier one applied:
+        # inherently one after another, so not sweep items (the state is saved after each edit)
         cps = [c for c in _ints(args.checkpoints, "checkpoints") if c <= len(requests)]
         if len(requests) not in cps:
             cps.append(len(requests))
+        ctx["reference"] = prepared_reference(model, reference)  # on the unedited model
         for m in methods:
             _sequential(args, m, cps, **ctx)
-    else:
+    else:  # every batch's edit is independent: sweep items (any executor), one sweep for all
+        jobs, labels = [], {}
         for m in methods:
             for k in _ints(args.batch_sizes, "batch-sizes"):
-                _batch(args, m, min(k, len(requests)), **ctx)
+                jobs += _batch(args, m, min(k, len(requests)), labels=labels, **ctx)
+
+        def describe(item, rows: list[dict]) -> str:
+            judged = [r["row"] for r in rows]
+            es, ns = _mean(judged, "counterfact", "ES"), _mean(judged, "counterfact", "NS")
+            return (f"  {labels[item.key]} {judged[0]['edit_index']}: {rows[0]['seconds']:.1f} s,"
+                    f" ES {es:.2f} NS {ns:.2f} dPPL {rows[0]['dppl']:.3g}")
+        experiment.sweep_rows(args, jobs, model, id_of=row_id, describe=describe)
     _save(args, cache, requests, hcfg, model, configs, started, model_info(model))
 
 
@@ -216,11 +229,9 @@ def _bench_rows(args, label: str) -> dict[int, dict]:
 
 
 def _batch(args, label, k, *, model, requests, pss, before, hcfg, reference, configs,
-           cache) -> None:
-    from kn_lens.edit import Edit, edit
-    from kn_lens.errors import KnLensError
-    from kn_lens.models import model_info
-
+           cache, labels: dict) -> list:
+    """The ``benchmark_edit`` items (with their row file) of the batches of K requests whose
+    rows are missing; K = 1 first takes the benchmark's rows of these requests."""
     method, config = resolve(label, configs)
     path = cache / f"batch_{label}@{k}.jsonl"
     done = read_jsonl(path, row_id)
@@ -238,24 +249,15 @@ def _batch(args, label, k, *, model, requests, pss, before, hcfg, reference, con
     todo = [i for i in range(len(requests)) if i not in done]
     print(f"batch {label}@{k}: {len(done)} done, {len(todo)} to go")
     # whole batches only: a batch is the same K requests whether or not the run was interrupted
-    starts = sorted({(i // k) * k for i in todo})
-    for s in starts:
+    jobs = []
+    for s in sorted({(i // k) * k for i in todo}):
         idx = list(range(s, min(s + k, len(requests))))
-        t0 = time.perf_counter()
-        refused = None
-        try:
-            e = edit(model, [requests[i] for i in idx], method=method, config=config,
-                     seed=args.seed)
-        except KnLensError as exc:  # judged as no edit, counted
-            refused = f"{type(exc).__name__}: {exc}"
-            e = Edit((), "refused", method, model_info(model))
-        secs = time.perf_counter() - t0
-        rows, dppl = _judge(model, e, [pss[i] for i in idx], [before[i] for i in idx], hcfg,
-                            reference, s)
-        append_jsonl(path, [{"row": r, "seconds": secs, "n_params": e.n_params, "dppl": dppl,
-                        "n_requests_in_edit": len(idx), "refused": refused} for r in rows])
-        print(f"  {label}@{k} {s}: {secs:.1f} s, ES {_mean(rows, 'counterfact', 'ES'):.2f} "
-              f"NS {_mean(rows, 'counterfact', 'NS'):.2f} dPPL {dppl:.3g}", flush=True)
+        item = benchmark_item(model, [requests[i] for i in idx], [pss[i] for i in idx],
+                              [before[i] for i in idx], method=method, config=config,
+                              harness=hcfg, reference=reference, seed=args.seed)
+        labels.setdefault(item.key, f"{label}@{k}")
+        jobs.append((item, path))
+    return jobs
 
 
 # --------------------------------------------------------------------------- results
@@ -414,6 +416,7 @@ def _f(v) -> str:
 def main() -> None:
     ap = experiment.parser(__doc__.splitlines()[0])
     experiment.add_fact_args(ap)
+    experiment.add_sweep_args(ap)  # batch mode's edits
     ap.add_argument("--mode", choices=("sequential", "batch"), default="sequential")
     ap.add_argument("--n-requests", type=int, default=None, help="default 100 (quick: 4)")
     ap.add_argument("--methods", default=None,

@@ -5,7 +5,9 @@ Per known fact (one query: its best template), contribution scores (FiNE eq. 3) 
 selection: the top k = 5 neurons per answer token, the last l_f = 3 layers frozen, united over
 tokens. Fig. 4 counts unique neurons over all facts (and, for comparison, with repeats). Table 6:
 (a) the paper's format for one example fact, its top-3 neurons with contribution score and top-5
-tokens; (b) the neurons selected for the most facts, with their top-5 tokens.
+tokens; (b) the neurons selected for the most facts, with their top-5 tokens. The contribution
+scores are per-query ``locate`` items of a sweep in the result store ``results/sweeps``
+(``--store``, ``--backend``, ``--workers``, ``--shard``; a rerun computes nothing).
 
     python experiments/fine_neurons.py --quick
     python experiments/fine_neurons.py                # full: 200 facts
@@ -26,8 +28,9 @@ def compute(args) -> None:
     from kn_lens.analysis import layer_distribution, neuron_top_tokens, neuron_vocab_logits
     from kn_lens.datasets import builtin_dataset
     from kn_lens.facts import make_query
-    from kn_lens.locate import ContributionConfig, locate, select_contribution_neurons
+    from kn_lens.locate import ContributionConfig, select_contribution_neurons
     from kn_lens.models import model_info
+    from kn_lens.sweep import locate_items
 
     experiment.set_threads(args)
     started = time.time()
@@ -38,9 +41,9 @@ def compute(args) -> None:
     queries = [make_query(model, f, ds.relation(f.relation).templates[t], template_index=t)
                for f, t in chosen]
     cfg = ContributionConfig(k=args.k, freeze_last=args.freeze_last)
-    t0 = time.time()
-    scores = locate(model, queries, "contribution", config=cfg)
-    secs = time.time() - t0
+    items = locate_items(model, queries, "contribution", cfg)  # one sweep, stored per query
+    scores = experiment.sweep_items(args, items, model)
+    secs = sum(experiment.item_seconds(args, items))  # the items' own compute time
     sets = [select_contribution_neurons(s, cfg) for s in scores]
     L = model.cfg.n_layers
     uniq = layer_distribution(sets, L, unique=True)
@@ -159,6 +162,7 @@ def main(argv=None) -> None:
     ap.add_argument("--freeze-last", type=int, default=3, help="FiNE §4.3: frozen last layers")
     ap.add_argument("--n-frequent", type=int, default=10)
     ap.add_argument("--n-examples", type=int, default=2)
+    experiment.add_sweep_args(ap)
     args = ap.parse_args(argv)
     experiment.run(args, compute, report)
 

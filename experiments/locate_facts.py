@@ -4,14 +4,17 @@ The Query Localization experiments (``ql_consistency.py``, ``ql_modification.py`
 ``ql_mapping.py``) all start from the same thing: for each of n known facts (a fact is *known* when
 the model ranks its answer top-1 on >= 60 % of its relation's templates, see ``known_facts.py``;
 only relations with >= 5 templates), one ``NeuronScores`` per template (the fact's neighbour
-queries q_1..q_k) from a locator. This script computes them once into the per-query score cache
-``results/cache/`` (git-ignored; :mod:`kn_lens.locate.cache`: one item per query, keyed by model,
-locator and its version, config, prompt and answer), so the other scripts reuse them. The sample
-and the scores come from :func:`kn_lens.experiment.prepare_located`. The results JSON holds the
-sampled facts, per-method timing and the layer distribution of each method's KNs (the figure).
+queries q_1..q_k) from a locator. This script computes them once, through a sweep, into the
+result store ``results/sweeps/`` (git-ignored; ``--store``; :mod:`kn_lens.locate.cache`: one
+``locate`` item per query, keyed by model, locator and its version, config, prompt and answer),
+so the other scripts reuse them. The sample and the scores come from
+:func:`kn_lens.experiment.prepare_located`. The results JSON holds the sampled facts, per-method
+timing and the layer distribution of each method's KNs (the figure).
 
     python experiments/locate_facts.py --quick                   # ~8 facts, ig + contribution
     python experiments/locate_facts.py --methods ig contribution atp
+    python experiments/locate_facts.py --methods ig --backend pool --workers 4   # local processes
+    python experiments/locate_facts.py --methods ig --shard 0/2  # and 1/2 elsewhere; then no --shard
     python experiments/locate_facts.py --model tiny-gpt2 --all-facts --n-facts 3   # CI
 
 Known facts come from ``results/known_facts_<model>.json`` when it exists (full run, same

@@ -55,11 +55,12 @@ def compute(args) -> None:
     ds = builtin_dataset()
     model = experiment.model_from_args(args)
     # the QL fact sample of locate_facts.py (same seed: the same facts as ql_consistency /
-    # ql_modification) and the per-query score cache, so IG is not recomputed here
+    # ql_modification) and its per-query scores in the store, so IG is not recomputed here
     fact_list = experiment.ql_facts(args, model, ds, n)
     t0 = time.time()
     by_fact = scores_for_facts(model, ds, fact_list, args.locator,
-                               cache_dir=experiment.score_cache(args), progress=True)
+                               store=experiment.store_dir(args),
+                               sweep_config=experiment.sweep_config(args), progress=True)
     locate_seconds = time.time() - t0
     per_fact = [[s.query for s in by_fact[f]] for f in fact_list]
     # each fact's main query: the template on which the model gives the answer the highest P
@@ -240,7 +241,8 @@ def main(argv=None) -> None:
     ap.add_argument("--freeze-last", type=int, default=3, help="contribution KNs: frozen last layers")
     ap.add_argument("--example", type=int, default=None,
                     help="fact index for the heatmaps (default: the first with a synapse)")
-    experiment.add_score_cache_args(ap)
+    experiment.add_answer_length_arg(ap)
+    experiment.add_sweep_args(ap)
     args = ap.parse_args(argv)
     if args.locator is None:
         args.locator = "contribution" if args.quick else "ig"

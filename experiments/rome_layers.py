@@ -6,7 +6,9 @@ corrupts the subject's embeddings (3 sigma Gaussian noise, 10 samples) and resto
 layer, the MLP outputs of a window of layers (``--window``, ROME: 10) and the residual stream
 (window 1) at the last subject token. The average indirect effect per layer and its peak are
 saved; ROME edits the MLP layer at the peak (GPT-2 XL: 17, GPT-J: 5). Facts whose corruption
-lowers P(answer) by less than ``--min-effect`` (0.01) are skipped and counted.
+lowers P(answer) by less than ``--min-effect`` (0.01) are skipped and counted. Each (kind, fact)
+trace is an ``analysis`` item of one sweep in the result store ``results/sweeps`` (``--store``,
+``--backend``, ``--workers``, ``--shard``); seconds per fact are the items' own compute times.
 
     python experiments/rome_layers.py --quick
     python experiments/rome_layers.py --model gemma-3-270m --n-facts 50
@@ -36,10 +38,12 @@ def _configs(args) -> dict:
 def compute(args) -> None:
     import torch
 
-    from kn_lens.analysis.tracing import layer_sweep
+    from kn_lens.analysis.tracing import summarize_traces
     from kn_lens.datasets import builtin_dataset
+    from kn_lens.errors import InvalidFactError
     from kn_lens.facts import make_query
     from kn_lens.models import model_info
+    from kn_lens.sweep import SkippedItem, analysis_items
 
     experiment.set_threads(args)
     started = time.time()
@@ -50,11 +54,19 @@ def compute(args) -> None:
     queries = [make_query(model, f, ds.relation_of(f).templates[t], template_index=t)
                for f, t in chosen]
     configs = _configs(args)
+    # one "trace" item per (kind, query), all in one sweep; a query whose subject cannot be
+    # located comes back skipped (its InvalidFactError), as in layer_sweep
+    items = {kind: analysis_items(model, queries, "trace", cfg) for kind, cfg in configs.items()}
+    flat = [it for its in items.values() for it in its]
+    traces = iter(experiment.sweep_items(args, flat, model, skip=(InvalidFactError,)))
+    secs = iter(experiment.item_seconds(args, flat))
     sweeps, seconds = {}, {}
     for kind, cfg in configs.items():
-        t0 = time.time()
-        sweeps[kind] = layer_sweep(model, queries, config=cfg).to_dict()
-        seconds[kind] = round((time.time() - t0) / len(queries), 3)
+        got = [next(traces) for _ in queries]
+        got = [t.error.partition(": ")[2] if isinstance(t, SkippedItem) else t for t in got]
+        sweeps[kind] = summarize_traces(queries, got, config=cfg).to_dict()
+        seconds[kind] = round(sum(s or 0.0 for s in (next(secs) for _ in queries))
+                              / len(queries), 3)
         print(f"{kind}: best layer {sweeps[kind]['best_layer']} ({seconds[kind]} s/fact)")
     payload = {
         "n_layers": model.cfg.n_layers, "n_facts": len(queries),
@@ -131,6 +143,7 @@ def main(argv=None) -> None:
     ap.add_argument("--min-effect", type=float, default=0.01,
                     help="skip facts whose corruption lowers P(answer) by less (absolute); "
                          "-1 keeps all (random test models)")
+    experiment.add_sweep_args(ap)
     args = ap.parse_args(argv)
     experiment.run(args, compute, report)
 

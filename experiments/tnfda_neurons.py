@@ -8,6 +8,10 @@ eq. 6-7) runs on the first ``--n-exact`` facts (spread over relations) and is co
 (Spearman over the searched neurons, top-1 % overlap). The whole prompt is corrupted by default
 (TNF-DA: "the whole prompt is obscured"); ``--corrupt subject`` gives ROME's variant.
 
+The AtP and exact scores are per-query ``locate`` items of one sweep (:mod:`kn_lens.sweep`) in
+the result store ``results/sweeps`` (``--store``; ``--backend pool --workers N`` spreads them over
+processes; a rerun computes nothing); the reported seconds are each item's own compute time.
+
 Outputs: ``results/tnfda_neurons_<model>.json`` and figures ``tnfda_fig3_*``, ``tnfda_table1_*``,
 ``tnfda_overlap_*``; markdown tables on stdout (also with ``--plot-only``).
 
@@ -43,9 +47,9 @@ def compute(args) -> None:
     from kn_lens.datasets import builtin_dataset
     from kn_lens.errors import NumericalError
     from kn_lens.facts import make_query
-    from kn_lens.locate import locate
     from kn_lens.locate.mediation import AtPConfig, MediationConfig, mediation_agreement
     from kn_lens.models import model_info
+    from kn_lens.sweep import locate_items
 
     experiment.set_threads(args)
     started = time.time()
@@ -56,9 +60,16 @@ def compute(args) -> None:
     queries = [make_query(model, f, ds.relation(f.relation).templates[t], template_index=t)
                for f, t in chosen]
     atp_cfg = AtPConfig(n_noise=args.n_noise, corrupt=args.corrupt, seed=args.seed)
-    t0 = time.time()
-    atp = locate(model, queries, "atp", config=atp_cfg)
-    atp_seconds = time.time() - t0
+    # exact causal mediation (gamma = 20 %) on a subset, compared with AtP under the same noise
+    med_cfg = MediationConfig(n_noise=args.n_noise, corrupt=args.corrupt, gamma=args.gamma,
+                              seed=args.seed)
+    n_exact = min(args.n_exact, len(queries))
+    # every query's AtP scores and the subset's exact ones: one sweep into the run's store
+    items = (locate_items(model, queries, "atp", atp_cfg)
+             + locate_items(model, queries[:n_exact], "mediation", med_cfg))
+    located = experiment.sweep_items(args, items, model)
+    seconds = experiment.item_seconds(args, items)  # each item's own compute time
+    atp, exact_scores = located[:len(queries)], located[len(queries):]
 
     facts, targeted, kept, skipped = [], {}, [], []
     for (f, t), q, s in zip(chosen, queries, atp):
@@ -90,15 +101,9 @@ def compute(args) -> None:
     overlap = relation_overlap(targeted, list(ds.relations.values()), min_frequency=args.min_frequency)
     ov_d = {**overlap.to_dict(), "table": overlap.table()}
 
-    # exact causal mediation (gamma = 20 %) on a subset, compared with AtP under the same noise
-    med_cfg = MediationConfig(n_noise=args.n_noise, corrupt=args.corrupt, gamma=args.gamma,
-                              seed=args.seed)
     exact = []
-    n_exact = min(args.n_exact, len(queries))
-    for q, a in zip(queries[:n_exact], atp[:n_exact]):
-        t0 = time.time()
-        e = locate(model, [q], "mediation", config=med_cfg, progress=False)[0]
-        secs = time.time() - t0
+    for q, a, e, secs in zip(queries[:n_exact], atp[:n_exact], exact_scores,
+                             seconds[len(queries):]):
         ag = mediation_agreement(e, a)
         ce = ie_concentration(e, by="abs", keep_curve=False)
         exact.append({"prompt": q.prompt, "answer": q.answer, "seconds": secs,
@@ -116,7 +121,7 @@ def compute(args) -> None:
         "n_facts": len(facts), "facts": facts, "skipped": skipped, "grid": GRID,
         "concentration_abs": conc_abs, "concentration_positive": conc_pos,
         "repetition": rep_d, "overlap": ov_d,
-        "atp_seconds_per_fact": atp_seconds / len(queries),
+        "atp_seconds_per_fact": sum(seconds[:len(queries)]) / len(queries),
         "exact": {"n": len(exact), "per_fact": exact,
                   "mean_spearman": mean("spearman", exact),
                   "mean_top1pct_overlap": mean("top1pct_overlap", exact),
@@ -235,6 +240,7 @@ def main(argv=None) -> None:
     ap.add_argument("--corrupt", default="all", choices=["all", "subject"])
     ap.add_argument("--min-frequency", type=float, default=0.5,
                     help="relation-level set: targeted in at least this share of its facts")
+    experiment.add_sweep_args(ap)
     args = ap.parse_args(argv)
     _defaults(args)
     experiment.run(args, compute, report)
