@@ -1,8 +1,8 @@
 """End-to-end quick runs of the Query Localization experiment scripts on a random tiny model.
 
 A random model knows no facts, so the scripts run with ``--all-facts``; the numbers are meaningless,
-the tests check the plumbing: result JSON fields, figures, cache reuse, --plot-only. (The score
-cache itself: tests/test_locate_cache.py; the fact sample: tests/test_sampling.py.)
+the tests check the plumbing: result JSON fields, figures, reuse of the stored scores, --plot-only.
+(The score cache itself: tests/test_locate_cache.py; the fact sample: tests/test_sampling.py.)
 """
 from __future__ import annotations
 
@@ -51,8 +51,10 @@ def test_locate_facts_caches_scores(monkeypatch, results_dir, capsys):
     n_layers = doc["model"]["n_layers"]
     assert all(len(c) == n_layers for c in r["kn_layer_counts"].values())
     assert r["seconds_per_query"]["contribution"] > 0
-    cache = sorted((results_dir / "cache").glob("*.pt"))
-    assert len(cache) == 24  # 2 facts x 6 templates x 2 methods, one item per query
+    from kn_lens.sweep import ResultStore
+
+    with ResultStore(results_dir / "sweeps", create=False) as st:
+        assert len(st.query(kind="locate")) == 24  # 2 facts x 6 templates x 2 methods
     assert _figures(results_dir, "locate_facts")
     # second run: everything from the cache (no timing), same KN set sizes
     doc2 = _run(locate_facts, ["--methods", "contribution", "atp"], monkeypatch, results_dir)

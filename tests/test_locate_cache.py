@@ -1,15 +1,15 @@
-"""The per-query score cache (``kn_lens.locate.cache``) and the keyed item store under it
-(``kn_lens.cache``): cached scores equal fresh ones exactly, the key covers what determines the
-scores, a killed run keeps whole items only."""
+"""The per-query score cache (``kn_lens.locate.cache``, on the sweep's result store): stored scores
+equal fresh ones exactly, the key covers what determines the scores, a changed locator version
+recomputes, and the same items serve any grouping of the queries."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kn_lens.cache import ItemCache, item_key
 from kn_lens.datasets import builtin_dataset, sample_facts
-from kn_lens.locate.cache import (cached_scores, mean_seconds, method_config, score_key,
-                                  scores_for_facts)
+from kn_lens.locate.cache import (cached_scores, mean_seconds, method_config, scores_for_facts,
+                                  scores_for_methods)
+from kn_lens.sweep import ResultStore, locate_items
 
 
 @pytest.fixture(scope="module")
@@ -17,30 +17,37 @@ def fact(gpt2_tiny):
     return sample_facts(gpt2_tiny, builtin_dataset(), 1, seed=0, known_only=False).facts[0]
 
 
-def test_cached_scores_equal_fresh(gpt2_tiny, fact, tmp_path):
+def test_stored_scores_equal_fresh(gpt2_tiny, fact, tmp_path):
+    from kn_lens.locate import locate
+
     ds = builtin_dataset()
-    fresh = scores_for_facts(gpt2_tiny, ds, [fact], "contribution", cache_dir=tmp_path)[fact]
+    fresh = scores_for_facts(gpt2_tiny, ds, [fact], "contribution", store=tmp_path)[fact]
     assert len(fresh) == len(ds.relation_of(fact).templates)
-    assert len(list(tmp_path.glob("*.pt"))) == len(fresh)  # one item per query
-    assert all("seconds" in s.extras and not s.extras.get("cached") for s in fresh)
+    with ResultStore(tmp_path) as st:  # one item per query
+        assert len(st.query(kind="locate", method="contribution")) == len(fresh)
+    assert all(s.extras["seconds"] > 0 and not s.extras.get("cached") for s in fresh)
     assert mean_seconds({fact: fresh}) > 0
-    cached = scores_for_facts(gpt2_tiny, ds, [fact], "contribution", cache_dir=tmp_path)[fact]
-    assert mean_seconds({fact: cached}) is None  # nothing computed in this run
-    for a, b in zip(fresh, cached):
-        assert b.extras["cached"] and "seconds" not in b.extras
-        assert b.query == a.query and b.config == a.config and b.model == a.model
-        assert torch.equal(a.scores, b.scores) and torch.equal(a.per_token, b.per_token)
-        assert {k: v for k, v in b.extras.items() if k != "cached"} == \
-            {k: v for k, v in a.extras.items() if k != "seconds"}
-    # AtP records its own "seconds" in extras: its cached items still count as cached
-    atp = scores_for_facts(gpt2_tiny, ds, [fact], "atp", cache_dir=tmp_path)
-    again = scores_for_facts(gpt2_tiny, ds, [fact], "atp", cache_dir=tmp_path)
-    assert mean_seconds(atp) > 0 and mean_seconds(again) is None
-    assert all(torch.equal(a.scores, b.scores) for a, b in zip(atp[fact], again[fact]))
+    direct = locate(gpt2_tiny, [s.query for s in fresh], "contribution", progress=False)
+    stored = scores_for_facts(gpt2_tiny, ds, [fact], "contribution", store=tmp_path)[fact]
+    assert mean_seconds({fact: stored}) is None  # nothing computed in this run
+    for a, b, d in zip(fresh, stored, direct):
+        assert b.extras["cached"] and b.extras["seconds"] == a.extras["seconds"]
+        assert b.query == a.query == d.query and b.config == a.config and b.model == a.model
+        assert torch.equal(a.scores, b.scores) and torch.equal(b.scores, d.scores)
+        assert torch.equal(a.per_token, b.per_token) and torch.equal(b.per_token, d.per_token)
+    # two locators in one sweep; AtP's own "seconds" extra does not make it count as computed
+    both = scores_for_methods(gpt2_tiny, ds, [fact], {"atp": None, "contribution": None},
+                              store=tmp_path)
+    again = scores_for_facts(gpt2_tiny, ds, [fact], "atp", store=tmp_path)
+    assert mean_seconds(both["atp"]) > 0 and mean_seconds(both["contribution"]) is None
+    assert mean_seconds(again) is None
+    assert all(torch.equal(a.scores, b.scores) for a, b in zip(both["atp"][fact], again[fact]))
     # the same items serve a single query (e.g. the study's first template)
-    store = ItemCache(tmp_path)
-    (one,) = cached_scores(gpt2_tiny, [fresh[0].query], "contribution", cache=store)
-    assert one.extras["cached"] and store.hits == 1 and store.computed == 0
+    (one,) = cached_scores(gpt2_tiny, [fresh[0].query], "contribution", store=tmp_path)
+    assert one.extras["cached"] and torch.equal(one.scores, fresh[0].scores)
+    # no store: a temporary one, the same numbers
+    (tmp,) = cached_scores(gpt2_tiny, [fresh[0].query], "contribution")
+    assert not tmp.extras.get("cached") and torch.equal(tmp.scores, fresh[0].scores)
 
 
 def test_key_covers_model_locator_version_config_prompt_answer(gpt2_tiny, llama_tiny, fact,
@@ -48,48 +55,32 @@ def test_key_covers_model_locator_version_config_prompt_answer(gpt2_tiny, llama_
     from kn_lens.facts import make_query
     from kn_lens.locate import registry
 
+    def key(model, method, cfg, q):
+        return locate_items(model, [q], method, cfg)[0].key
+
     ds = builtin_dataset()
     q0, q1 = (make_query(gpt2_tiny, fact, t) for t in ds.relation_of(fact).templates[:2])
     cfg = method_config("ig")
-    base = score_key(gpt2_tiny, "ig", cfg, q0)
-    assert score_key(gpt2_tiny, "ig", method_config("ig"), q0) == base  # equal configs, one key
-    others = {score_key(gpt2_tiny, "ig", method_config("ig", steps=5), q0),
-              score_key(gpt2_tiny, "ig_eos", method_config("ig_eos"), q0),
-              score_key(gpt2_tiny, "ig", cfg, q1),
-              score_key(gpt2_tiny, "ig", cfg, make_query(gpt2_tiny, fact, q0.template,
-                                                         answer="Elsewhere")),
-              score_key(llama_tiny, "ig", cfg, make_query(llama_tiny, fact, q0.template))}
+    base = key(gpt2_tiny, "ig", cfg, q0)
+    assert key(gpt2_tiny, "ig", method_config("ig"), q0) == base  # equal configs, one key
+    others = {key(gpt2_tiny, "ig", method_config("ig", steps=5), q0),
+              key(gpt2_tiny, "ig_eos", method_config("ig_eos"), q0),
+              key(gpt2_tiny, "ig", cfg, q1),
+              key(gpt2_tiny, "ig", cfg, make_query(gpt2_tiny, fact, q0.template,
+                                                   answer="Elsewhere")),
+              key(llama_tiny, "ig", cfg, make_query(llama_tiny, fact, q0.template))}
     assert base not in others and len(others) == 5
     monkeypatch.setitem(registry._VERSIONS, "ig", registry.method_version("ig") + 1)
-    assert score_key(gpt2_tiny, "ig", cfg, q0) != base  # the locator's numbers changed
+    assert key(gpt2_tiny, "ig", cfg, q0) != base  # the locator's numbers changed
 
 
 def test_a_changed_locator_version_recomputes(gpt2_tiny, fact, tmp_path, monkeypatch):
     from kn_lens.locate import method_version, registry
 
     ds = builtin_dataset()
-    scores_for_facts(gpt2_tiny, ds, [fact], "contribution", cache_dir=tmp_path)
+    scores_for_facts(gpt2_tiny, ds, [fact], "contribution", store=tmp_path)
     monkeypatch.setitem(registry._VERSIONS, "contribution", method_version("contribution") + 1)
-    again = scores_for_facts(gpt2_tiny, ds, [fact], "contribution", cache_dir=tmp_path)[fact]
+    again = scores_for_facts(gpt2_tiny, ds, [fact], "contribution", store=tmp_path)[fact]
     assert not any(s.extras.get("cached") for s in again)
-    third = scores_for_facts(gpt2_tiny, ds, [fact], "contribution", cache_dir=tmp_path)[fact]
+    third = scores_for_facts(gpt2_tiny, ds, [fact], "contribution", store=tmp_path)[fact]
     assert all(s.extras.get("cached") for s in third)
-
-
-def test_item_cache_is_atomic_and_recovers_from_a_corrupt_item(tmp_path, monkeypatch):
-    store = ItemCache(tmp_path)
-    key = store.key(kind="x", config={"a": 1, "b": (2, 3)})
-    assert key == item_key(kind="x", config={"b": [2, 3], "a": 1})  # canonical JSON
-    assert store.get_or(key, lambda: {"v": torch.ones(2)})["v"].sum() == 2
-    assert store.get_or(key, lambda: pytest.fail("recomputed"))["v"].sum() == 2
-    assert (store.computed, store.hits) == (1, 1)
-    store.path(key).write_bytes(b"not a torch file")  # a corrupt item is recomputed
-    assert store.get_or(key, lambda: {"v": torch.zeros(2)})["v"].sum() == 0
-
-    def dying(obj, f):
-        open(f, "wb").write(b"half")
-        raise KeyboardInterrupt("killed")
-    monkeypatch.setattr(torch, "save", dying)
-    with pytest.raises(KeyboardInterrupt):
-        store.save(store.key(kind="y"), 1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{key}.pt"]  # nothing half-written

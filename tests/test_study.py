@@ -78,8 +78,11 @@ def test_killed_study_resumes_without_recomputing(tmp_path, model, monkeypatch):
     monkeypatch.setattr(L, "locate", dying)
     with pytest.raises(KeyboardInterrupt):
         study(model, path, out=tmp_path / "out", config=CFG, progress=False)
-    cache = tmp_path / "out" / ".cache"
-    assert len(list(cache.glob("*.pt"))) == 5 and not list(cache.glob("*.tmp"))
+    from kn_lens.sweep import ResultStore
+
+    with ResultStore(tmp_path / "out" / ".cache", create=False) as st:
+        assert len(st) == 5 and not st.claims()  # the killed sweep's claims were released
+    assert not list((tmp_path / "out" / ".cache").rglob("*.tmp"))
     assert not (tmp_path / "out" / "report.md").exists()  # nothing half-written
     monkeypatch.setattr(L, "locate", real)
     first = study(model, path, out=tmp_path / "out", config=CFG, progress=False)
