@@ -441,10 +441,11 @@ def add_answer_length_arg(ap: argparse.ArgumentParser) -> None:
 def add_sweep_args(ap: argparse.ArgumentParser) -> None:
     """The sweep flags of a script whose heavy steps run through :mod:`kn_lens.sweep`: the
     executor options of ``kn-lens sweep`` (:func:`kn_lens.sweep.run.add_sweep_arguments`; the
-    script's own ``--threads`` also sets the workers' torch threads) and ``--store``."""
+    script's own ``--threads`` and ``--device`` also set the workers' torch threads and device)
+    and ``--store``."""
     from kn_lens.sweep.run import add_sweep_arguments
 
-    add_sweep_arguments(ap, exclude=("threads",))
+    add_sweep_arguments(ap, exclude=("threads", "device"))
     ap.add_argument("--store", "--cache-dir", dest="store", type=Path, default=None,
                     help="the result store every item of the run is kept in (default "
                     "<results-dir>/sweeps; shared by the scripts: the QL scripts reuse each "

@@ -124,6 +124,16 @@ def test_rows_files_and_archives(tmp_path, capsys):
     assert len((fresh / "a.jsonl").read_text().splitlines()) == 2
 
 
+def test_run_keys_are_the_committed_ones():
+    """A run's folder and archived rows carry its settings' key: the format is frozen (the
+    committed archives, and the row folders of runs in progress, resume from these keys)."""
+    assert experiment.run_key(n_requests=200, seed=0, quick=False, max_new_tokens=32,
+                              no_known_filter=False) == "50ee878407"  # edit_benchmark, SmolLM2
+    assert experiment.run_key(n_requests=100, seed=0, quick=False, no_known_filter=False,
+                              pool=200) == "000faa083b"  # edit_curves, SmolLM2
+    assert experiment.run_key(b=1, a=True) == experiment.run_key(a=True, b=1)
+
+
 def test_tiny_models_by_name_and_config_errors_exit_cleanly():
     from kn_lens import testing
     from kn_lens.errors import ConfigError, UnknownModelError

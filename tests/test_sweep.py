@@ -183,6 +183,39 @@ def test_failed_items_are_recorded_and_tried_again(tmp_path):
         sweep(items, tmp_path, config=SweepConfig(fail_fast=True), **quiet())
 
 
+def test_sweep_results_loads_in_order_or_says_what_is_missing(tmp_path):
+    from kn_lens.errors import InvalidFactError, SweepIncompleteError
+    from kn_lens.sweep import SkippedItem, sweep_results
+
+    bad = WorkItem("test.probe", "probe", testing.ProbeJob(value=9, fail=True), SPEC)
+    items = probes(3)[::-1] + [bad]
+    seen = []
+    with pytest.raises(SweepIncompleteError, match="1 failed .*fails on purpose") as e:
+        sweep_results(items, tmp_path, on_result=lambda it, r: seen.append(r["value"]),
+                      **quiet())
+    assert e.value.missing == (bad.key,) and sorted(seen) == [0, 1, 2]
+    out = sweep_results(items, tmp_path, skip=(InvalidFactError,), **quiet())
+    assert [r["value"] for r in out[:3]] == [2, 1, 0]  # the items' order
+    assert isinstance(out[3], SkippedItem) and out[3].error.startswith("InvalidFactError:")
+    with pytest.raises(SweepIncompleteError, match="other shards") as e:
+        sweep_results(probes(8), tmp_path / "s", config=SweepConfig(shard=(0, 2)), **quiet())
+    assert 0 < len(e.value.missing) < 8 and e.value.result.shard == (0, 2)
+
+
+def test_known_item(tmp_path, ds, facts, model):
+    from kn_lens.datasets import known_facts
+    from kn_lens.sweep import known_item, sweep_results
+
+    item = known_item(model, facts, ds)
+    assert [r.id for r in item.payload.relations] == ["country_capital", "city_country"]
+    assert item.fact is None and known_item(SPEC, facts, ds).key == item.key
+    (kf,) = sweep_results([item], tmp_path, model=model, **quiet())
+    direct = known_facts(model, facts, ds)
+    assert kf.facts == direct.facts and kf.known == direct.known and kf.ranks == direct.ranks
+    with pytest.raises(ConfigError, match="no relation"):
+        known_item(model, facts, [])
+
+
 def test_edit_items(tmp_path, ds, facts):
     import warnings
 

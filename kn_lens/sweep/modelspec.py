@@ -127,8 +127,9 @@ class ModelSpec:
 
     def _tiny_kwargs(self) -> dict:
         fn = TINY_MODELS[self.name]
-        kw = {k: p.default for k, p in inspect.signature(fn).parameters.items()
-              if p.default is not inspect.Parameter.empty}
+        kw = {k: p.default for k, p in inspect.signature(fn).parameters.items()  # the sizes,
+              if p.default is not inspect.Parameter.empty  # not the placement (device, dtype:
+              and p.kind is not inspect.Parameter.KEYWORD_ONLY}  # keyword-only)
         kw.update(dict(self.tiny))
         kw["seed"] = self.seed
         if self.prepend_bos is not None:

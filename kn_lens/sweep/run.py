@@ -325,15 +325,16 @@ def sweep_results(items: Sequence, store: "ResultStore | str | os.PathLike", *,
     :class:`SkippedItem` in its place. Raises :class:`~kn_lens.errors.SweepIncompleteError` when
     any other item is not stored: it failed (its error is listed; the next run tries it again),
     it belongs to another shard (``config.shard``), or another sweep still computes it. Every
-    item stored meanwhile stays stored."""
+    item stored meanwhile stays stored. ``model``: the live model the in-process backend uses
+    for items of its spec (the other backends load it in each worker from the items' spec)."""
     from kn_lens.errors import SweepIncompleteError
 
     own = not isinstance(store, ResultStore)
     st = ResultStore(store, claim_ttl=config.claim_ttl, fsync=config.fsync) if own else store
     try:
         items = list(items)
-        res = sweep(items, st, config=config, model=model, progress=progress, log=log,
-                    on_result=on_result)
+        res = sweep(items, st, config=config, progress=progress, log=log, on_result=on_result,
+                    model=model if config.backend == "inprocess" else None)
         errors = dict(res.failed)
         accepted = tuple(f"{t.__name__}:" for t in skip)
         done = st.done_keys(it.key for it in items)
