@@ -490,6 +490,8 @@ def sweep_rows(args: Any, jobs: Sequence[tuple[Any, Path]], model=None, *,
     end. Build only items whose rows the files lack: rows in a file are never recomputed."""
     from kn_lens.sweep import ResultStore
 
+    if not jobs:
+        return
     owner: dict[str, list[Path]] = {}  # one item may fill several files (equal settings)
     for it, path in jobs:
         owner.setdefault(it.key, []).append(Path(path))

@@ -66,8 +66,6 @@ class ModelSpec:
                 raise ConfigError(f"ModelSpec.tiny: unknown size(s) {bad}; choose from {_TINY_SIZES}")
             if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in tiny.values()):
                 raise ConfigError(f"ModelSpec.tiny sizes must be positive integers, got {tiny}")
-            if self.dtype != "float32":
-                raise ConfigError("tiny models are float32 only")
         elif self.tiny:
             raise ConfigError(f"ModelSpec.tiny is for the tiny test models {sorted(TINY_MODELS)}, "
                               f"not {self.name!r}")
@@ -109,7 +107,7 @@ class ModelSpec:
         if info.source == "random" and info.name in TINY_MODELS:
             cfg = model.cfg
             return cls(name=info.name, seed=int(cfg.seed), prepend_bos=info.prepend_bos,
-                       tiny=tuple((k, int(getattr(cfg, k))) for k in _TINY_SIZES))
+                       dtype=info.dtype, tiny=tuple((k, int(getattr(cfg, k))) for k in _TINY_SIZES))
         # centring is recorded as applied (LN models only); the request is what reloads it
         cww = info.center_writing_weights or not info.normalization.startswith("LN")
         if info.source.startswith("offline:") or info.source.startswith("transformer_lens:"):
@@ -161,7 +159,9 @@ class ModelSpec:
     def load(self, device: str | torch.device = "cpu"):
         """Load the model (a worker does this once); it carries this spec as ``model.kn_spec``."""
         if self.is_tiny:
-            model = TINY_MODELS[self.name](**self._tiny_kwargs())
+            # built in float32, then cast (the builders' own rule: the same weights, rounded)
+            dtype = None if self.dtype == "float32" else self.dtype
+            model = TINY_MODELS[self.name](**self._tiny_kwargs(), dtype=dtype)
             if str(device) != "cpu":
                 model.to(device)
         else:
@@ -234,7 +234,7 @@ def _identity_json(spec: ModelSpec) -> str:
     from kn_lens.models import OFFLINE_MODELS
 
     if spec.is_tiny:
-        ident = {"name": spec.name, "source": "kn_lens.testing", "dtype": "float32",
+        ident = {"name": spec.name, "source": "kn_lens.testing", "dtype": spec.dtype,
                  **spec._tiny_kwargs()}
     elif spec.name in OFFLINE_MODELS:
         off = OFFLINE_MODELS[spec.name]
