@@ -528,8 +528,10 @@ def model_info(model) -> ModelInfo:
     """The ModelInfo of a model loaded by kn-lens (or a best-effort one for any HookedTransformer
     or TransformerBridge). Device and dtype are read from the weights, so a model moved or cast
     after loading is recorded where and as it computes."""
-    device, dtype = _where(model)
     info = getattr(model, "kn_info", None)
+    if info is not None and not hasattr(model, "parameters"):
+        return info  # a tokenizer-only view (queries without weights): nothing computes on it
+    device, dtype = _where(model)
     if info is not None:
         if (info.device, info.dtype) != (device, dtype):
             info = dataclasses.replace(info, device=device, dtype=dtype)
