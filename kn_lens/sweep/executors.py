@@ -10,7 +10,11 @@ The executors only compute: each item comes back to the sweep's driver as an :cl
 (the result, or the error the item raised) and the driver alone writes to the store. A worker
 that dies while computing an item (killed, out of memory, a crash in native code) is replaced by
 a new one; the item it held is retried (``max_retries`` times) and the items queued behind it
-are resubmitted without counting an attempt against them.
+are resubmitted without counting an attempt against them. With ``prefetch`` > 1 the item it held
+is inferred as the oldest one without a result: a worker killed right after finishing an item can
+take that item's reply with it (``os._exit`` does not flush it), and then the finished item is
+charged the attempt and the one that crashed is resubmitted free; ``prefetch=1`` makes the charge
+exact (one item in flight per worker), at one hand-over latency per item.
 """
 from __future__ import annotations
 
