@@ -61,8 +61,10 @@ class IGConfig:
 
     steps: int = 20  # m, Riemann steps: Dai et al. 2022 / KNE eq. 5 / QL eq. 10 use m = 20
     baseline: Baseline = "zero"  # "zero": Dai et al.; "eos": Chen et al. AMIG (QL eq. 16-17)
-    chunk: int = 200  # most rows (path points x layers) per forward: bounds memory and trades
-    # compute for fewer calls; never changes the result beyond float rounding
+    # most rows (path points x layers) per forward: bounds memory and trades compute for fewer
+    # calls; never changes the result beyond float rounding, so it is not part of the config's
+    # identity (equality, result-store keys)
+    chunk: int = dataclasses.field(default=200, compare=False)
     layers: tuple[int, ...] | None = None  # score only these layers (others stay 0); None = all
 
     def __post_init__(self) -> None:

@@ -115,7 +115,8 @@ class MediationConfig:
     # neurons that carry the fact (32 of the top-46 by AtP for the Eiffel Tower), see README.
     prune: Prune = "dni"
     seed: int = 0  # seeds the torch.Generator the noise samples are drawn from
-    chunk: int = 512  # neurons per batched restoration; bounds memory, never changes the result
+    # neurons per batched restoration; bounds memory, never changes the result (not identity)
+    chunk: int = field(default=512, compare=False)
     dni_eps: float = 1e-8  # floor on |h| in DNI = |h - h*| / |h| (TNF-DA eq. 6)
 
     def __post_init__(self) -> None:
