@@ -86,9 +86,9 @@ def qkv_forward(attn, query_input: Tensor, key_input: Tensor, value_input: Tenso
     W_K, b_K = (attn._W_K, attn._b_K) if grouped else (attn.W_K, attn.b_K)
     W_V, b_V = (attn._W_V, attn._b_V) if grouped else (attn.W_V, attn.b_V)
     fused = attn.__dict__.get("_kn_qkv", False)  # a frozen_weights scope: one cached matrix
-    if fused is not False and _one_input(query_input, key_input, value_input) and not (
-            torch.is_grad_enabled()
-            and any(t.requires_grad for t in (attn.W_Q, attn.b_Q, W_K, b_K, W_V, b_V))):
+    weight_grads = torch.is_grad_enabled() and not attn.__dict__.get("_kn_no_weight_grads") and \
+        any(t.requires_grad for t in (attn.W_Q, attn.b_Q, W_K, b_K, W_V, b_V))
+    if fused is not False and _one_input(query_input, key_input, value_input) and not weight_grads:
         if fused is None:
             fused = _fuse_qkv(attn.W_Q, attn.b_Q, W_K, b_K, W_V, b_V)
             attn.__dict__["_kn_qkv"] = fused
@@ -158,7 +158,7 @@ def _unembed_forward(self, residual: Tensor) -> Tensor:
 
 
 @contextmanager
-def fast_forward(model, *, frozen_weights: bool = False) -> Iterator:
+def fast_forward(model, *, frozen_weights: bool = False, weight_grads: bool = True) -> Iterator:
     """Scope in which ``model``'s gated MLPs, attention and unembedding skip the weight copies.
 
     ``frozen_weights=True`` promises that no weight changes inside the scope (the optimisation
@@ -166,7 +166,10 @@ def fast_forward(model, *, frozen_weights: bool = False) -> Iterator:
     one matmul on a fused copy of W_Q | W_K | W_V made on first use and dropped at exit. Weights
     that need gradients (``requires_grad`` with grad mode on) never use the copy. A weight
     changed inside such a scope would not be seen (``p.data`` writes bump no version counter,
-    so the copy cannot check); that is why it is opt-in."""
+    so the copy cannot check); that is why it is opt-in. ``weight_grads=False`` (with
+    ``frozen_weights``) further promises that no gradient w.r.t. a weight is asked for inside the
+    scope (gradients w.r.t. activations only, as integrated gradients needs), so the fused copy is
+    used with grad mode on even though the weights have ``requires_grad`` set."""
     from transformer_lens.components import Attention, GroupedQueryAttention, Unembed
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
 
@@ -186,6 +189,9 @@ def fast_forward(model, *, frozen_weights: bool = False) -> Iterator:
                 if frozen_weights:
                     attn.__dict__["_kn_qkv"] = None  # filled on first use
                     names += ("_kn_qkv",)
+                    if not weight_grads:
+                        attn.__dict__["_kn_no_weight_grads"] = True
+                        names += ("_kn_no_weight_grads",)
                 patched.append((attn, names))
         ue = getattr(model, "unembed", None)
         if type(ue) is Unembed and "forward" not in vars(ue):
@@ -196,3 +202,209 @@ def fast_forward(model, *, frozen_weights: bool = False) -> Iterator:
         for mod, names in patched:
             for name in names:
                 mod.__dict__.pop(name, None)
+
+
+# --------------------------------------------------------------------------- suffixes over a cached prefix
+
+
+def prefix_block_ok(model) -> bool:
+    """Whether :func:`prefix_block` reproduces every block of ``model`` exactly: TransformerLens
+    ``TransformerBlock``s (pre-norm, optionally Gemma's extra norms after attention and MLP, or
+    GPT-J/NeoX's parallel attention and MLP) with standard or rotary positions (rotary as pure
+    rotations: not YaRN's attention factor, not dynamic NTK), causal softmax attention as
+    :func:`_attn_fast_ok` covers it (MHA or grouped-query, q/k norms, local windows, score
+    soft-capping) and a dense (gated) MLP. Evaluated per call (attention flags such as
+    ``use_attn_result`` can be switched on later)."""
+    from transformer_lens.components import Attention, GroupedQueryAttention, TransformerBlock
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+    from transformer_lens.components.mlps.mlp import MLP
+
+    cfg = model.cfg
+    if cfg.positional_embedding_type not in ("standard", "rotary") or cfg.attention_dir != "causal":
+        return False
+    if cfg.use_qk_norm and cfg.positional_embedding_type != "rotary":
+        return False  # the keys callers can capture (hook_k) are from before the q/k norm
+    yarn_scaled = getattr(cfg, "use_yarn_rope", False) and \
+        getattr(cfg, "yarn_attention_factor", 1.0) != 1.0
+    if cfg.attn_only or getattr(cfg, "use_dynamic_ntk_rope", False) or yarn_scaled:
+        return False
+    return all(type(b) is TransformerBlock and type(b.attn) in (Attention, GroupedQueryAttention)
+               and _attn_fast_ok(b.attn) and type(b.mlp) in (MLP, GatedMLP)
+               and (b.attn.attn_type != "local" or isinstance(cfg.window_size, int))
+               for b in model.blocks)
+
+
+def relative_prefix_keys(attn, keys: Float[Tensor, "... prefix kv_head d_head"], *,
+                         rotated: bool = False) -> Float[Tensor, "... prefix kv_head d_head"]:
+    """Prefix keys made ready for :func:`prefix_block`: rotated to their positions ``j`` and then
+    back by the suffix's start ``P`` (the number of prefix slots), i.e. ``R_P^T R_j k_j``. A rotary
+    score depends only on the relative position: ``(R_{P+i} q) . (R_j k) = (R_i q) . (R_P^T R_j
+    k)``, so the suffix's queries and keys are rotated at positions ``0..`` (not at all for a
+    single suffix position, ``R_0 = I``). ``keys``: as TransformerLens' key/value cache stores
+    them (after any q/k norm, before rotary; ``hook_k`` fires *before* the q/k norm), or with
+    ``rotated=True`` already rotated to their positions (``hook_rot_k``). Unchanged for
+    non-rotary attention."""
+    P = keys.shape[-3]
+    if attn.cfg.positional_embedding_type != "rotary" or P == 0:
+        return keys
+    d_head = keys.shape[-1]
+    eye = torch.eye(d_head, dtype=keys.dtype, device=keys.device)[:, None, None, :]
+    back = attn.apply_rotary(eye, P)[:, 0, 0, :]  # row i = R_P e_i, i.e. the matrix R_P^T
+    if not rotated:
+        keys = attn.apply_rotary(keys if keys.ndim == 4 else keys[None], 0).reshape(keys.shape)
+    return keys @ back.T  # rows k_j^T R_j^T R_P
+
+
+def _mlp_in(block, resid: Tensor) -> Tensor:
+    return block.hook_mlp_in(resid.clone()) if block.cfg.use_hook_mlp_in else resid
+
+
+def prefix_block(block, x: Float[Tensor, "batch suffix d_model"],
+                 keys: Float[Tensor, "... prefix kv_head d_head"],
+                 values: Float[Tensor, "... prefix kv_head d_head"], *,
+                 valid: Tensor | None = None) -> Float[Tensor, "batch suffix d_model"]:
+    """One TransformerLens block (see :func:`prefix_block_ok`) on the suffix positions
+    ``P..P+suffix-1`` of each batch row, attending to cached keys / values of prefix positions
+    ``0..P-1``: keys through :func:`relative_prefix_keys`, as ``[P, kv_head, d_head]`` shared by
+    every row (used once for the whole batch, never copied per row), or per row as
+    ``[batch, P, kv_head, d_head]`` with ``valid [batch, P]`` marking real prefix slots. Only
+    relative positions matter (rotary; absolute positions are already in the residual), so rows
+    whose true prefixes are shorter than ``P`` may sit right-aligned with their slots masked.
+    Same arithmetic as the block's own forward up to float rounding; the hook points of the
+    residual stream, q / k / v (before rotary), z, the MLP and the block outputs fire on the same
+    shapes (not the rotated q / k, attention scores or pattern: the prefix is split off here)."""
+    from transformer_lens.utils import apply_softcap
+
+    attn, cfg = block.attn, block.cfg
+    b, s, _ = x.shape
+    P = keys.shape[-3]
+    resid_pre = block.hook_resid_pre(x)
+    h_in = block.ln1(resid_pre)
+    q, k, v = attn.calculate_qkv_matrices(h_in, h_in, h_in)  # k, v: kv heads, q/k norms applied
+    if cfg.positional_embedding_type == "rotary" and s > 1:  # positions relative to P
+        q = attn.apply_rotary(q, 0)
+        k = attn.apply_rotary(k, 0)
+    n_q, n_kv, dh = q.shape[2], k.shape[2], q.shape[3]
+    qg = q.reshape(b, s, n_kv, n_q // n_kv, dh)
+    shared = keys.ndim == 3
+    parts = [torch.einsum("bsngd,btnd->bngst", qg, k)]
+    if P:
+        prefix_eq = "bsngd,pnd->bngsp" if shared else "bsngd,bpnd->bngsp"
+        parts.insert(0, torch.einsum(prefix_eq, qg, keys.to(q.dtype)))
+    scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    scores = apply_softcap(scores / attn.attn_scale, cfg.attn_scores_soft_cap)
+    local = attn.attn_type == "local" and P + s > cfg.window_size
+    if s > 1 or local or (valid is not None and P):
+        q_slot = torch.arange(P, P + s, device=x.device)[:, None]
+        k_slot = torch.arange(P + s, device=x.device)[None, :]
+        mask = k_slot <= q_slot  # [suffix, prefix + suffix]
+        if local:
+            mask = mask & (k_slot > q_slot - cfg.window_size)
+        if valid is not None and P:
+            mask = mask[None] & torch.cat([valid[:, None, :].expand(b, s, P),
+                                           valid.new_ones(b, s, s)], dim=-1)
+            mask = mask[:, None, None]
+        scores = scores.masked_fill(~mask, float("-inf"))
+    pattern = torch.softmax(scores, dim=-1).to(v.dtype)
+    z = torch.einsum("bngst,btnd->bsngd", pattern[..., P:], v)
+    if P:
+        prefix_eq = "bngsp,pnd->bsngd" if shared else "bngsp,bpnd->bsngd"
+        z = z + torch.einsum(prefix_eq, pattern[..., :P], values.to(v.dtype))
+    z = attn.hook_z(z.reshape(b, s, n_q, dh))
+    attn_out = z.reshape(b, s, n_q * dh) @ attn.W_O.reshape(n_q * dh, -1) + attn.b_O
+    if cfg.use_normalization_before_and_after:
+        attn_out = block.ln1_post(attn_out)
+    attn_out = block.hook_attn_out(attn_out)
+    if cfg.parallel_attn_mlp:  # both read resid_pre; resid_post = (resid_pre + attn) + mlp
+        mlp_out = mlp_forward(block.mlp, block.ln2(_mlp_in(block, resid_pre)))
+        return block_tail(block, mlp_out, resid_pre + attn_out)
+    resid_mid = block.hook_resid_mid(resid_pre + attn_out)
+    return block_tail(block, mlp_forward(block.mlp, block.ln2(_mlp_in(block, resid_mid))),
+                      resid_mid)
+
+
+def mlp_out_from_post(mlp, post: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_model"]:
+    """What a dense (gated) MLP writes given its neurons ``hook_post``: ``post @ W_out + b_out``
+    (every TransformerLens MLP / GatedMLP ends so)."""
+    return torch.nn.functional.linear(post, mlp.W_out.T, mlp.b_out)
+
+
+def block_tail(block, mlp_out: Float[Tensor, "... d_model"],
+               resid_before: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    """The end of a block after its MLP: Gemma's post-MLP norm, ``hook_mlp_out`` and the residual
+    add to ``resid_before`` (``resid_mid``; ``resid_pre + attn_out`` for parallel blocks)."""
+    if block.cfg.use_normalization_before_and_after:
+        mlp_out = block.ln2_post(mlp_out)
+    return block.hook_resid_post(resid_before + block.hook_mlp_out(mlp_out))
+
+
+# --------------------------------------------------------------------------- P(answer), its gradient
+
+VOCAB_CHUNK = 4096  # unembedding columns per step of answer_prob's sweep (logits stay in cache)
+
+
+class _AnswerProb(torch.autograd.Function):
+    """P(token) per row and dP/dx in one sweep over the vocabulary (see :func:`answer_prob`)."""
+
+    @staticmethod
+    def forward(ctx, x, W_U, b_U, token: int, cap: float | None, chunk: int):
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        rows, d_vocab = x.shape[0], W_U.shape[1]
+        m = torch.full((rows,), float("-inf"), dtype=acc_dtype, device=x.device)
+        s = torch.zeros(rows, dtype=acc_dtype, device=x.device)
+        acc = torch.zeros(rows, x.shape[1], dtype=acc_dtype, device=x.device)
+        for c0 in range(0, d_vocab, chunk):
+            Wc = W_U[:, c0:c0 + chunk]
+            z = (x @ Wc if b_U is None else torch.addmm(b_U[c0:c0 + chunk], x, Wc)).to(acc_dtype)
+            if cap:
+                t = torch.tanh(z / cap)
+                z = cap * t
+            m_new = torch.maximum(m, z.amax(1))
+            rescale = torch.exp(m - m_new)
+            e = z.sub_(m_new[:, None]).exp_()
+            s = s * rescale + e.sum(1)
+            if cap:
+                e = e * (1 - t * t)  # d cap*tanh(z/cap) / dz
+            acc = acc * rescale[:, None]
+            acc = torch.addmm(acc, e, Wc.T) if Wc.dtype == acc_dtype else \
+                acc + (e.to(Wc.dtype) @ Wc.T).to(acc_dtype)
+            m = m_new
+        u = W_U[:, token].to(acc_dtype)
+        z_a = x.to(acc_dtype) @ u
+        if b_U is not None:
+            z_a = z_a + b_U[token].to(acc_dtype)
+        slope = torch.ones_like(z_a)
+        if cap:
+            t_a = torch.tanh(z_a / cap)
+            z_a, slope = cap * t_a, 1 - t_a * t_a
+        p = torch.exp(z_a - (m + torch.log(s)))
+        # dP/dx = P (dz_a/dx - sum_v p_v dz_v/dx) = P (slope_a u_a - E_p[slope_v u_v])
+        ctx.save_for_backward(p[:, None] * (slope[:, None] * u[None] - acc / s[:, None]))
+        ctx.x_dtype = x.dtype
+        return p
+
+    @staticmethod
+    def backward(ctx, grad_p):
+        (dp_dx,) = ctx.saved_tensors
+        return (grad_p[:, None] * dp_dx).to(ctx.x_dtype), None, None, None, None, None
+
+
+def answer_prob(model, resid: Float[Tensor, "rows d_model"], token: int, *,
+                chunk: int = VOCAB_CHUNK) -> Float[Tensor, "rows"]:
+    """``P(token)`` (softmax over the whole vocabulary, ``ln_final``, ``b_U`` and the logit
+    soft-cap included) from final residual rows, differentiable w.r.t. ``resid``.
+
+    Exact, and at the FLOP floor of a forward + input-gradient backward: the logits are made
+    ``chunk`` vocabulary columns at a time and reduced on the spot (an online softmax) into the
+    normaliser and ``E_p[u_v]`` (``u_v``: the unembedding column of token v), from which the
+    gradient ``dP/dx = P (u_token - E_p[u_v])`` is formed, so no ``rows x d_vocab`` tensor is ever
+    written (on Gemma-3's 262k vocabulary the softmax and its backward over the full logits cost
+    as much as the two unembedding matmuls themselves, measured). The backward is then one
+    product; float32 (or wider) accumulation."""
+    x = resid
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(resid[:, None, :])[:, 0]
+    b_U = model.b_U if model.b_U is not None and bool(model.b_U.any()) else None  # often all 0
+    cap = model.cfg.output_logits_soft_cap
+    return _AnswerProb.apply(x, model.W_U, b_U, int(token), cap if cap and cap > 0 else None,
+                             int(chunk))
