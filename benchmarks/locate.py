@@ -2,6 +2,7 @@
 
     python benchmarks/locate.py                      # speed/memory table (default model)
     python benchmarks/locate.py --behaviour 50       # + the ablation table over 50 known facts
+    python benchmarks/locate.py --ig-floor           # IG vs its FLOP floor, SmolLM2 and Gemma-3
 
 Prints (markdown):
 1. per method: seconds per query (mean over ``--queries`` single-token queries) and peak resident
@@ -10,25 +11,38 @@ Prints (markdown):
 3. attribution patching vs exact mediation (DNI-pruned, gamma = 20 %): Spearman over the searched
    neurons and overlap of the top 1 %;
 4. with ``--behaviour N``: over N known facts, the drop of P(answer) when zeroing each method's top
-   0.1 % neurons vs as many random neurons (3 draws per fact).
-Timings depend on the machine and its load; the thread count is printed with them.
+   0.1 % neurons vs as many random neurons (3 draws per fact);
+5. with ``--ig-floor``: for each of ``--floor-models`` (one run), fast IG's seconds per query
+   against its FLOP floor: the matmul FLOPs exact IG cannot avoid (``kn_lens.locate.ig_flops``:
+   per path point and layer l, W_out of layer l, blocks l+1.. on the answer position with
+   attention over the prompt, the full unembedding; forward + the input-gradient backward)
+   divided by the machine's sustained fp32 matmul rate, measured in the same run at the model's
+   MLP shape with one IG call's rows (before and after every run; the fastest), against the
+   fastest of ``--floor-repeats`` runs per query; also both in CPU time.
+Timings depend on the machine and its load; the thread count and load average are printed with
+them.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import torch
 
 from kn_lens import hooks
+from kn_lens._bench import cpu_name, matmul_gflops
 from kn_lens.datasets import builtin_dataset, known_facts
+from kn_lens.datasets.known import KnownFacts
 from kn_lens.facts import answer_probs, make_query
-from kn_lens.locate import IGConfig, integrated_gradients_plain, locate
+from kn_lens.locate import (IGConfig, ig_flops, integrated_gradients, integrated_gradients_plain,
+                            locate)
 from kn_lens.locate.mediation import AtPConfig, MediationConfig, mediation_agreement
 from kn_lens.models import load_model
 from kn_lens.neurons import random_like, top_fraction
@@ -75,22 +89,32 @@ def _method(name: str) -> str:
 
 
 def known_queries(model, n: int, seed: int):
+    """``n`` known facts with single-token answers (a seeded sample), each on its best template;
+    known-ness from ``results/known_facts_<model>.json`` when it exists, else scored here."""
     ds = builtin_dataset()
     rng = random.Random(seed)
     facts = list(ds.facts)
     rng.shuffle(facts)
+    saved = Path(__file__).resolve().parents[1] / "results" / \
+        f"known_facts_{model.kn_info.name}.json"
+    if saved.exists():
+        kf = KnownFacts.from_dict(json.loads(saved.read_text())["results"])
+        index = {f: i for i, f in enumerate(kf.facts)}
+        chunks = [(kf, [index[f] for f in facts if f in index])]
+    else:
+        chunks = ((kf, range(len(kf.facts))) for kf in (
+            known_facts(model, facts[s:s + 200], ds) for s in range(0, len(facts), 200)))
     out = []
-    for s in range(0, len(facts), 200):
-        kf = known_facts(model, facts[s:s + 200], ds)
-        for i, f in enumerate(kf.facts):
+    for kf, order in chunks:
+        for i in order:
             if kf.known[i]:
-                t = kf.best_template(i)
+                f, t = kf.facts[i], kf.best_template(i)
                 q = make_query(model, f, ds.relations[f.relation].templates[t], template_index=t)
                 if q.n_answer == 1:
                     out.append(q)
-        if len(out) >= n:
-            break
-    return out[:n]
+            if len(out) >= n:
+                return out
+    return out
 
 
 def speed(model, queries, plain_queries: int) -> None:
@@ -130,6 +154,59 @@ def speed(model, queries, plain_queries: int) -> None:
               f"{ag.n_searched} |")
 
 
+def ig_floor(names: list[str], n_queries: int, seed: int, repeats: int) -> None:
+    """Fast IG (m = 20, zero baseline, all layers) against its FLOP floor, one row per model:
+    per query the fastest of ``repeats`` runs, against the fastest matmul probe of the model's
+    run (both the least disturbed by other jobs)."""
+    cfg = IGConfig(steps=20)
+    name, isa = cpu_name()
+    print(f"\n### Integrated gradients vs the FLOP floor (m = {cfg.steps}, all layers, "
+          f"{n_queries} known single-token queries per model, fastest of {repeats} runs each; "
+          f"torch threads "
+          f"{torch.get_num_threads()}; cpu {name} ({isa}))\n")
+    print("| model | tokens | GFLOP / query (blocks + W_out + unembedding) | matmul GFLOP/s "
+          "(fastest, range; shape) | floor (s) | IG (s / query) | **IG / floor** | same in CPU time | "
+          "load avg |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|")
+    for model_name in names:
+        model = load_model(model_name)
+        queries = known_queries(model, n_queries, seed)
+        shape = (min(cfg.chunk, model.cfg.n_layers * cfg.steps), model.cfg.d_model,
+                 model.cfg.d_mlp)
+        integrated_gradients(model, queries[0], config=cfg)  # warm-up
+        rates, cpu_rates, times, cpu_times, loads = [], [], [], [], []
+
+        def probe():
+            rates.append(matmul_gflops(*shape))
+            cpu_rates.append(matmul_gflops(*shape, clock=time.process_time))
+
+        for q in queries:  # the least disturbed of `repeats` runs, probes in between
+            probe()
+            wall, cpu = [], []
+            for _ in range(repeats):
+                loads.append(os.getloadavg()[0])
+                t0, c0 = time.perf_counter(), time.process_time()
+                integrated_gradients(model, q, config=cfg)
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+                probe()
+            times.append(min(wall))
+            cpu_times.append(min(cpu))
+        flops = [ig_flops(model, q, config=cfg) for q in queries]
+        rate = max(rates)  # the machine's sustained rate: the least disturbed probe, like IG's
+        gflop = statistics.mean(f.total for f in flops) / 1e9
+        parts = " + ".join(f"{statistics.mean(getattr(f, k) for f in flops) / 1e9:.1f}"
+                           for k in ("blocks", "w_out", "unembed"))
+        floor, took = gflop / rate, statistics.mean(times)
+        cpu_ratio = statistics.mean(cpu_times) / (gflop / max(cpu_rates))
+        tokens = statistics.mean(len(q.input_ids) for q in queries)
+        print(f"| {model_name} | {tokens:.1f} | {gflop:.1f} ({parts}) | {rate:.0f} "
+              f"({min(rates):.0f}-{max(rates):.0f}; {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}) "
+              f"| {floor:.2f} | {took:.2f} | **{took / floor:.2f}** | {cpu_ratio:.2f} | "
+              f"{min(loads):.1f}-{max(loads):.1f} |", flush=True)
+        del model
+
+
 def behaviour(model, queries, seed: int) -> None:
     L, d = model.cfg.n_layers, model.cfg.d_mlp
     k = round(0.001 * L * d)
@@ -166,11 +243,21 @@ def main() -> None:
     ap.add_argument("--plain-queries", type=int, default=1)
     ap.add_argument("--behaviour", type=int, default=0, help="facts for the ablation table")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--ig-floor", action="store_true",
+                    help="only the IG vs FLOP-floor table, for every --floor-models model")
+    ap.add_argument("--floor-models", default="smollm2-135m,gemma-3-270m")
+    ap.add_argument("--floor-queries", type=int, default=3)
+    ap.add_argument("--floor-repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ig_floor:
+        print(f"cpu count {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}")
+        ig_floor([m.strip() for m in args.floor_models.split(",") if m.strip()],
+                 args.floor_queries, args.seed, args.floor_repeats)
+        return
     model = load_model(args.model)
     info = model.kn_info
     print(f"model {info.name}: {info.n_layers} layers x {info.d_mlp} neurons; cpu count "

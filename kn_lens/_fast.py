@@ -29,6 +29,20 @@ from jaxtyping import Float
 from torch import Tensor
 
 
+def _bias(module, name: str) -> Tensor | None:
+    """``module.<name>``, or None inside a ``frozen_weights`` scope when it is all zeros (adding
+    it would change nothing; LLaMA-style models store zero biases), checked once per scope; kept
+    when a gradient w.r.t. it may be asked for (as for the fused W_Q | W_K | W_V copy)."""
+    b = getattr(module, name)
+    zero = module.__dict__.get("_kn_zero_bias")
+    if zero is None or b is None or (torch.is_grad_enabled() and b.requires_grad
+                                     and not module.__dict__.get("_kn_no_weight_grads")):
+        return b
+    if name not in zero:
+        zero[name] = not bool(b.detach().any())
+    return None if zero[name] else b
+
+
 def mlp_forward(mlp, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
     """TransformerLens' gated MLP without its per-call ``W.T.contiguous()`` weight copies (same
     hook points, same arithmetic); any other MLP runs as is."""
@@ -38,8 +52,10 @@ def mlp_forward(mlp, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "ba
         return mlp(x)
     pre_act = mlp.hook_pre(x @ mlp.W_gate)
     pre_linear = mlp.hook_pre_linear(x @ mlp.W_in)
-    post = mlp.hook_post(mlp.act_fn(pre_act) * pre_linear + mlp.b_in)
-    return torch.nn.functional.linear(post, mlp.W_out.T, mlp.b_out)
+    post = mlp.act_fn(pre_act) * pre_linear
+    b_in = _bias(mlp, "b_in")
+    post = mlp.hook_post(post if b_in is None else post + b_in)
+    return mlp_out_from_post(mlp, post)
 
 
 _OLMO = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -53,12 +69,13 @@ def _project(x: Float[Tensor, "batch pos d_model"], W: Float[Tensor, "head d_mod
 
 
 def _fuse_qkv(W_Q, b_Q, W_K, b_K, W_V, b_V) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
-    """W_Q | W_K | W_V as one ``d_model x (n_q + 2 n_kv) d_head`` matrix (a copy, detached)."""
+    """W_Q | W_K | W_V as one ``d_model x (n_q + 2 n_kv) d_head`` matrix (a copy, detached), and
+    the biases (None when all zero)."""
     n_q, d_model, d_head = W_Q.shape
     n_kv = W_K.shape[0]
     W = torch.cat([w.detach().transpose(0, 1).reshape(d_model, -1) for w in (W_Q, W_K, W_V)], 1)
     b = torch.cat([x.detach().reshape(-1) for x in (b_Q, b_K, b_V)])
-    return W, b, (n_q, n_kv, d_head)
+    return W, (b if bool(b.any()) else None), (n_q, n_kv, d_head)
 
 
 def _one_input(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -93,7 +110,7 @@ def qkv_forward(attn, query_input: Tensor, key_input: Tensor, value_input: Tenso
             fused = _fuse_qkv(attn.W_Q, attn.b_Q, W_K, b_K, W_V, b_V)
             attn.__dict__["_kn_qkv"] = fused
         W, b, (n_q, n_kv, d_head) = fused
-        out = query_input @ W + b
+        out = query_input @ W if b is None else query_input @ W + b
         nq = n_q * d_head
         nk = n_kv * d_head
         q = attn.hook_q(out[..., :nq].unflatten(-1, (n_q, d_head)))
@@ -104,9 +121,14 @@ def qkv_forward(attn, query_input: Tensor, key_input: Tensor, value_input: Tenso
         k = attn.hook_k(_project(key_input, W_K, b_K))
         v = attn.hook_v(_project(value_input, W_V, b_V))
     if cfg.use_qk_norm:
-        q = attn._apply_qk_norm(q, attn.q_norm)
-        k = attn._apply_qk_norm(k, attn.k_norm)
+        q, k = _qk_norm(attn, q, attn.q_norm), _qk_norm(attn, k, attn.k_norm)
     return q, k, v
+
+
+def _qk_norm(attn, x: Tensor, module) -> Tensor:
+    """A q/k norm over ``d_head``: :func:`norm`, or TransformerLens' own when hooked (it runs the
+    module on ``[-1, d_head]`` rows, the shape its hooks see)."""
+    return norm(module, x) if _own_norm(module) else attn._apply_qk_norm(x, module)
 
 
 def _attn_fast_ok(attn) -> bool:
@@ -150,7 +172,8 @@ def attn_forward(attn, query_input: Tensor, key_input: Tensor, value_input: Tens
     z = attn.calculate_z_scores(v, pattern)  # hook_z fires here
     n, d_head, d_model = attn.W_O.shape
     z = z.reshape(z.shape[0], z.shape[1], n * d_head).to(attn.W_O.dtype)
-    return torch.nn.functional.linear(z, attn.W_O.reshape(n * d_head, d_model).T, attn.b_O)
+    return torch.nn.functional.linear(z, attn.W_O.reshape(n * d_head, d_model).T,
+                                      _bias(attn, "b_O"))
 
 
 def _unembed_forward(self, residual: Tensor) -> Tensor:
@@ -163,8 +186,9 @@ def fast_forward(model, *, frozen_weights: bool = False, weight_grads: bool = Tr
 
     ``frozen_weights=True`` promises that no weight changes inside the scope (the optimisation
     loop, which trains deltas through hooks): each attention layer then computes q, k and v with
-    one matmul on a fused copy of W_Q | W_K | W_V made on first use and dropped at exit. Weights
-    that need gradients (``requires_grad`` with grad mode on) never use the copy. A weight
+    one matmul on a fused copy of W_Q | W_K | W_V made on first use and dropped at exit, and
+    all-zero biases are skipped (checked once). Weights that need gradients (``requires_grad``
+    with grad mode on) never use the copy and are never skipped. A weight
     changed inside such a scope would not be seen (``p.data`` writes bump no version counter,
     so the copy cannot check); that is why it is opt-in. ``weight_grads=False`` (with
     ``frozen_weights``) further promises that no gradient w.r.t. a weight is asked for inside the
@@ -180,7 +204,14 @@ def fast_forward(model, *, frozen_weights: bool = False, weight_grads: bool = Tr
             if type(mlp) is GatedMLP and not mlp.cfg.is_layer_norm_activation() \
                     and "forward" not in vars(mlp):
                 mlp.forward = types.MethodType(mlp_forward, mlp)
-                patched.append((mlp, ("forward",)))
+                names = ("forward",)
+                if frozen_weights:
+                    mlp.__dict__["_kn_zero_bias"] = {}  # filled on first use
+                    names += ("_kn_zero_bias",)
+                    if not weight_grads:
+                        mlp.__dict__["_kn_no_weight_grads"] = True
+                        names += ("_kn_no_weight_grads",)
+                patched.append((mlp, names))
             attn = getattr(block, "attn", None)
             if type(attn) in (Attention, GroupedQueryAttention) and "forward" not in vars(attn):
                 attn.forward = types.MethodType(attn_forward, attn)
@@ -188,7 +219,8 @@ def fast_forward(model, *, frozen_weights: bool = False, weight_grads: bool = Tr
                 names = ("forward", "calculate_qkv_matrices")
                 if frozen_weights:
                     attn.__dict__["_kn_qkv"] = None  # filled on first use
-                    names += ("_kn_qkv",)
+                    attn.__dict__["_kn_zero_bias"] = {}
+                    names += ("_kn_qkv", "_kn_zero_bias")
                     if not weight_grads:
                         attn.__dict__["_kn_no_weight_grads"] = True
                         names += ("_kn_no_weight_grads",)
@@ -273,60 +305,146 @@ def prefix_block(block, x: Float[Tensor, "batch suffix d_model"],
     Same arithmetic as the block's own forward up to float rounding; the hook points of the
     residual stream, q / k / v (before rotary), z, the MLP and the block outputs fire on the same
     shapes (not the rotated q / k, attention scores or pattern: the prefix is split off here)."""
-    from transformer_lens.utils import apply_softcap
-
     attn, cfg = block.attn, block.cfg
     b, s, _ = x.shape
-    P = keys.shape[-3]
     resid_pre = block.hook_resid_pre(x)
-    h_in = block.ln1(resid_pre)
+    h_in = norm(block.ln1, resid_pre)
     q, k, v = attn.calculate_qkv_matrices(h_in, h_in, h_in)  # k, v: kv heads, q/k norms applied
     if cfg.positional_embedding_type == "rotary" and s > 1:  # positions relative to P
         q = attn.apply_rotary(q, 0)
         k = attn.apply_rotary(k, 0)
-    n_q, n_kv, dh = q.shape[2], k.shape[2], q.shape[3]
-    qg = q.reshape(b, s, n_kv, n_q // n_kv, dh)
-    shared = keys.ndim == 3
-    parts = [torch.einsum("bsngd,btnd->bngst", qg, k)]
-    if P:
-        prefix_eq = "bsngd,pnd->bngsp" if shared else "bsngd,bpnd->bngsp"
-        parts.insert(0, torch.einsum(prefix_eq, qg, keys.to(q.dtype)))
-    scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-    scores = apply_softcap(scores / attn.attn_scale, cfg.attn_scores_soft_cap)
-    local = attn.attn_type == "local" and P + s > cfg.window_size
-    if s > 1 or local or (valid is not None and P):
-        q_slot = torch.arange(P, P + s, device=x.device)[:, None]
-        k_slot = torch.arange(P + s, device=x.device)[None, :]
-        mask = k_slot <= q_slot  # [suffix, prefix + suffix]
-        if local:
-            mask = mask & (k_slot > q_slot - cfg.window_size)
-        if valid is not None and P:
-            mask = mask[None] & torch.cat([valid[:, None, :].expand(b, s, P),
-                                           valid.new_ones(b, s, s)], dim=-1)
-            mask = mask[:, None, None]
-        scores = scores.masked_fill(~mask, float("-inf"))
-    pattern = torch.softmax(scores, dim=-1).to(v.dtype)
-    z = torch.einsum("bngst,btnd->bsngd", pattern[..., P:], v)
-    if P:
-        prefix_eq = "bngsp,pnd->bsngd" if shared else "bngsp,bpnd->bsngd"
-        z = z + torch.einsum(prefix_eq, pattern[..., :P], values.to(v.dtype))
-    z = attn.hook_z(z.reshape(b, s, n_q, dh))
-    attn_out = z.reshape(b, s, n_q * dh) @ attn.W_O.reshape(n_q * dh, -1) + attn.b_O
+    if s == 1 and keys.ndim == 3:
+        z = _attend_one(attn, q, k, v, keys, values)
+    else:
+        z = _attend(attn, q, k, v, keys, values, valid)
+    n_q, dh = q.shape[2], q.shape[3]
+    z = attn.hook_z(z)
+    attn_out = z.reshape(b, s, n_q * dh) @ attn.W_O.reshape(n_q * dh, -1)
+    b_O = _bias(attn, "b_O")
+    if b_O is not None:
+        attn_out = attn_out + b_O
     if cfg.use_normalization_before_and_after:
-        attn_out = block.ln1_post(attn_out)
+        attn_out = norm(block.ln1_post, attn_out)
     attn_out = block.hook_attn_out(attn_out)
     if cfg.parallel_attn_mlp:  # both read resid_pre; resid_post = (resid_pre + attn) + mlp
-        mlp_out = mlp_forward(block.mlp, block.ln2(_mlp_in(block, resid_pre)))
+        mlp_out = mlp_forward(block.mlp, norm(block.ln2, _mlp_in(block, resid_pre)))
         return block_tail(block, mlp_out, resid_pre + attn_out)
     resid_mid = block.hook_resid_mid(resid_pre + attn_out)
-    return block_tail(block, mlp_forward(block.mlp, block.ln2(_mlp_in(block, resid_mid))),
+    return block_tail(block, mlp_forward(block.mlp, norm(block.ln2, _mlp_in(block, resid_mid))),
                       resid_mid)
+
+
+def _scores(attn, scores: Tensor) -> Tensor:
+    from transformer_lens.utils import apply_softcap
+
+    return apply_softcap(scores / attn.attn_scale, attn.cfg.attn_scores_soft_cap)
+
+
+def _attend(attn, q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor,
+            valid: Tensor | None) -> Float[Tensor, "batch suffix head d_head"]:
+    """Attention of suffix queries over prefix keys/values (shared or per row) and the suffix's
+    own keys/values, causal, with the local window and the per-row validity mask."""
+    cfg = attn.cfg
+    b, s, n_q, dh = q.shape
+    n_kv, P = k.shape[2], keys.shape[-3]
+    qg = q.reshape(b, s, n_kv, n_q // n_kv, dh)
+    parts = [torch.einsum("bsngd,btnd->bngst", qg, k)]
+    if P:
+        prefix_eq = "bsngd,pnd->bngsp" if keys.ndim == 3 else "bsngd,bpnd->bngsp"
+        parts.insert(0, torch.einsum(prefix_eq, qg, keys.to(q.dtype)))
+    scores = _scores(attn, torch.cat(parts, dim=-1) if P else parts[0])
+    q_slot = torch.arange(P, P + s, device=q.device)[:, None]
+    k_slot = torch.arange(P + s, device=q.device)[None, :]
+    mask = k_slot <= q_slot  # [suffix, prefix + suffix]
+    if attn.attn_type == "local":
+        mask = mask & (k_slot > q_slot - cfg.window_size)
+    if valid is not None and P:
+        mask = mask[None] & torch.cat([valid[:, None, :].expand(b, s, P),
+                                       valid.new_ones(b, s, s)], dim=-1)
+        mask = mask[:, None, None]
+    pattern = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
+    z = torch.einsum("bngst,btnd->bsngd", pattern[..., P:], v)
+    if P:
+        prefix_eq = "bngsp,pnd->bsngd" if keys.ndim == 3 else "bngsp,bpnd->bsngd"
+        z = z + torch.einsum(prefix_eq, pattern[..., :P], values.to(v.dtype))
+    return z.reshape(b, s, n_q, dh)
+
+
+def _attend_one(attn, q: Tensor, k: Tensor, v: Tensor, keys: Float[Tensor, "prefix kv_head d_head"],
+                values: Float[Tensor, "prefix kv_head d_head"]
+                ) -> Float[Tensor, "batch 1 head d_head"]:
+    """:func:`_attend` for one suffix position over a shared prefix, laid out for speed: scores
+    as ``[kv_head, key, batch x group]`` (the softmax runs across keys with the long batch axis
+    innermost; a softmax over a last axis of a few keys is slow on CPU), the prefix through one
+    batched matmul per kv head, the position's own key and value elementwise."""
+    cfg = attn.cfg
+    b, _, n_q, dh = q.shape
+    n_kv, P = k.shape[2], keys.shape[0]
+    g = n_q // n_kv
+    qn = q.reshape(b, n_kv, g, dh).transpose(0, 1)  # [n, b, g, d]
+    own = (qn * k[:, 0].transpose(0, 1)[:, :, None, :]).sum(-1).reshape(n_kv, 1, b * g)
+    if P:
+        pre = torch.bmm(keys.to(q.dtype).transpose(0, 1), qn.reshape(n_kv, b * g, dh).transpose(1, 2))
+        scores = torch.cat([pre, own], dim=1)  # [n, P + 1, b g]
+    else:
+        scores = own
+    scores = _scores(attn, scores)
+    if attn.attn_type == "local" and P + 1 > cfg.window_size:  # keys j > P - window only
+        scores = scores.masked_fill(
+            (torch.arange(P + 1, device=q.device) <= P - cfg.window_size)[None, :, None],
+            float("-inf"))
+    pattern = torch.softmax(scores, dim=1).to(v.dtype)
+    z = pattern[:, P].reshape(n_kv, b, g, 1) * v[:, 0].transpose(0, 1)[:, :, None, :]
+    if P:
+        z = z + torch.bmm(pattern[:, :P].transpose(1, 2),
+                          values.to(v.dtype).transpose(0, 1)).reshape(n_kv, b, g, dh)
+    return z.transpose(0, 1).reshape(b, 1, n_q, dh)
+
+
+def _hooked(*points) -> bool:
+    return any(p._forward_hooks or p._backward_hooks or p._forward_pre_hooks for p in points)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``x / sqrt(mean(x^2) + eps)`` with a backward of three passes instead of autograd's ~10
+    ops through pow / mean / sqrt / div (a tenth of a one-position block's time)."""
+
+    @staticmethod
+    def forward(ctx, x, eps: float):
+        r = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+        y = x * r
+        ctx.save_for_backward(y, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, r = ctx.saved_tensors
+        return torch.addcmul(g, y, (g * y).mean(-1, keepdim=True), value=-1.0).mul_(r), None
+
+
+def norm(module, x: Tensor) -> Tensor:
+    """``module(x)`` for a TransformerLens norm; ``RMSNormPre`` / ``RMSNorm`` (LLaMA, Gemma: the
+    block norms, Gemma's norms after attention and MLP, q/k norms, the final norm) through
+    :class:`_RMSNorm` when none of its hook points has a hook (same arithmetic up to rounding:
+    ``x * rsqrt`` for ``x / sqrt``, float32 or wider as TransformerLens computes it)."""
+    if not _own_norm(module):
+        return module(x)
+    y = _RMSNorm.apply(x.to(torch.promote_types(x.dtype, torch.float32)), module.eps)
+    y = y.to(module.cfg.dtype)
+    return y if "Pre" in type(module).__name__ else y * module.w
+
+
+def _own_norm(module) -> bool:
+    from transformer_lens.components import RMSNorm, RMSNormPre
+
+    return type(module) in (RMSNorm, RMSNormPre) and "forward" not in vars(module) \
+        and not _hooked(module.hook_scale, module.hook_normalized)  # (a patched forward is kept)
 
 
 def mlp_out_from_post(mlp, post: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_model"]:
     """What a dense (gated) MLP writes given its neurons ``hook_post``: ``post @ W_out + b_out``
     (every TransformerLens MLP / GatedMLP ends so)."""
-    return torch.nn.functional.linear(post, mlp.W_out.T, mlp.b_out)
+    return torch.nn.functional.linear(post, mlp.W_out.T, _bias(mlp, "b_out"))
 
 
 def block_tail(block, mlp_out: Float[Tensor, "... d_model"],
@@ -334,7 +452,7 @@ def block_tail(block, mlp_out: Float[Tensor, "... d_model"],
     """The end of a block after its MLP: Gemma's post-MLP norm, ``hook_mlp_out`` and the residual
     add to ``resid_before`` (``resid_mid``; ``resid_pre + attn_out`` for parallel blocks)."""
     if block.cfg.use_normalization_before_and_after:
-        mlp_out = block.ln2_post(mlp_out)
+        mlp_out = norm(block.ln2_post, mlp_out)
     return block.hook_resid_post(resid_before + block.hook_mlp_out(mlp_out))
 
 
@@ -403,7 +521,7 @@ def answer_prob(model, resid: Float[Tensor, "rows d_model"], token: int, *,
     product; float32 (or wider) accumulation."""
     x = resid
     if model.cfg.normalization_type is not None:
-        x = model.ln_final(resid[:, None, :])[:, 0]
+        x = norm(model.ln_final, resid[:, None, :])[:, 0]
     b_U = model.b_U if model.b_U is not None and bool(model.b_U.any()) else None  # often all 0
     cap = model.cfg.output_logits_soft_cap
     return _AnswerProb.apply(x, model.W_U, b_U, int(token), cap if cap and cap > 0 else None,

@@ -17,9 +17,9 @@ def _run(model, toks, **kw):
     return logits, {k: v.detach().clone() for k, v in cache.items()}
 
 
-@pytest.mark.parametrize("arch", sorted(BUILDERS))
+@pytest.mark.parametrize("arch", sorted(PREFIX_BUILDERS))
 def test_fast_forward_matches_transformer_lens(arch):
-    model = BUILDERS[arch](seed=3)
+    model = PREFIX_BUILDERS[arch](seed=3)
     toks = torch.randint(0, model.cfg.d_vocab, (3, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(toks)
     mask[1, :4] = 0  # a left-padded row

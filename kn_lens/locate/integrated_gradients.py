@@ -167,7 +167,6 @@ def _answer_prob(logits: Float[Tensor, "rows d_vocab"], token: int) -> Float[Ten
 class _Clean:
     """One clean forward's state at every position (batch dimension dropped)."""
 
-    logits: Float[Tensor, "pos d_vocab"]
     post: Float[Tensor, "layer pos d_mlp"]
     resid_pre: list[Tensor]  # per layer [pos, d_model]: what block l reads
     before_mlp: list[Tensor]  # per layer [pos, d_model]: what block l's MLP output is added to
@@ -188,12 +187,13 @@ def _clean_run(model, tokens: list[int]) -> _Clean:
     # the keys/values as attention uses them (after q/k norms, before rotary): a key/value cache
     kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
     # An explicit all-ones mask: otherwise TransformerLens guesses padding from pad/BOS ids.
+    # No unembedding: P(a_j) of the clean run comes with the path's last point (alpha = 1).
     with model.hooks(fwd_hooks=fwd):
-        logits = model(t, past_kv_cache=kv, attention_mask=torch.ones_like(t))
+        model(t, past_kv_cache=kv, attention_mask=torch.ones_like(t), stop_at_layer=n)
     resid_pre = [store[hooks.resid_pre(l)][0] for l in range(n)]
     before = [resid_pre[l] + store[hooks.attn_out(l)][0] if parallel
               else store[hooks.resid_mid(l)][0] for l in range(n)]
-    return _Clean(logits[0], torch.stack([store[hooks.mlp_post(l)][0] for l in range(n)]),
+    return _Clean(torch.stack([store[hooks.mlp_post(l)][0] for l in range(n)]),
                   resid_pre, before, [e.past_keys[0] for e in kv.entries],
                   [e.past_values[0] for e in kv.entries])
 
@@ -215,8 +215,9 @@ def _pack(layers: list[int], steps: int, chunk: int) -> list[list[tuple[int, int
 
 
 def _grad_prefix(model, items: list[tuple[int, Tensor]], clean: _Clean, prefix: list, pos: int,
-                 token: int) -> list[Tensor]:
-    """d P(token) / d mlp_post at each path point of each (layer, points) item, in one batched
+                 token: int) -> tuple[list[Tensor], Tensor]:
+    """d P(token) / d mlp_post at each path point of each (layer, points) item (and P at each
+    point, the rows in item order), in one batched
     forward/backward of position ``pos`` alone, built as a staircase: the rows of layer ``l``
     enter right after block ``l``'s MLP (``W_out`` applied to the path point, added to the cached
     clean residual) and run blocks ``l+1..`` with :func:`kn_lens._fast.prefix_block` over the
@@ -237,7 +238,7 @@ def _grad_prefix(model, items: list[tuple[int, Tensor]], clean: _Clean, prefix: 
                                          clean.before_mlp[layer][pos])[:, None, :]
                 x = entry if x is None else torch.cat([x, entry])
         prob = _fast.answer_prob(model, x[:, 0], token)
-        return list(torch.autograd.grad(prob.sum(), leaves))
+        return list(torch.autograd.grad(prob.sum(), leaves)), prob.detach()
 
 
 def _frozen_cache(model, keys, values, upto: int, rows: int):
@@ -255,7 +256,7 @@ def _frozen_cache(model, keys, values, upto: int, rows: int):
 
 
 def _grad_transformer_lens(model, items: list[tuple[int, Tensor]], clean: _Clean, caches: dict,
-                           pos: int, token: int) -> list[Tensor]:
+                           pos: int, token: int) -> tuple[list[Tensor], Tensor]:
     """As :func:`_grad_prefix`, for blocks :func:`kn_lens._fast.prefix_block` does not cover:
     TransformerLens' own forward of position ``pos`` from the lowest layer of the batch
     (``start_at_layer``) with a frozen key/value cache, the neurons overwritten by a
@@ -291,7 +292,7 @@ def _grad_transformer_lens(model, items: list[tuple[int, Tensor]], clean: _Clean
         resid_out = model(x, start_at_layer=start, stop_at_layer=model.cfg.n_layers,
                           past_kv_cache=caches[rows])
         prob = _fast.answer_prob(model, resid_out[:, -1], token)
-        return list(torch.autograd.grad(prob.sum(), leaves))
+        return list(torch.autograd.grad(prob.sum(), leaves)), prob.detach()
 
 
 def _use_prefix_blocks(model) -> bool:
@@ -322,7 +323,6 @@ def integrated_gradients(model, query: Query, *, config: IGConfig | None = None)
         p_clean = []
         calls = _pack(layers, config.steps, config.chunk)
         for j, (pos, tok) in enumerate(zip(query.answer_positions, query.answer_ids)):
-            p_clean.append(float(_answer_prob(clean.logits[pos][None], tok)))
             paths = {l: _path(clean.post[l, pos], base[l, pos], config.steps) for l in layers}
             gsum = {l: torch.zeros(d_mlp, dtype=torch.float32, device=clean.post.device)
                     for l in layers}
@@ -333,10 +333,14 @@ def integrated_gradients(model, query: Query, *, config: IGConfig | None = None)
             caches: dict = {}
             for call in calls:
                 items = [(l, paths[l][0][s0:s1]) for l, s0, s1 in call]
-                grads = (_grad_prefix(model, items, clean, prefix, pos, tok) if own_blocks else
-                         _grad_transformer_lens(model, items, clean, caches, pos, tok))
-                for (l, _), g in zip(items, grads):
+                grads, probs = (_grad_prefix(model, items, clean, prefix, pos, tok) if own_blocks
+                                else _grad_transformer_lens(model, items, clean, caches, pos, tok))
+                row = 0
+                for (l, s0, s1), g in zip(call, grads):
                     gsum[l] += g.float().sum(0)
+                    row += s1 - s0
+                    if l == layers[-1] and s1 == config.steps:  # alpha = 1: the clean run
+                        p_clean.append(float(probs[row - 1]))
             for l in layers:
                 per_token[j, l] = (paths[l][1].float() * gsum[l] / config.steps).cpu()
     return _result(model, query, config, per_token,
