@@ -17,8 +17,8 @@ Prints (markdown):
    per path point and layer l, W_out of layer l, blocks l+1.. on the answer position with
    attention over the prompt, the full unembedding; forward + the input-gradient backward)
    divided by the machine's sustained fp32 matmul rate, measured in the same run at the model's
-   MLP shape with one IG call's rows (before and after every run; the fastest), against the
-   fastest of ``--floor-repeats`` runs per query; also both in CPU time.
+   MLP shape with one IG call's rows: every run between two probes as long as itself (median
+   ratio over queries x ``--floor-repeats``); also in CPU time.
 Timings depend on the machine and its load; the thread count and load average are printed with
 them.
 """
@@ -37,7 +37,7 @@ import psutil
 import torch
 
 from kn_lens import hooks
-from kn_lens._bench import cpu_name, matmul_gflops
+from kn_lens._bench import cpu_name, matmul_rates
 from kn_lens.datasets import builtin_dataset, known_facts
 from kn_lens.datasets.known import KnownFacts
 from kn_lens.facts import answer_probs, make_query
@@ -155,54 +155,54 @@ def speed(model, queries, plain_queries: int) -> None:
 
 
 def ig_floor(names: list[str], n_queries: int, seed: int, repeats: int) -> None:
-    """Fast IG (m = 20, zero baseline, all layers) against its FLOP floor, one row per model:
-    per query the fastest of ``repeats`` runs, against the fastest matmul probe of the model's
-    run (both the least disturbed by other jobs)."""
+    """Fast IG (m = 20, zero baseline, all layers) against its FLOP floor, one row per model.
+
+    Each timed run is bracketed by two matmul probes of about its own duration, and its floor is
+    its FLOPs over the mean rate of its two probes: other jobs on a shared machine slow the
+    probes about as much as the run between them, so the per-run ratio is steadier than either
+    time. The table gives the median ratio over ``queries x repeats`` runs (and its range)."""
     cfg = IGConfig(steps=20)
     name, isa = cpu_name()
-    print(f"\n### Integrated gradients vs the FLOP floor (m = {cfg.steps}, all layers, "
-          f"{n_queries} known single-token queries per model, fastest of {repeats} runs each; "
-          f"torch threads "
+    print(f"\n### Integrated gradients vs the FLOP floor (m = {cfg.steps}, all layers; "
+          f"{n_queries} known single-token queries per model x {repeats} runs; torch threads "
           f"{torch.get_num_threads()}; cpu {name} ({isa}))\n")
     print("| model | tokens | GFLOP / query (blocks + W_out + unembedding) | matmul GFLOP/s "
-          "(fastest, range; shape) | floor (s) | IG (s / query) | **IG / floor** | same in CPU time | "
-          "load avg |")
+          "(median; shape) | floor (s) | IG (s / query, median) | **IG / floor** (median, "
+          "range) | same in CPU time | load avg |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|")
     for model_name in names:
         model = load_model(model_name)
         queries = known_queries(model, n_queries, seed)
         shape = (min(cfg.chunk, model.cfg.n_layers * cfg.steps), model.cfg.d_model,
                  model.cfg.d_mlp)
-        integrated_gradients(model, queries[0], config=cfg)  # warm-up
-        rates, cpu_rates, times, cpu_times, loads = [], [], [], [], []
-
-        def probe():
-            rates.append(matmul_gflops(*shape))
-            cpu_rates.append(matmul_gflops(*shape, clock=time.process_time))
-
-        for q in queries:  # the least disturbed of `repeats` runs, probes in between
-            probe()
-            wall, cpu = [], []
+        t0 = time.perf_counter()
+        integrated_gradients(model, queries[0], config=cfg)  # warm-up, and the probes' length
+        seconds = time.perf_counter() - t0
+        rates, times, ratios, cpu_ratios, loads, gflops = [], [], [], [], [], []
+        for q in queries:
+            flops = ig_flops(model, q, config=cfg)
+            gflops.append(flops)
+            after = matmul_rates(*shape, seconds=seconds)
             for _ in range(repeats):
+                before = after
                 loads.append(os.getloadavg()[0])
                 t0, c0 = time.perf_counter(), time.process_time()
                 integrated_gradients(model, q, config=cfg)
-                wall.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - c0)
-                probe()
-            times.append(min(wall))
-            cpu_times.append(min(cpu))
-        flops = [ig_flops(model, q, config=cfg) for q in queries]
-        rate = max(rates)  # the machine's sustained rate: the least disturbed probe, like IG's
-        gflop = statistics.mean(f.total for f in flops) / 1e9
-        parts = " + ".join(f"{statistics.mean(getattr(f, k) for f in flops) / 1e9:.1f}"
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                after = matmul_rates(*shape, seconds=seconds)
+                rates += [before[0], after[0]]
+                times.append(wall)
+                ratios.append(wall * (before[0] + after[0]) / 2 / (flops.total / 1e9))
+                cpu_ratios.append(cpu * (before[1] + after[1]) / 2 / (flops.total / 1e9))
+        rate = statistics.median(rates)
+        gflop = statistics.mean(f.total for f in gflops) / 1e9
+        parts = " + ".join(f"{statistics.mean(getattr(f, k) for f in gflops) / 1e9:.1f}"
                            for k in ("blocks", "w_out", "unembed"))
-        floor, took = gflop / rate, statistics.mean(times)
-        cpu_ratio = statistics.mean(cpu_times) / (gflop / max(cpu_rates))
         tokens = statistics.mean(len(q.input_ids) for q in queries)
         print(f"| {model_name} | {tokens:.1f} | {gflop:.1f} ({parts}) | {rate:.0f} "
-              f"({min(rates):.0f}-{max(rates):.0f}; {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}) "
-              f"| {floor:.2f} | {took:.2f} | **{took / floor:.2f}** | {cpu_ratio:.2f} | "
+              f"({shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}) | {gflop / rate:.2f} | "
+              f"{statistics.median(times):.2f} | **{statistics.median(ratios):.2f}** "
+              f"({min(ratios):.2f}-{max(ratios):.2f}) | {statistics.median(cpu_ratios):.2f} | "
               f"{min(loads):.1f}-{max(loads):.1f} |", flush=True)
         del model
 

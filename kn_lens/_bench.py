@@ -25,12 +25,12 @@ def cpu_name() -> tuple[str, str]:
     return name, "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else "other"
 
 
-def matmul_gflops(m: int, k: int, n: int, *, threads: int | None = None, seconds: float = 0.5,
-                  clock=time.perf_counter) -> float:
-    """Sustained float32 ``[m, k] @ [k, n]`` rate in GFLOP/s (``2 m k n`` FLOPs per product)
-    over ~``seconds`` of ``clock`` (wall clock; ``time.process_time``: this process's CPU time,
-    which other jobs on the machine disturb less) after a warm-up, with ``threads`` torch
-    threads (default: the current setting, restored after)."""
+def matmul_rates(m: int, k: int, n: int, *, threads: int | None = None,
+                 seconds: float = 0.5) -> tuple[float, float]:
+    """Sustained float32 ``[m, k] @ [k, n]`` rates in GFLOP/s (``2 m k n`` FLOPs per product)
+    over ~``seconds`` of wall clock after a warm-up, with ``threads`` torch threads (default: the
+    current setting, restored after): by the wall clock, and by this process's CPU time (which
+    other jobs on the machine disturb less)."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -38,16 +38,23 @@ def matmul_gflops(m: int, k: int, n: int, *, threads: int | None = None, seconds
         a, b = torch.randn(m, k), torch.randn(k, n)
         for _ in range(3):
             a @ b
-        reps, t0 = 0, clock()
+        reps, t0, c0 = 0, time.perf_counter(), time.process_time()
         while True:  # time batches of products until ~seconds have passed
             for _ in range(max(1, int(2e8 / (2 * m * k * n)))):
                 a @ b
                 reps += 1
-            dt = clock() - t0
+            dt = time.perf_counter() - t0
             if dt >= seconds:
-                return 2 * m * k * n * reps / dt / 1e9
+                flop = 2 * m * k * n * reps / 1e9
+                return flop / dt, flop / max(time.process_time() - c0, 1e-9)
     finally:
         torch.set_num_threads(before)
+
+
+def matmul_gflops(m: int, k: int, n: int, *, threads: int | None = None,
+                  seconds: float = 0.5) -> float:
+    """The wall-clock rate of :func:`matmul_rates`."""
+    return matmul_rates(m, k, n, threads=threads, seconds=seconds)[0]
 
 
 def machine(threads: int) -> str:

@@ -111,11 +111,12 @@ def qkv_forward(attn, query_input: Tensor, key_input: Tensor, value_input: Tenso
             attn.__dict__["_kn_qkv"] = fused
         W, b, (n_q, n_kv, d_head) = fused
         out = query_input @ W if b is None else query_input @ W + b
-        nq = n_q * d_head
-        nk = n_kv * d_head
-        q = attn.hook_q(out[..., :nq].unflatten(-1, (n_q, d_head)))
-        k = attn.hook_k(out[..., nq:nq + nk].unflatten(-1, (n_kv, d_head)))
-        v = attn.hook_v(out[..., nq + nk:].unflatten(-1, (n_kv, d_head)))
+        # split, not three slices: its backward is one concatenation, not three zero-filled
+        # tensors summed
+        q, k, v = out.split([n_q * d_head, n_kv * d_head, n_kv * d_head], dim=-1)
+        q = attn.hook_q(q.unflatten(-1, (n_q, d_head)))
+        k = attn.hook_k(k.unflatten(-1, (n_kv, d_head)))
+        v = attn.hook_v(v.unflatten(-1, (n_kv, d_head)))
     else:
         q = attn.hook_q(_project(query_input, attn.W_Q, attn.b_Q))
         k = attn.hook_k(_project(key_input, W_K, b_K))

@@ -223,3 +223,17 @@ def test_real_model_located_neurons_matter(default_model):
             rand_drop = max(0.0, sum(rand) / len(rand))
             assert drop > 0.05 and drop > 2 * rand_drop, (scores.method, prompt, drop, rand)
     assert hooks.active_hook_count(m) == 0
+
+
+@pytest.mark.real_model
+def test_real_model_fast_equals_plain(default_model):
+    """On SmolLM2 (LLaMA-style: rotary, grouped-query attention, 49k vocabulary) the fast IG's
+    own blocks and vocabulary sweep give the plain loop's scores; P(a) of the clean run too."""
+    m = default_model
+    q = query_from_prompt(m, "The Eiffel Tower is located in the city of", "Paris")
+    cfg = IGConfig(steps=4, layers=(0, 14, 29))
+    fast = integrated_gradients(m, q, config=cfg)
+    plain = integrated_gradients_plain(m, q, config=cfg)
+    assert fast.extras["blocks"] == "prefix"
+    assert _rel(fast.scores, plain.scores) < 1e-4
+    assert fast.extras["p_clean"][0] == pytest.approx(float(answer_probs(m, [q])[0]), rel=1e-4)

@@ -157,7 +157,8 @@ def _result(model, query: Query, config: IGConfig, per_token: Tensor, extras: di
 
 
 def _answer_prob(logits: Float[Tensor, "rows d_vocab"], token: int) -> Float[Tensor, "rows"]:
-    return torch.softmax(logits.float(), dim=-1)[:, token]
+    """The softmax in float32 or wider (a float64 model keeps float64)."""
+    return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)[:, token]
 
 
 # --------------------------------------------------------------------------- fast
