@@ -66,8 +66,10 @@ class IGConfig:
 
     steps: int = 20  # m, Riemann steps: Dai et al. 2022 / KNE eq. 5 / QL eq. 10 use m = 20
     baseline: Baseline = "zero"  # "zero": Dai et al.; "eos": Chen et al. AMIG (QL eq. 16-17)
-    chunk: int = 200  # most rows (path points x layers) per forward: bounds memory and trades
-    # compute for fewer calls; never changes the result beyond float rounding
+    chunk: int = 640  # most rows (path points x layers) per forward/backward: bounds memory
+    # (no logits are kept: SmolLM2's 600 rows add ~0.1 GiB, Gemma-3's 360 ~0.26 GiB); 640 =
+    # every row of a 32-layer model at m = 20 in one call (fewer, larger matmuls: ~4 % faster
+    # than 200 on SmolLM2); never changes the result beyond float rounding
     layers: tuple[int, ...] | None = None  # score only these layers (others stay 0); None = all
 
     def __post_init__(self) -> None:
