@@ -3,6 +3,8 @@
     python benchmarks/locate.py                      # speed/memory table (default model)
     python benchmarks/locate.py --behaviour 50       # + the ablation table over 50 known facts
     python benchmarks/locate.py --ig-floor           # IG vs its FLOP floor, SmolLM2 and Gemma-3
+    python benchmarks/locate.py --ig-profile         # where IG's time goes beyond the matmuls
+    python benchmarks/locate.py --ig-accuracy 3      # fast / plain IG, float32 vs float64
 
 Prints (markdown):
 1. per method: seconds per query (mean over ``--queries`` single-token queries) and peak resident
@@ -18,7 +20,10 @@ Prints (markdown):
    attention over the prompt, the full unembedding; forward + the input-gradient backward)
    divided by the machine's sustained fp32 matmul rate, measured in the same run at the model's
    MLP shape with one IG call's rows: every run between two probes as long as itself (median
-   ratio over queries x ``--floor-repeats``); also in CPU time.
+   ratio over queries x ``--floor-repeats``); also in CPU time;
+6. with ``--ig-profile``: one IG call per model under torch.profiler: time and rate of the matmul
+   kernels, the other ops, and the clean forward pass IG starts with;
+7. with ``--ig-accuracy N``: fast and plain IG (N layers) in float32 against float64.
 Timings depend on the machine and its load; the thread count and load average are printed with
 them.
 """
@@ -207,6 +212,92 @@ def ig_floor(names: list[str], n_queries: int, seed: int, repeats: int) -> None:
         del model
 
 
+_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def _matmul_flops(name: str, shapes) -> int:
+    a, b = shapes[1:3] if name == "aten::addmm" else shapes[:2]  # addmm: (bias, a, b)
+    return 2 * (a[0] if len(a) == 3 else 1) * a[-2] * a[-1] * b[-1]
+
+
+def ig_profile(names: list[str], seed: int) -> None:
+    """Where one fast IG call's time goes (torch.profiler, one query per model): the matmul
+    kernels (their FLOPs and rate inside IG), every other op (top 6 by self time), and the clean
+    forward pass IG starts with (timed alone, unprofiled; not in the floor)."""
+    import importlib
+
+    from torch.profiler import ProfilerActivity, profile
+
+    ig_mod = importlib.import_module("kn_lens.locate.integrated_gradients")
+    from kn_lens._fast import fast_forward
+
+    cfg = IGConfig(steps=20)
+    print(f"\n### Where fast IG's time goes (torch.profiler, one query, torch threads "
+          f"{torch.get_num_threads()}; profiling slows small ops, so the shares matter)\n")
+    print("| model | profiled (s) | matmuls: s, GFLOP, GFLOP/s | other ops (s) | largest other ops "
+          "(ms) | clean forward alone (s) | load avg |")
+    print("|---|---:|---|---:|---|---:|---:|")
+    for model_name in names:
+        model = load_model(model_name)
+        (q,) = known_queries(model, 1, seed)
+        integrated_gradients(model, q, config=cfg)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            integrated_gradients(model, q, config=cfg)
+        mm_s = mm_flop = other_s = 0.0
+        others: dict[str, float] = {}
+        for e in prof.events():
+            if e.name in _MATMULS:
+                mm_s += e.self_cpu_time_total / 1e6
+                mm_flop += _matmul_flops(e.name, e.input_shapes) / 1e9
+            elif e.name.startswith("aten::") or "Backward" in e.name:
+                other_s += e.self_cpu_time_total / 1e6
+                others[e.name] = others.get(e.name, 0.0) + e.self_cpu_time_total / 1e3
+        top = ", ".join(f"{k.replace('aten::', '')} {v:.0f}" for k, v in
+                        sorted(others.items(), key=lambda kv: -kv[1])[:6])
+        with fast_forward(model, frozen_weights=True, weight_grads=False):
+            t0 = time.perf_counter()
+            ig_mod._clean_run(model, list(q.input_ids))
+            clean = time.perf_counter() - t0
+        total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+        print(f"| {model_name} | {total:.2f} | {mm_s:.2f}, {mm_flop:.1f}, {mm_flop / mm_s:.0f} | "
+              f"{other_s:.2f} | {top} | {clean:.3f} | {os.getloadavg()[0]:.1f} |", flush=True)
+        del model
+
+
+def ig_accuracy(names: list[str], seed: int, layers: int) -> None:
+    """Fast and plain IG in float32 against the same computed in float64 (where both agree):
+    which of the two float32 implementations is the more accurate. One query per model,
+    ``layers`` evenly spaced layers (the plain loop costs a full pass per layer)."""
+    print("\n### Fast and plain IG in float32 against float64 (max abs difference / max abs "
+          "score; one query)\n")
+    print("| model | baseline | layers | fast64 vs plain64 | fast32 vs 64 | plain32 vs 64 | "
+          "fast32 vs plain32 |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for model_name in names:
+        model = load_model(model_name)
+        (q,) = known_queries(model, 1, seed)
+        n = model.cfg.n_layers
+        chosen = tuple(sorted({round(i * (n - 1) / max(layers - 1, 1)) for i in range(layers)}))
+
+        def rel(a, b):
+            return float((a - b).abs().max() / b.abs().max())
+
+        for baseline in ("zero", "eos"):
+            cfg = IGConfig(steps=20, baseline=baseline, layers=chosen)
+            out = {}
+            for dtype in (torch.float32, torch.float64):
+                model.to(dtype)
+                model.cfg.dtype = dtype  # norms cast to cfg.dtype
+                out[dtype] = [f(model, q, config=cfg).per_token.double()
+                              for f in (integrated_gradients, integrated_gradients_plain)]
+            (f32, p32), (f64, p64) = out[torch.float32], out[torch.float64]
+            model.to(torch.float32)
+            model.cfg.dtype = torch.float32
+            print(f"| {model_name} | {baseline} | {chosen} | {rel(f64, p64):.1e} | "
+                  f"{rel(f32, p64):.1e} | {rel(p32, p64):.1e} | {rel(f32, p32):.1e} |", flush=True)
+        del model
+
+
 def behaviour(model, queries, seed: int) -> None:
     L, d = model.cfg.n_layers, model.cfg.d_mlp
     k = round(0.001 * L * d)
@@ -245,6 +336,11 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--ig-floor", action="store_true",
                     help="only the IG vs FLOP-floor table, for every --floor-models model")
+    ap.add_argument("--ig-profile", action="store_true",
+                    help="only where fast IG's time goes (torch.profiler), every --floor-models")
+    ap.add_argument("--ig-accuracy", type=int, default=0, metavar="LAYERS",
+                    help="only fast vs plain IG in float32 against float64, on LAYERS layers of "
+                         "every --floor-models model")
     ap.add_argument("--floor-models", default="smollm2-135m,gemma-3-270m")
     ap.add_argument("--floor-queries", type=int, default=3)
     ap.add_argument("--floor-repeats", type=int, default=3)
@@ -253,10 +349,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.ig_floor:
+    if args.ig_floor or args.ig_profile or args.ig_accuracy:
         print(f"cpu count {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}")
-        ig_floor([m.strip() for m in args.floor_models.split(",") if m.strip()],
-                 args.floor_queries, args.seed, args.floor_repeats)
+        names = [m.strip() for m in args.floor_models.split(",") if m.strip()]
+        if args.ig_floor:
+            ig_floor(names, args.floor_queries, args.seed, args.floor_repeats)
+        if args.ig_profile:
+            ig_profile(names, args.seed)
+        if args.ig_accuracy:
+            ig_accuracy(names, args.seed, args.ig_accuracy)
         return
     model = load_model(args.model)
     info = model.kn_info
