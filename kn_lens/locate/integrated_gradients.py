@@ -171,6 +171,7 @@ class _Clean:
     """One clean forward's state at every position (batch dimension dropped)."""
 
     post: Float[Tensor, "layer pos d_mlp"]
+    base: Float[Tensor, "layer pos d_mlp"] | None  # the EOS baseline prompt's, when asked for
     resid_pre: list[Tensor]  # per layer [pos, d_model]: what block l reads
     before_mlp: list[Tensor]  # per layer [pos, d_model]: what block l's MLP output is added to
     keys: list[Tensor]  # per layer [pos, kv_head, d_head], as TransformerLens caches them
@@ -178,7 +179,10 @@ class _Clean:
 
 
 @torch.no_grad()
-def _clean_run(model, tokens: list[int]) -> _Clean:
+def _clean_run(model, tokens: list[int], baseline: list[int] | None = None) -> _Clean:
+    """The clean forward; with ``baseline`` (a prompt of the same length) that prompt's neurons
+    from the same pass (a batch of two: the weights, which a pass over a short prompt spends its
+    time reading, are read once)."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     n, parallel = model.cfg.n_layers, model.cfg.parallel_attn_mlp
@@ -186,9 +190,10 @@ def _clean_run(model, tokens: list[int]) -> _Clean:
     names = [hooks.mlp_post(l) for l in range(n)] + [hooks.resid_pre(l) for l in range(n)]
     names += [hooks.attn_out(l) if parallel else hooks.resid_mid(l) for l in range(n)]
     fwd = [h for name in names for h in hooks.cache_hook(name, store)]
-    t = torch.tensor([tokens], dtype=torch.long, device=model.cfg.device)
+    rows = [tokens] if baseline is None else [tokens, baseline]
+    t = torch.tensor(rows, dtype=torch.long, device=model.cfg.device)
     # the keys/values as attention uses them (after q/k norms, before rotary): a key/value cache
-    kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+    kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(rows))
     # An explicit all-ones mask: otherwise TransformerLens guesses padding from pad/BOS ids.
     # No unembedding: P(a_j) of the clean run comes with the path's last point (alpha = 1).
     with model.hooks(fwd_hooks=fwd):
@@ -196,9 +201,9 @@ def _clean_run(model, tokens: list[int]) -> _Clean:
     resid_pre = [store[hooks.resid_pre(l)][0] for l in range(n)]
     before = [resid_pre[l] + store[hooks.attn_out(l)][0] if parallel
               else store[hooks.resid_mid(l)][0] for l in range(n)]
-    return _Clean(torch.stack([store[hooks.mlp_post(l)][0] for l in range(n)]),
-                  resid_pre, before, [e.past_keys[0] for e in kv.entries],
-                  [e.past_values[0] for e in kv.entries])
+    post = torch.stack([store[hooks.mlp_post(l)] for l in range(n)], 1)  # [row, layer, pos, d]
+    return _Clean(post[0], None if baseline is None else post[1], resid_pre, before,
+                  [e.past_keys[0] for e in kv.entries], [e.past_values[0] for e in kv.entries])
 
 
 def _pack(layers: list[int], steps: int, chunk: int) -> list[list[tuple[int, int, int]]]:
@@ -319,8 +324,9 @@ def integrated_gradients(model, query: Query, *, config: IGConfig | None = None)
     tokens = list(query.input_ids)
     own_blocks = _use_prefix_blocks(model)
     with _fast.fast_forward(model, frozen_weights=True, weight_grads=False):
-        clean = _clean_run(model, tokens)
-        base = _baseline_acts(model, query, config, clean.post)
+        eos = baseline_tokens(model, query) if config.baseline == "eos" else None
+        clean = _clean_run(model, tokens, eos)
+        base = torch.zeros_like(clean.post) if eos is None else clean.base
         L, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
         per_token = torch.zeros(query.n_answer, L, d_mlp)
         p_clean = []
