@@ -17,6 +17,14 @@ code for any configuration the fast path does not cover (split q/k/v inputs, per
 perplexity, none of which writes a weight) also projects q, k and v with one matmul on a fused
 W_Q | W_K | W_V copy per layer, made on first use and dropped at exit (ROME v* 4.95 -> 4.65 s per
 edit on SmolLM2 at 2 threads); see :func:`_one_input` for when the three inputs may share it.
+
+Computations that restart from cached state (integrated gradients, causal mediation, the
+optimisation loop's frozen prefix) run blocks on a few suffix positions with
+:func:`prefix_block`, which attends to prefix keys / values computed once
+(:func:`relative_prefix_keys`: rotary folded into them) instead of copying, rotating and repeating
+them per batch row, and normalises with :func:`norm` (RMS norms with a one-function backward).
+:func:`answer_prob` is P(answer) from final residual rows with its gradient formed in the same
+sweep over the vocabulary, never holding rows x vocabulary logits.
 """
 from __future__ import annotations
 
@@ -237,7 +245,7 @@ def fast_forward(model, *, frozen_weights: bool = False, weight_grads: bool = Tr
                 mod.__dict__.pop(name, None)
 
 
-# --------------------------------------------------------------------------- suffixes over a cached prefix
+# ------------------------------------------------------------- suffixes over a cached prefix
 
 
 def prefix_block_ok(model) -> bool:
@@ -371,7 +379,8 @@ def _attend(attn, q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor,
     return z.reshape(b, s, n_q, dh)
 
 
-def _attend_one(attn, q: Tensor, k: Tensor, v: Tensor, keys: Float[Tensor, "prefix kv_head d_head"],
+def _attend_one(attn, q: Tensor, k: Tensor, v: Tensor,
+                keys: Float[Tensor, "prefix kv_head d_head"],
                 values: Float[Tensor, "prefix kv_head d_head"]
                 ) -> Float[Tensor, "batch 1 head d_head"]:
     """:func:`_attend` for one suffix position over a shared prefix, laid out for speed: scores
@@ -385,7 +394,8 @@ def _attend_one(attn, q: Tensor, k: Tensor, v: Tensor, keys: Float[Tensor, "pref
     qn = q.reshape(b, n_kv, g, dh).transpose(0, 1)  # [n, b, g, d]
     own = (qn * k[:, 0].transpose(0, 1)[:, :, None, :]).sum(-1).reshape(n_kv, 1, b * g)
     if P:
-        pre = torch.bmm(keys.to(q.dtype).transpose(0, 1), qn.reshape(n_kv, b * g, dh).transpose(1, 2))
+        pre = torch.bmm(keys.to(q.dtype).transpose(0, 1),
+                        qn.reshape(n_kv, b * g, dh).transpose(1, 2))
         scores = torch.cat([pre, own], dim=1)  # [n, P + 1, b g]
     else:
         scores = own
@@ -432,7 +442,7 @@ def norm(module, x: Tensor) -> Tensor:
         return module(x)
     y = _RMSNorm.apply(x.to(torch.promote_types(x.dtype, torch.float32)), module.eps)
     y = y.to(module.cfg.dtype)
-    return y if "Pre" in type(module).__name__ else y * module.w
+    return y * module.w if hasattr(module, "w") else y  # RMSNorm has a weight, RMSNormPre none
 
 
 def _own_norm(module) -> bool:
@@ -457,7 +467,7 @@ def block_tail(block, mlp_out: Float[Tensor, "... d_model"],
     return block.hook_resid_post(resid_before + block.hook_mlp_out(mlp_out))
 
 
-# --------------------------------------------------------------------------- P(answer), its gradient
+# ------------------------------------------------------------- P(answer) and its gradient
 
 VOCAB_CHUNK = 4096  # unembedding columns per step of answer_prob's sweep (logits stay in cache)
 

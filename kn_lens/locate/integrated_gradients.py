@@ -160,7 +160,8 @@ def _result(model, query: Query, config: IGConfig, per_token: Tensor, extras: di
 
 def _answer_prob(logits: Float[Tensor, "rows d_vocab"], token: int) -> Float[Tensor, "rows"]:
     """The softmax in float32 or wider (a float64 model keeps float64)."""
-    return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)[:, token]
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.softmax(wide, dim=-1)[:, token]
 
 
 # --------------------------------------------------------------------------- fast
@@ -225,12 +226,12 @@ def _pack(layers: list[int], steps: int, chunk: int) -> list[list[tuple[int, int
 def _grad_prefix(model, items: list[tuple[int, Tensor]], clean: _Clean, prefix: list, pos: int,
                  token: int) -> tuple[list[Tensor], Tensor]:
     """d P(token) / d mlp_post at each path point of each (layer, points) item (and P at each
-    point, the rows in item order), in one batched
-    forward/backward of position ``pos`` alone, built as a staircase: the rows of layer ``l``
-    enter right after block ``l``'s MLP (``W_out`` applied to the path point, added to the cached
-    clean residual) and run blocks ``l+1..`` with :func:`kn_lens._fast.prefix_block` over the
-    cached keys/values of positions ``< pos`` (``prefix``: per layer, keys through
-    :func:`kn_lens._fast.relative_prefix_keys`); nothing is computed for a row before its layer. The unembedding and softmax are
+    point, the rows in item order), in one batched forward/backward of position ``pos`` alone,
+    built as a staircase: the rows of layer ``l`` enter right after block ``l``'s MLP (``W_out``
+    applied to the path point, added to the cached clean residual) and run blocks ``l+1..`` with
+    :func:`kn_lens._fast.prefix_block` over the cached keys/values of positions ``< pos``
+    (``prefix``: per layer, keys through :func:`kn_lens._fast.relative_prefix_keys`); nothing is
+    computed for a row before its layer. The unembedding and softmax are
     :func:`kn_lens._fast.answer_prob` (vocabulary chunks, gradient in the same sweep)."""
     leaves = [pts.detach().clone().requires_grad_(True) for _, pts in items]
     x = None
