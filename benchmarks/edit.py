@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from kn_lens._bench import machine
+
 # editors, and one of the editing benchmark's variants (kn_lens.edit.benchmark.VARIANTS):
 # tnf_da_atp = TNF-DA with AtP-ranked targeted neurons
 EDITORS = ("ft_l", "rome", "memit", "kn_update", "kn_erase", "fine", "kne", "tnf_da", "tnf_da_atp")
@@ -43,36 +45,6 @@ def _requests(model, n: int, seed: int):
                           known=saved_known_facts(RESULTS, model.kn_info.name))
     return list(build_edit_requests(ds, chosen.facts, seed=seed,
                                     rewrite_template=chosen.templates))
-
-
-def machine(threads: int) -> str:
-    """CPU model, widest vector ISA and the fp32 matmul rate at a ROME-step shape (70 x 576 by
-    576 x 1536, SmolLM2's MLP), so figures from different machines can be compared: the same
-    2-core sandbox has been an AVX-512 Xeon (~160 GFLOP/s per thread) and an AVX2 EPYC (~60)."""
-    import platform
-
-    import torch
-
-    name, flags = platform.processor() or "?", ""
-    try:
-        info = open("/proc/cpuinfo").read()
-        name = next((x.split(":", 1)[1].strip() for x in info.splitlines()
-                     if x.startswith("model name")), name)
-        flags = next((x for x in info.splitlines() if x.startswith("flags")), "")
-    except OSError:
-        pass
-    isa = "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else "other"
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    a, b = torch.randn(70, 576), torch.randn(576, 1536)
-    for _ in range(50):
-        a @ b
-    n, t0 = 1000, time.perf_counter()
-    for _ in range(n):
-        a @ b
-    rate = 2 * 70 * 576 * 1536 * n / (time.perf_counter() - t0) / 1e9
-    torch.set_num_threads(before)
-    return f"cpu {name} ({isa}); fp32 matmul {rate:.0f} GFLOP/s at {threads} thread(s)"
 
 
 def child(args) -> None:

@@ -2,7 +2,9 @@
 
 - :func:`tiny_gpt2`: GPT-2 style (LayerNorm, GELU, learned positions, MHA).
 - :func:`tiny_llama`: LLaMA style (RMSNorm, gated SiLU MLP, rotary, grouped-query attention).
-- :func:`tiny_gemma`: Gemma style (norms after attention and MLP too).
+- :func:`tiny_gemma`, :func:`tiny_gemma3`, :func:`tiny_neox`: Gemma (norms after attention and
+  MLP), Gemma-3 (plus q/k norms, sliding windows, soft-caps) and GPT-NeoX (parallel blocks, partial
+  rotary) variants for the code paths that depend on block structure.
 - :func:`tiny_hf` / :func:`tiny_hf_folder`: tiny random Hugging Face models (and folders to load
   with ``load_model(folder, backend=...)``), e.g. to compare a TransformerBridge with a
   HookedTransformer of the same weights.
@@ -110,12 +112,40 @@ def tiny_gemma(seed: int = 0, n_layers: int = 3, d_model: int = 32, d_mlp: int =
                   seed, "tiny-gemma", prepend_bos, n_ctx, device, dtype)
 
 
-TINY_MODELS = {"tiny-gpt2": tiny_gpt2, "tiny-llama": tiny_llama, "tiny-gemma": tiny_gemma}
+def tiny_gemma3(seed: int = 0, n_layers: int = 3, d_model: int = 32, d_mlp: int = 48,
+                prepend_bos: bool = True, n_ctx: int = 64, window: int = 4, *, device=None,
+                dtype=None):
+    """Gemma-3-style: :func:`tiny_gemma`'s blocks plus q/k RMS norms, sliding-window ("local")
+    attention in all but the last layer (``window`` tokens, short enough that test prompts
+    exceed it) with its own rotary base, and soft-capped attention scores and logits."""
+    return _build(dict(n_layers=n_layers, d_model=d_model, d_head=8, n_heads=4, n_key_value_heads=2,
+                       d_mlp=d_mlp, act_fn="gelu_pytorch_tanh", gated_mlp=True,
+                       normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
+                       final_rms=True, use_normalization_before_and_after=True, use_qk_norm=True,
+                       use_local_attn=True, window_size=window,
+                       attn_types=["local"] * (n_layers - 1) + ["global"], rotary_base=10_000,
+                       rotary_base_local=100, attn_scores_soft_cap=5.0, output_logits_soft_cap=3.0),
+                  seed, "tiny-gemma3", prepend_bos, n_ctx, device, dtype)
+
+
+def tiny_neox(seed: int = 0, n_layers: int = 3, d_model: int = 32, d_mlp: int = 64,
+              prepend_bos: bool = True, n_ctx: int = 64, *, device=None, dtype=None):
+    """GPT-NeoX / Pythia-style: parallel attention and MLP (both read the block input), LayerNorm,
+    GELU, rotary on part of each head (4 of 8 dimensions)."""
+    return _build(dict(n_layers=n_layers, d_model=d_model, d_head=8, n_heads=4, d_mlp=d_mlp,
+                       act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
+                       rotary_dim=4, parallel_attn_mlp=True),
+                  seed, "tiny-neox", prepend_bos, n_ctx, device, dtype)
+
+
+TINY_MODELS = {"tiny-gpt2": tiny_gpt2, "tiny-llama": tiny_llama, "tiny-gemma": tiny_gemma,
+               "tiny-gemma3": tiny_gemma3, "tiny-neox": tiny_neox}
 
 
 def tiny_model(name: str, *, seed: int = 0, **kw):
     """The tiny random model called ``name`` (:data:`TINY_MODELS`: ``tiny-gpt2``,
-    ``tiny-llama``, ``tiny-gemma``); ``kw`` are its builder's (``n_ctx``, ``n_layers``, ...)."""
+    ``tiny-llama``, ``tiny-gemma``, ``tiny-gemma3``, ``tiny-neox``); ``kw`` are its builder's
+    (``n_ctx``, ``n_layers``, ...)."""
     from kn_lens.errors import UnknownModelError
 
     if name not in TINY_MODELS:

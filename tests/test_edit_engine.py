@@ -218,6 +218,19 @@ def test_linf_and_norm_clamps(tiny_model):
 
 
 def test_frozen_prefix_fast_path_is_exact(tiny_model):
+    _check_frozen_prefix(tiny_model)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "neox"])
+def test_frozen_prefix_fast_path_other_blocks(arch):
+    """Gemma-3-style blocks (q/k norms, sliding windows, soft-caps; rotary keys taken after the
+    q/k norm) and GPT-NeoX-style parallel blocks take the frozen-prefix path, exactly."""
+    from kn_lens import testing
+
+    _check_frozen_prefix({"gemma3": testing.tiny_gemma3, "neox": testing.tiny_neox}[arch]())
+
+
+def _check_frozen_prefix(tiny_model):
     req, qs = _nll_setup(tiny_model)
     s = sites(tiny_model, qs)
     eq = essence_queries(tiny_model, req)

@@ -43,6 +43,75 @@ def test_fast_equals_plain(tiny_model, query, baseline):
     assert plain.method == "ig_plain" and plain.config.baseline == baseline
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "neox", "llama"])
+@pytest.mark.parametrize("blocks", ["prefix", "transformer_lens"])
+def test_fast_equals_plain_across_blocks(arch, blocks, monkeypatch):
+    """Both fast paths (kn-lens' one-position prefix blocks; TransformerLens' forward with a
+    frozen key/value cache) equal the plain loop on Gemma-3-style blocks (q/k norms, sliding
+    windows shorter than the prompt, soft-caps), GPT-NeoX-style parallel blocks with partial
+    rotary, and LLaMA-style blocks; a small chunk splits the steps and layers over calls."""
+    from kn_lens import testing
+
+    model = {"gemma3": testing.tiny_gemma3, "neox": testing.tiny_neox,
+             "llama": testing.tiny_llama}[arch](seed=1)
+    ig_mod = importlib.import_module("kn_lens.locate.integrated_gradients")
+    if blocks == "transformer_lens":
+        monkeypatch.setattr(ig_mod, "_use_prefix_blocks", lambda model: False)
+    q = query_from_prompt(model, PROMPT, "Guido van Rossum")  # multi-token: several positions
+    for cfg in (IGConfig(baseline="eos"), IGConfig(chunk=7, steps=5)):
+        fast = integrated_gradients(model, q, config=cfg)
+        plain = integrated_gradients_plain(model, q, config=cfg)
+        assert fast.extras["blocks"] == blocks
+        assert plain.per_token.abs().max() > 0
+        assert _rel(fast.per_token, plain.per_token) < 1e-4
+
+
+def test_hooks_on_the_model_are_honoured(llama_tiny):
+    """With a hook attached (here: an edit-like scaling of some neurons), the fast IG runs
+    TransformerLens' forward, which fires every hook point, and equals the plain loop under the
+    same hook."""
+    q = query_from_prompt(llama_tiny, PROMPT, "Paris")
+    scale = [("blocks.0.mlp.hook_post", lambda act, hook: act * 1.5)]
+    with llama_tiny.hooks(fwd_hooks=scale):
+        fast = integrated_gradients(llama_tiny, q)
+        plain = integrated_gradients_plain(llama_tiny, q)
+    assert fast.extras["blocks"] == "transformer_lens"
+    assert _rel(fast.per_token, plain.per_token) < 1e-4
+    assert _rel(fast.per_token, integrated_gradients(llama_tiny, q).per_token) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
+def test_fast_ig_does_the_floor_flops(arch, monkeypatch):
+    """The matmul FLOPs the fast IG executes (counted by torch's FlopCounterMode around its
+    batched forward/backward calls) are the floor ``ig_flops`` counts, to 1 % (einsum computes
+    the answer position's own attention terms elementwise; gemma3's sliding window masks
+    scores the floor does not count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kn_lens import testing
+    from kn_lens.locate.integrated_gradients import ig_flops
+
+    model = {"gpt2": testing.tiny_gpt2, "llama": testing.tiny_llama,
+             "gemma3": testing.tiny_gemma3}[arch]()
+    ig_mod = importlib.import_module("kn_lens.locate.integrated_gradients")
+    inner, counted = ig_mod._grad_prefix, []
+
+    def counting(*args, **kw):
+        with FlopCounterMode(display=False) as fc:
+            out = inner(*args, **kw)
+        counted.append(fc.get_total_flops())
+        return out
+
+    monkeypatch.setattr(ig_mod, "_grad_prefix", counting)
+    q = query_from_prompt(model, PROMPT, "Guido van Rossum")
+    cfg = IGConfig(steps=5, chunk=7, layers=(0, 2))
+    integrated_gradients(model, q, config=cfg)
+    floor = ig_flops(model, q, config=cfg)
+    assert floor.rows == 5 * 2 * q.n_answer
+    assert floor.unembed == floor.rows * 4 * model.cfg.d_model * model.cfg.d_vocab
+    assert abs(sum(counted) - floor.total) < 0.01 * floor.total
+
+
 def test_shapes_and_metadata(tiny_model, query):
     s = integrated_gradients(tiny_model, query)
     L, d = tiny_model.cfg.n_layers, tiny_model.cfg.d_mlp
@@ -154,3 +223,17 @@ def test_real_model_located_neurons_matter(default_model):
             rand_drop = max(0.0, sum(rand) / len(rand))
             assert drop > 0.05 and drop > 2 * rand_drop, (scores.method, prompt, drop, rand)
     assert hooks.active_hook_count(m) == 0
+
+
+@pytest.mark.real_model
+def test_real_model_fast_equals_plain(default_model):
+    """On SmolLM2 (LLaMA-style: rotary, grouped-query attention, 49k vocabulary) the fast IG's
+    own blocks and vocabulary sweep give the plain loop's scores; P(a) of the clean run too."""
+    m = default_model
+    q = query_from_prompt(m, "The Eiffel Tower is located in the city of", "Paris")
+    cfg = IGConfig(steps=4, layers=(0, 14, 29))
+    fast = integrated_gradients(m, q, config=cfg)
+    plain = integrated_gradients_plain(m, q, config=cfg)
+    assert fast.extras["blocks"] == "prefix"
+    assert _rel(fast.scores, plain.scores) < 1e-4
+    assert fast.extras["p_clean"][0] == pytest.approx(float(answer_probs(m, [q])[0]), rel=1e-4)

@@ -55,6 +55,24 @@ def test_fast_equals_plain(request, monkeypatch, model_name, restore, corrupt, o
         (q.last_position,) if restore == "last" else tuple(range(len(q.input_ids))))
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "neox"])
+@pytest.mark.parametrize("restore", ["last", "all"])
+def test_fast_equals_plain_other_blocks(arch, restore):
+    """The shared-prefix path on Gemma-3-style blocks (q/k norms, sliding windows shorter than
+    the prompt, soft-caps) and GPT-NeoX-style parallel blocks equals the plain pass."""
+    from kn_lens import testing
+
+    model = {"gemma3": testing.tiny_gemma3, "neox": testing.tiny_neox}[arch](seed=2)
+    assert med._shared_prefix_ok(model)
+    q = _query(model, "Guido van Rossum")
+    cfg = MediationConfig(n_noise=1, gamma=5.0, restore_positions=restore, chunk=5)
+    fast = causal_mediation(model, q, config=cfg)
+    plain = causal_mediation_plain(model, q, config=cfg)
+    p_scale = max(fast.extras["p_clean"], fast.extras["p_corrupted"][0])
+    assert fast.scores.abs().max() > 1e-3 * p_scale
+    assert torch.allclose(fast.scores, plain.scores, atol=1e-4 * p_scale, rtol=0)
+
+
 def test_chunk_never_changes_result(llama_tiny):
     q = _query(llama_tiny)
     a = causal_mediation(llama_tiny, q, config=MediationConfig(n_noise=1, gamma=30, chunk=1))

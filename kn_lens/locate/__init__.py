@@ -14,6 +14,8 @@ from kn_lens.locate.contribution import (
 )
 from kn_lens.locate.integrated_gradients import (
     IGConfig,
+    IGFlops,
+    ig_flops,
     integrated_gradients,
     integrated_gradients_eos,
     integrated_gradients_plain,
@@ -26,6 +28,7 @@ __all__ = [
     "AgreementResult", "agreement",
     "ContributionConfig", "contribution_scores", "select_contribution_neurons",
     "IGConfig", "integrated_gradients", "integrated_gradients_eos", "integrated_gradients_plain",
+    "IGFlops", "ig_flops",
     "METHODS", "available_methods", "get_method", "locate", "method_version", "register_method",
     "causal_mediation", "attribution_patching", "MediationConfig", "AtPConfig",
 ]

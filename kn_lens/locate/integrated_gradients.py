@@ -23,17 +23,24 @@ Two implementations give the same numbers:
 - :func:`integrated_gradients_plain` is the textbook one: for each layer and answer token, a full
   forward over the whole input with a hook that overwrites layer ``l`` at ``p_j``, then a backward.
 - :func:`integrated_gradients` (fast, the default) uses what a scaled neuron cannot change. One
-  clean forward records every block's input residual and every attention layer's keys and values.
-  Scaling layer ``l`` at ``p_j`` leaves everything before layer ``l``'s MLP and every position
-  ``< p_j`` unchanged, and ``P(a_j)`` is read at ``p_j``; so only the single position ``p_j`` is
-  recomputed from block ``l`` on (``start_at_layer=l``), its attention reading the cached keys and
-  values of earlier positions through a frozen TransformerLens key-value cache (so rotary
-  positions, GQA, local attention and soft-capping are TransformerLens' own code). The ``m`` path
-  points of several layers share one batched forward/backward (``chunk`` rows): it starts at the
-  lowest of those layers and the rows of a later layer enter at their own block with the cached
-  clean residual, so each row is exactly its per-layer computation; batching matters because
-  TransformerLens copies every weight matrix once per forward call. The backward runs through
-  the one position only.
+  clean forward records every block's residual stream and every attention layer's keys and
+  values. Scaling layer ``l`` at ``p_j`` leaves everything before layer ``l``'s MLP output and
+  every position ``< p_j`` unchanged, and ``P(a_j)`` is read at ``p_j``; so only the single
+  position ``p_j`` is recomputed, from layer ``l``'s ``W_out`` on: the path point times ``W_out``
+  is added to the cached clean residual, then blocks ``l+1..`` run on that one position,
+  attending to the cached keys/values of the earlier positions, and the unembedding and softmax
+  follow. Many rows (``chunk``: path points x layers) share one forward/backward, built as a
+  staircase: rows of layer ``l`` join the batch right after block ``l``, so no row computes
+  anything before its own layer. That is the FLOP floor of exact IG (``ig_flops``; the benchmark
+  prints the ratio): the blocks are :func:`kn_lens._fast.prefix_block` (the prefix keys used
+  once for the whole batch, rotary folded into them, no per-row copies), the unembedding is
+  :func:`kn_lens._fast.answer_prob` (the softmax over the vocabulary reduced chunk by chunk with
+  its gradient in the same sweep, no ``rows x d_vocab`` logits), and the backward runs through
+  the one position and asks for no weight gradient. Architectures ``prefix_block`` does not
+  cover, and a model with hooks attached (which such blocks would not all fire), run
+  TransformerLens' own forward of the one position from the batch's lowest layer instead
+  (``start_at_layer``, a frozen key/value cache, hooks that overwrite ``mlp_post`` and let the
+  rows of later layers enter at their own block); ``extras["blocks"]`` says which ran.
 """
 from __future__ import annotations
 
@@ -45,10 +52,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kn_lens import hooks
+from kn_lens import _fast, hooks
 from kn_lens.backend import is_bridge
 from kn_lens.errors import ConfigError, InvalidFactError
-from kn_lens.facts import Query, unembed_rows
+from kn_lens.facts import Query
 from kn_lens.models import model_info
 from kn_lens.neurons import NeuronScores
 
@@ -61,10 +68,12 @@ class IGConfig:
 
     steps: int = 20  # m, Riemann steps: Dai et al. 2022 / KNE eq. 5 / QL eq. 10 use m = 20
     baseline: Baseline = "zero"  # "zero": Dai et al.; "eos": Chen et al. AMIG (QL eq. 16-17)
-    # most rows (path points x layers) per forward: bounds memory and trades compute for fewer
-    # calls; never changes the result beyond float rounding, so it is not part of the config's
-    # identity (equality, result-store keys)
-    chunk: int = dataclasses.field(default=200, compare=False)
+    # most rows (path points x layers) per forward/backward: bounds memory (no logits are kept:
+    # SmolLM2's 600 rows add ~0.1 GiB, Gemma-3's 360 ~0.26 GiB); 640 = every row of a 32-layer
+    # model at m = 20 in one call (fewer, larger matmuls: ~4 % faster than 200 on SmolLM2);
+    # never changes the result beyond float rounding, so it is not part of the config's identity
+    # (equality, result-store keys)
+    chunk: int = dataclasses.field(default=640, compare=False)
     layers: tuple[int, ...] | None = None  # score only these layers (others stay 0); None = all
 
     def __post_init__(self) -> None:
@@ -154,47 +163,52 @@ def _result(model, query: Query, config: IGConfig, per_token: Tensor, extras: di
 
 
 def _answer_prob(logits: Float[Tensor, "rows d_vocab"], token: int) -> Float[Tensor, "rows"]:
-    return torch.softmax(logits.float(), dim=-1)[:, token]
+    """The softmax in float32 or wider (a float64 model keeps float64)."""
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.softmax(wide, dim=-1)[:, token]
 
 
 # --------------------------------------------------------------------------- fast
 
 
+@dataclass
+class _Clean:
+    """One clean forward's state at every position (batch dimension dropped)."""
+
+    post: Float[Tensor, "layer pos d_mlp"]
+    base: Float[Tensor, "layer pos d_mlp"] | None  # the EOS baseline prompt's, when asked for
+    resid_pre: list[Tensor]  # per layer [pos, d_model]: what block l reads
+    before_mlp: list[Tensor]  # per layer [pos, d_model]: what block l's MLP output is added to
+    keys: list[Tensor]  # per layer [pos, kv_head, d_head], as TransformerLens caches them
+    values: list[Tensor]
+
+
 @torch.no_grad()
-def _clean_run(model, tokens: list[int]):
-    """One clean forward: every block's input residual, every mlp_post, every layer's keys/values."""
+def _clean_run(model, tokens: list[int], baseline: list[int] | None = None) -> _Clean:
+    """The clean forward; with ``baseline`` (a prompt of the same length) that prompt's neurons
+    from the same pass (a batch of two: the weights, which a pass over a short prompt spends its
+    time reading, are read once)."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-    n = model.cfg.n_layers
+    n, parallel = model.cfg.n_layers, model.cfg.parallel_attn_mlp
     store: dict = {}
-    fwd = []
-    for l in range(n):
-        fwd += hooks.cache_hook(hooks.resid_pre(l), store)
-        fwd += hooks.cache_hook(hooks.mlp_post(l), store)
-    t = torch.tensor([tokens], dtype=torch.long, device=model.cfg.device)
-    kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+    names = [hooks.mlp_post(l) for l in range(n)] + [hooks.resid_pre(l) for l in range(n)]
+    names += [hooks.attn_out(l) if parallel else hooks.resid_mid(l) for l in range(n)]
+    fwd = [h for name in names for h in hooks.cache_hook(name, store)]
+    rows = [tokens] if baseline is None else [tokens, baseline]
+    t = torch.tensor(rows, dtype=torch.long, device=model.cfg.device)
+    # the keys/values as attention uses them (after q/k norms, before rotary): a key/value cache
+    kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(rows))
     # An explicit all-ones mask: otherwise TransformerLens guesses padding from pad/BOS ids.
+    # No unembedding: P(a_j) of the clean run comes with the path's last point (alpha = 1).
     with model.hooks(fwd_hooks=fwd):
-        logits = model(t, past_kv_cache=kv, attention_mask=torch.ones_like(t))
-    resid = [store[hooks.resid_pre(l)][0] for l in range(n)]  # each [pos, d_model]
-    post = torch.stack([store[hooks.mlp_post(l)][0] for l in range(n)])
-    keys = [e.past_keys for e in kv.entries]  # [1, pos, kv_heads, d_head]
-    values = [e.past_values for e in kv.entries]
-    return logits[0], resid, post, keys, values
-
-
-def _frozen_cache(model, keys, values, upto: int, rows: int):
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
-    entries = [
-        TransformerLensKeyValueCacheEntry(
-            past_keys=k[:, :upto].expand(rows, -1, -1, -1),
-            past_values=v[:, :upto].expand(rows, -1, -1, -1), frozen=True)
-        for k, v in zip(keys, values)
-    ]
-    mask = torch.ones(rows, upto, dtype=torch.int, device=keys[0].device)
-    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
+        model(t, past_kv_cache=kv, attention_mask=torch.ones_like(t), stop_at_layer=n)
+    resid_pre = [store[hooks.resid_pre(l)][0] for l in range(n)]
+    before = [resid_pre[l] + store[hooks.attn_out(l)][0] if parallel
+              else store[hooks.resid_mid(l)][0] for l in range(n)]
+    post = torch.stack([store[hooks.mlp_post(l)] for l in range(n)], 1)  # [row, layer, pos, d]
+    return _Clean(post[0], None if baseline is None else post[1], resid_pre, before,
+                  [e.past_keys[0] for e in kv.entries], [e.past_values[0] for e in kv.entries])
 
 
 def _pack(layers: list[int], steps: int, chunk: int) -> list[list[tuple[int, int, int]]]:
@@ -213,14 +227,54 @@ def _pack(layers: list[int], steps: int, chunk: int) -> list[list[tuple[int, int
     return calls
 
 
-def _grad_fast(model, items: list[tuple[int, Tensor]], resid: list[Tensor], caches: dict,
-               keys, values, pos: int, token: int) -> list[Tensor]:
-    """d P(token) / d mlp_post at each path point of each (layer, points) item, recomputing only
-    position ``pos``, in one batched forward/backward starting at the lowest layer.
+def _grad_prefix(model, items: list[tuple[int, Tensor]], clean: _Clean, prefix: list, pos: int,
+                 token: int) -> tuple[list[Tensor], Tensor]:
+    """d P(token) / d mlp_post at each path point of each (layer, points) item (and P at each
+    point, the rows in item order), in one batched forward/backward of position ``pos`` alone,
+    built as a staircase: the rows of layer ``l`` enter right after block ``l``'s MLP (``W_out``
+    applied to the path point, added to the cached clean residual) and run blocks ``l+1..`` with
+    :func:`kn_lens._fast.prefix_block` over the cached keys/values of positions ``< pos``
+    (``prefix``: per layer, keys through :func:`kn_lens._fast.relative_prefix_keys`); nothing is
+    computed for a row before its layer. The unembedding and softmax are
+    :func:`kn_lens._fast.answer_prob` (vocabulary chunks, gradient in the same sweep)."""
+    leaves = [pts.detach().clone().requires_grad_(True) for _, pts in items]
+    x = None
+    with torch.enable_grad():
+        for layer in range(min(l for l, _ in items), model.cfg.n_layers):
+            block = model.blocks[layer]
+            if x is not None:
+                x = _fast.prefix_block(block, x, *prefix[layer])
+            new = [leaf for (l, _), leaf in zip(items, leaves) if l == layer]
+            if new:
+                post = torch.cat(new) if len(new) > 1 else new[0]
+                entry = _fast.block_tail(block, _fast.mlp_out_from_post(block.mlp, post),
+                                         clean.before_mlp[layer][pos])[:, None, :]
+                x = entry if x is None else torch.cat([x, entry])
+        prob = _fast.answer_prob(model, x[:, 0], token)
+        return list(torch.autograd.grad(prob.sum(), leaves)), prob.detach()
 
-    Rows of an item for layer ``l`` enter at block ``l`` with the clean cached residual (a
-    ``resid_pre`` hook), so rows that start later than the batch are exactly the per-layer run.
-    """
+
+def _frozen_cache(model, keys, values, upto: int, rows: int):
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    entries = [
+        TransformerLensKeyValueCacheEntry(
+            past_keys=k[None, :upto].expand(rows, -1, -1, -1),
+            past_values=v[None, :upto].expand(rows, -1, -1, -1), frozen=True)
+        for k, v in zip(keys, values)
+    ]
+    mask = torch.ones(rows, upto, dtype=torch.int, device=keys[0].device)
+    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
+
+
+def _grad_transformer_lens(model, items: list[tuple[int, Tensor]], clean: _Clean, caches: dict,
+                           pos: int, token: int) -> tuple[list[Tensor], Tensor]:
+    """As :func:`_grad_prefix`, for blocks :func:`kn_lens._fast.prefix_block` does not cover:
+    TransformerLens' own forward of position ``pos`` from the lowest layer of the batch
+    (``start_at_layer``) with a frozen key/value cache, the neurons overwritten by a
+    ``mlp_post`` hook; rows of a later layer enter at their own block with the cached clean
+    residual (a ``resid_pre`` hook), so each row is exactly its per-layer computation."""
     start = min(l for l, _ in items)
     offsets, o = [], 0
     for _, pts in items:
@@ -228,12 +282,12 @@ def _grad_fast(model, items: list[tuple[int, Tensor]], resid: list[Tensor], cach
         o += pts.shape[0]
     rows = o
     if rows not in caches:
-        caches[rows] = _frozen_cache(model, keys, values, pos, rows)
+        caches[rows] = _frozen_cache(model, clean.keys, clean.values, pos, rows)
     leaves = [pts.detach().clone().requires_grad_(True) for _, pts in items]
     fwd = []
     for (layer, _), (a, b), leaf in zip(items, offsets, leaves):
         if layer != start:
-            def enter(act: Tensor, hook, a=a, b=b, clean=resid[layer][pos]) -> Tensor:
+            def enter(act: Tensor, hook, a=a, b=b, clean=clean.resid_pre[layer][pos]) -> Tensor:
                 act = act.clone()
                 act[a:b, 0] = clean.to(act.dtype)
                 return act
@@ -246,13 +300,19 @@ def _grad_fast(model, items: list[tuple[int, Tensor]], resid: list[Tensor], cach
             return act
 
         fwd.append((hooks.mlp_post(layer), replace))
-    x = resid[start][pos][None, None, :].expand(rows, 1, -1)
+    x = clean.resid_pre[start][pos][None, None, :].expand(rows, 1, -1)
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
         resid_out = model(x, start_at_layer=start, stop_at_layer=model.cfg.n_layers,
                           past_kv_cache=caches[rows])
-        prob = _answer_prob(unembed_rows(model, resid_out[:, -1]), token)
-        grads = torch.autograd.grad(prob.sum(), leaves)
-    return list(grads)
+        prob = _fast.answer_prob(model, resid_out[:, -1], token)
+        return list(torch.autograd.grad(prob.sum(), leaves)), prob.detach()
+
+
+def _use_prefix_blocks(model) -> bool:
+    """Whether the fast IG runs its own blocks (:func:`_grad_prefix`): the architecture is covered
+    and no hook is attached to the model (those blocks do not fire every hook point
+    TransformerLens' forward would, e.g. the attention pattern's)."""
+    return _fast.prefix_block_ok(model) and hooks.active_hook_count(model) == 0
 
 
 def integrated_gradients(model, query: Query, *, config: IGConfig | None = None) -> NeuronScores:
@@ -260,8 +320,9 @@ def integrated_gradients(model, query: Query, *, config: IGConfig | None = None)
     TransformerBridge, which cannot restart at a block, the plain implementation).
 
     Returns ``NeuronScores`` with ``scores [layer, d_mlp]`` (summed over answer tokens) and
-    ``per_token [answer, layer, d_mlp]``. ``extras`` holds ``p_clean`` (P(a_j) per answer token)
-    and the implementation name.
+    ``per_token [answer, layer, d_mlp]``. ``extras`` holds ``p_clean`` (P(a_j) per answer token),
+    the implementation name and which blocks ran (``"prefix"``: kn-lens' one-position blocks;
+    ``"transformer_lens"``: TransformerLens' forward with a frozen key/value cache).
     """
     config = IGConfig() if config is None else config
     if is_bridge(model):  # no start_at_layer / TransformerLens key-value cache on a bridge
@@ -271,26 +332,92 @@ def integrated_gradients(model, query: Query, *, config: IGConfig | None = None)
     _check_query(model, query)
     layers = _layers(model, config)
     tokens = list(query.input_ids)
-    clean_logits, resid, post, keys, values = _clean_run(model, tokens)
-    base = _baseline_acts(model, query, config, post)
-    L, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
-    per_token = torch.zeros(query.n_answer, L, d_mlp, device="cpu")
-    p_clean = []
-    calls = _pack(layers, config.steps, config.chunk)
-    for j, (pos, tok) in enumerate(zip(query.answer_positions, query.answer_ids)):
-        p_clean.append(float(_answer_prob(clean_logits[pos][None], tok)))
-        paths = {l: _path(post[l, pos], base[l, pos], config.steps) for l in layers}
-        gsum = {l: torch.zeros(d_mlp, dtype=torch.float32, device=post.device) for l in layers}
-        caches: dict = {}
-        for call in calls:
-            items = [(l, paths[l][0][s0:s1]) for l, s0, s1 in call]
-            for (l, _), g in zip(items, _grad_fast(model, items, resid, caches, keys, values,
-                                                    pos, tok)):
-                gsum[l] += g.float().sum(0)
-        for l in layers:
-            per_token[j, l] = (paths[l][1].float() * gsum[l] / config.steps).cpu()
+    own_blocks = _use_prefix_blocks(model)
+    with _fast.fast_forward(model, frozen_weights=True, weight_grads=False):
+        eos = baseline_tokens(model, query) if config.baseline == "eos" else None
+        clean = _clean_run(model, tokens, eos)
+        base = torch.zeros_like(clean.post) if eos is None else clean.base
+        L, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+        per_token = torch.zeros(query.n_answer, L, d_mlp, device="cpu")
+        p_clean = []
+        calls = _pack(layers, config.steps, config.chunk)
+        for j, (pos, tok) in enumerate(zip(query.answer_positions, query.answer_ids)):
+            paths = {l: _path(clean.post[l, pos], base[l, pos], config.steps) for l in layers}
+            gsum = {l: torch.zeros(d_mlp, dtype=torch.float32, device=clean.post.device)
+                    for l in layers}
+            prefix = []
+            if own_blocks:
+                prefix = [(_fast.relative_prefix_keys(model.blocks[l].attn, clean.keys[l][:pos]),
+                           clean.values[l][:pos]) for l in range(L)]
+            caches: dict = {}
+            for call in calls:
+                items = [(l, paths[l][0][s0:s1]) for l, s0, s1 in call]
+                grads, probs = (_grad_prefix(model, items, clean, prefix, pos, tok) if own_blocks
+                                else _grad_transformer_lens(model, items, clean, caches, pos, tok))
+                row = 0
+                for (l, s0, s1), g in zip(call, grads):
+                    gsum[l] += g.float().sum(0)
+                    row += s1 - s0
+                    if l == layers[-1] and s1 == config.steps:  # alpha = 1: the clean run
+                        p_clean.append(float(probs[row - 1]))
+            for l in layers:
+                per_token[j, l] = (paths[l][1].float() * gsum[l] / config.steps).cpu()
     return _result(model, query, config, per_token,
-                   {"p_clean": p_clean, "implementation": "fast"})
+                   {"p_clean": p_clean, "implementation": "fast",
+                    "blocks": "prefix" if own_blocks else "transformer_lens"})
+
+
+# --------------------------------------------------------------------------- the FLOP floor
+
+
+@dataclass(frozen=True)
+class IGFlops:
+    """The matrix-multiply FLOPs exact IG cannot avoid for one query (forward + the backward to
+    the scaled activations only, no weight gradients), by part. Per answer token at position
+    ``p`` and per row (path point x layer ``l``): ``W_out`` of layer ``l``; every block ``l+1..``
+    on the one position (q/k/v/o projections, scores and values over the ``p + 1`` positions it
+    attends to (at most the window for local layers), the MLP's ``W_in`` (and ``W_gate``) and
+    ``W_out``); the full unembedding (``P`` is a softmax over the vocabulary: every logit is
+    needed, and its backward multiplies ``dP/dlogits`` by the whole ``W_U``). A backward costs
+    what its forward costs (an input gradient of ``x W`` is ``g W^T``), plus the gradients of the
+    answer position's own key and value. Norms, activations and softmaxes are not counted."""
+
+    blocks: int
+    w_out: int
+    unembed: int
+    rows: int  # forward rows: path points x layers x answer tokens
+
+    @property
+    def total(self) -> int:
+        return self.blocks + self.w_out + self.unembed
+
+
+def ig_flops(model, query: Query, *, config: IGConfig | None = None) -> IGFlops:
+    """:class:`IGFlops` of ``query`` under ``config`` (see there for what is counted)."""
+    config = IGConfig() if config is None else config
+    _check_query(model, query)
+    cfg = model.cfg
+    layers = _layers(model, config)
+    n_q, d_head, d_model, d_mlp = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
+    n_kv = cfg.n_heads if cfg.ungroup_grouped_query_attention else \
+        (cfg.n_key_value_heads or cfg.n_heads)
+    proj = 2 * d_model * (n_q + 2 * n_kv) * d_head + 2 * n_q * d_head * d_model \
+        + 2 * (3 if cfg.gated_mlp else 2) * d_model * d_mlp
+    blocks = w_out = unembed = rows = 0
+    for pos in query.answer_positions:
+        keys = []
+        for b in model.blocks:
+            window = cfg.window_size if getattr(b.attn, "attn_type", "global") == "local" else None
+            keys.append(pos + 1 if window is None else min(pos + 1, window))
+        # forward: projections + scores and values; backward: the same + own key and value
+        per_block = [2 * proj + 8 * n_q * d_head * k + 4 * n_q * d_head for k in keys]
+        for l in layers:
+            blocks += config.steps * sum(per_block[l + 1:])
+        n = config.steps * len(layers)
+        rows += n
+        w_out += n * 2 * 2 * d_mlp * d_model
+        unembed += n * 2 * 2 * d_model * cfg.d_vocab
+    return IGFlops(blocks=blocks, w_out=w_out, unembed=unembed, rows=rows)
 
 
 # --------------------------------------------------------------------------- plain reference

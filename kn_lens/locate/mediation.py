@@ -49,15 +49,16 @@ each restoration restarts at block l on the positions from the first restored po
 positions (TransformerLens' own key/value cache entries, so rotary offsets and grouped-query
 attention are handled as in generation), with many neurons of one layer in one batch (batch
 dim = neurons). Only the answer positions are unembedded (with the full softmax normaliser).
-For plain pre-norm blocks (GPT-2, LLaMA/SmolLM2-style: rotary, grouped-query attention) the
-suffix attention is computed here, with the shared prefix keys/values used once for the whole
-batch instead of being copied, rotated and repeated per batch item; any other architecture
-(post-norms, parallel attention, local attention, q/k norms, ...) runs TransformerLens' own
-blocks with a frozen key/value cache. Both equal one full hooked forward pass per neuron
-(:func:`causal_mediation_plain`, the reference, used by the tests) up to float rounding
+For the blocks :func:`kn_lens._fast.prefix_block` covers (pre-norm GPT-2, LLaMA/SmolLM2,
+Gemma-3 with its extra norms, q/k norms and sliding windows, parallel GPT-NeoX blocks) the
+suffix attention is computed there, with the shared prefix keys/values used once for the whole
+batch instead of being copied, rotated and repeated per batch item; any other architecture runs
+TransformerLens' own blocks with a frozen key/value cache. Both equal one full hooked forward pass
+per neuron (:func:`causal_mediation_plain`, the reference, used by the tests) up to float rounding
 (~1e-6 relative); ``chunk`` bounds memory and never changes the result. A TransformerBridge has
 no block calls or key/value cache: there each batch of restorations is one whole hooked forward
-(``extras["implementation"] == "full_forward"``), the same numbers at more compute. On SmolLM2-135M with
+(``extras["implementation"] == "full_forward"``), the same numbers at more compute. On
+SmolLM2-135M with
 gamma = 20 % (9,216 neurons) the cost is ~30 s of CPU time per noise sample on one core.
 
 Note what the scores are: the effect of *restoring* a neuron in the corrupted run. A neuron can
@@ -80,8 +81,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from kn_lens import hooks
-from kn_lens._fast import mlp_forward as _mlp_forward
+from kn_lens import _fast, hooks
 from kn_lens.backend import embedding_matrix, is_bridge
 from kn_lens.errors import ConfigError, InvalidFactError, NumericalError
 from kn_lens.facts import Query, answer_logprobs, n_bos_tokens as _n_bos, subject_positions
@@ -283,73 +283,12 @@ def _cached_run(model, query: Query, noise: Tensor | None) -> _Run:
 # every batch item copies, rotates and repeats the shared prefix keys); tests compare both.
 _USE_SHARED_PREFIX_ATTENTION = True
 
-_POST_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-
 
 def _shared_prefix_ok(model) -> bool:
-    """Whether :func:`_block_shared_prefix` reproduces this model's blocks exactly: plain
-    pre-norm blocks with standard/rotary positions and ordinary (grouped-query) softmax attention.
-    Anything unusual falls back to TransformerLens' blocks with a key/value cache."""
-    if is_bridge(model):  # its blocks are Hugging Face layers behind hooks: no block calls
-        return False
-    from transformer_lens.components import Attention, GroupedQueryAttention, TransformerBlock
-
-    cfg = model.cfg
-    flags_off = ("parallel_attn_mlp", "use_normalization_before_and_after", "use_split_qkv_input",
-                 "use_attn_in", "use_local_attn", "use_qk_norm", "use_logn_attn",
-                 "use_attention_sinks", "load_in_4bit", "use_dynamic_ntk_rope", "attn_only")
-    if not _USE_SHARED_PREFIX_ATTENTION or any(getattr(cfg, f, False) for f in flags_off):
-        return False
-    if cfg.positional_embedding_type not in ("standard", "rotary") or cfg.attention_dir != "causal":
-        return False
-    if getattr(cfg, "clip_qkv", None) is not None or cfg.original_architecture in _POST_NORM:
-        return False
-    return all(type(b) is TransformerBlock and type(b.attn) in (Attention, GroupedQueryAttention)
-               and not getattr(b.attn, "q_norm", None) and not getattr(b.attn, "k_norm", None)
-               and getattr(b.attn, "attn_type", "global") == "global" for b in model.blocks)
-
-
-def _block_shared_prefix(block, x: Float[Tensor, "batch suffix d_model"],
-                         past_k: Float[Tensor, "prefix kv_head d_head"],
-                         past_v: Float[Tensor, "prefix kv_head d_head"], p0: int
-                         ) -> Float[Tensor, "batch suffix d_model"]:
-    """One pre-norm block on the suffix positions ``p0..`` of a batch whose prefix (positions
-    ``< p0``) is shared by every batch item: the prefix keys/values (pre-rotary, as TransformerLens
-    caches them) are attended to without copying them per item. Hook points inside the MLP fire
-    as usual (the restoration hook lives on ``hook_post``)."""
-    from transformer_lens.utils import apply_softcap
-
-    attn, cfg = block.attn, block.cfg
-    b, s, _ = x.shape
-    h_in = block.ln1(x)
-    q, k, v = attn.calculate_qkv_matrices(h_in, h_in, h_in)  # k, v: kv heads (pre-rotary)
-    pk = past_k[None]
-    if cfg.positional_embedding_type == "rotary":
-        q = attn.apply_rotary(q, p0)
-        k = attn.apply_rotary(k, p0)
-        if p0:
-            pk = attn.apply_rotary(pk, 0)
-    n_q, n_kv, dh = q.shape[2], k.shape[2], q.shape[3]
-    g = n_q // n_kv
-    qg = q.reshape(b, s, n_kv, g, dh)
-    sc_new = torch.einsum("bsngd,btnd->bngst", qg, k) / attn.attn_scale
-    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-    parts = [sc_new]
-    if p0:
-        parts.insert(0, torch.einsum("bsngd,pnd->bngsp", qg, pk[0]) / attn.attn_scale)
-    scores = torch.cat(parts, dim=-1)
-    scores = apply_softcap(scores, cfg.attn_scores_soft_cap)
-    mask = torch.cat([torch.ones(s, p0, dtype=torch.bool, device=x.device), causal], dim=-1)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    pattern = torch.softmax(scores, dim=-1).to(v.dtype)
-    z = torch.einsum("bngst,btnd->bsngd", pattern[..., p0:], v)
-    if p0:
-        z = z + torch.einsum("bngsp,pnd->bsngd", pattern[..., :p0], past_v)
-    w_o = attn.W_O.reshape(n_q * dh, -1)
-    attn_out = z.reshape(b, s, n_q * dh) @ w_o + attn.b_O
-    resid_mid = x + attn_out
-    mlp_out = _mlp_forward(block.mlp, block.ln2(resid_mid))
-    return resid_mid + mlp_out
+    """Whether the restorations run :func:`kn_lens._fast.prefix_block` (the shared prefix keys /
+    values used once for the whole batch) rather than TransformerLens' blocks with a frozen
+    key/value cache: the architecture is covered (:func:`kn_lens._fast.prefix_block_ok`)."""
+    return _USE_SHARED_PREFIX_ATTENTION and _fast.prefix_block_ok(model)
 
 
 @torch.inference_mode()
@@ -377,8 +316,10 @@ def _restored_logprobs(model, query: Query, run: _Run, clean_post: Tensor, layer
     with model.hooks(fwd_hooks=[(hooks.mlp_post(layer), restore_fn)]):
         if _shared_prefix_ok(model):
             for i in range(layer, model.cfg.n_layers):
-                resid = _block_shared_prefix(model.blocks[i], resid, run.keys[i][0, :p0],
-                                             run.values[i][0, :p0], p0)
+                block = model.blocks[i]
+                resid = _fast.prefix_block(
+                    block, resid, _fast.relative_prefix_keys(block.attn, run.keys[i][0, :p0]),
+                    run.values[i][0, :p0])
         else:
             entries = []
             for i in range(layer, model.cfg.n_layers):
