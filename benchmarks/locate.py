@@ -224,12 +224,10 @@ def ig_profile(names: list[str], seed: int) -> None:
     """Where one fast IG call's time goes (torch.profiler, one query per model): the matmul
     kernels (their FLOPs and rate inside IG), every other op (top 6 by self time), and the clean
     forward pass IG starts with (timed alone, unprofiled; not in the floor)."""
-    import importlib
-
     from torch.profiler import ProfilerActivity, profile
 
-    ig_mod = importlib.import_module("kn_lens.locate.integrated_gradients")
     from kn_lens._fast import fast_forward
+    from kn_lens.locate.integrated_gradients import _clean_run
 
     cfg = IGConfig(steps=20)
     print(f"\n### Where fast IG's time goes (torch.profiler, one query, torch threads "
@@ -256,7 +254,7 @@ def ig_profile(names: list[str], seed: int) -> None:
                         sorted(others.items(), key=lambda kv: -kv[1])[:6])
         with fast_forward(model, frozen_weights=True, weight_grads=False):
             t0 = time.perf_counter()
-            ig_mod._clean_run(model, list(q.input_ids))
+            _clean_run(model, list(q.input_ids))
             clean = time.perf_counter() - t0
         total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
         print(f"| {model_name} | {total:.2f} | {mm_s:.2f}, {mm_flop:.1f}, {mm_flop / mm_s:.0f} | "
