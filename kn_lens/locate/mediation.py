@@ -303,17 +303,7 @@ def _restored_logprobs(model, query: Query, run: _Run, clean_post: Tensor, layer
     b = idx.numel()
     dev = model.cfg.device
     resid = run.resid_pre[layer, p0:].unsqueeze(0).expand(b, -1, -1).contiguous()
-    rel = torch.tensor([p - p0 for p in restore], device=dev)
-    vals = clean_post[layer][list(restore)][:, idx.to(dev)].T  # [b, r]
-    bidx = torch.arange(b, device=dev)[:, None]
-    cols = idx.to(dev)[:, None]
-
-    def restore_fn(act: Tensor, hook) -> Tensor:
-        act = act.clone()
-        act[bidx, rel[None, :], cols] = vals.to(act.dtype)
-        return act
-
-    with model.hooks(fwd_hooks=[(hooks.mlp_post(layer), restore_fn)]):
+    with model.hooks(fwd_hooks=[_restore_hook(model, clean_post, layer, idx, restore, p0)]):
         if _shared_prefix_ok(model):
             for i in range(layer, model.cfg.n_layers):
                 block = model.blocks[i]
@@ -336,18 +326,14 @@ def _restored_logprobs(model, query: Query, run: _Run, clean_post: Tensor, layer
     return _answer_logprob(model, resid[:, ans_rel], torch.tensor(query.answer_ids, device=dev))
 
 
-@torch.inference_mode()
-def _restored_logprobs_full(model, query: Query, run: _Run, clean_post: Tensor, layer: int,
-                            idx: Tensor, restore: tuple[int, ...]) -> Float[Tensor, "batch"]:
-    """:func:`_restored_logprobs` by whole hooked forward passes (one batch row per restored
-    neuron, the run's noise on every row): what a model without TransformerLens' block calls
-    and key/value caches (a TransformerBridge) computes; the same numbers up to rounding."""
+def _restore_hook(model, clean_post: Tensor, layer: int, idx: Tensor, restore: tuple[int, ...],
+                  p0: int) -> tuple[str, object]:
+    """The hook on ``layer``'s ``mlp_post`` that sets neuron ``idx[b]`` of batch row ``b`` to its
+    clean value at the ``restore`` positions (the activation's positions start at ``p0``)."""
     dev = model.cfg.device
-    b = idx.numel()
-    toks = _tokens(model, query).expand(b, -1)
-    rel = torch.tensor(list(restore), device=dev)
+    rel = torch.tensor([p - p0 for p in restore], device=dev)
     vals = clean_post[layer][list(restore)][:, idx.to(dev)].T  # [b, r]
-    bidx = torch.arange(b, device=dev)[:, None]
+    bidx = torch.arange(idx.numel(), device=dev)[:, None]
     cols = idx.to(dev)[:, None]
 
     def restore_fn(act: Tensor, hook) -> Tensor:
@@ -355,8 +341,19 @@ def _restored_logprobs_full(model, query: Query, run: _Run, clean_post: Tensor, 
         act[bidx, rel[None, :], cols] = vals.to(act.dtype)
         return act
 
+    return hooks.mlp_post(layer), restore_fn
+
+
+@torch.inference_mode()
+def _restored_logprobs_full(model, query: Query, run: _Run, clean_post: Tensor, layer: int,
+                            idx: Tensor, restore: tuple[int, ...]) -> Float[Tensor, "batch"]:
+    """:func:`_restored_logprobs` by whole hooked forward passes (one batch row per restored
+    neuron, the run's noise on every row): what a model without TransformerLens' block calls
+    and key/value caches (a TransformerBridge) computes; the same numbers up to rounding."""
+    b = idx.numel()
+    toks = _tokens(model, query).expand(b, -1)
     fwd = ([] if run.noise is None else _noise_hooks(run.noise)) + [
-        (hooks.mlp_post(layer), restore_fn)]
+        _restore_hook(model, clean_post, layer, idx, restore, 0)]
     with model.hooks(fwd_hooks=fwd):
         logits = model(toks)
     logp = torch.log_softmax(logits[:, list(query.answer_positions)].float(), dim=-1)
