@@ -6,9 +6,11 @@ erased / updated with ``kn_lens.edit`` (QL eq. 2) and judged with ``kn_lens.eval
 Rel on the edited query, Gen on the fact's other templates, Loc on ``--n-locality`` known facts
 outside the sample (first template; other subjects, mostly other relations), dPPL = relative
 perplexity change on ``--ppl-slices`` reference slices (fixed seed). The driver is
-``kn_lens.analysis.compare_kn_selections``; update targets come from ``kn_lens.datasets.new_objects``
-(seeded: another object of the relation whose first token differs). Table 2 = N_i/N_g rows split by K_I/K_II (static
-threshold on CS2); Table 3 = N_i/N_g/CAS over all facts.
+``kn_lens.analysis.compare_kn_selections``, each fact's edits one sweep item
+(``kn_modification``: a killed run resumes, ``--backend pool --workers N`` / ``--shard i/n``
+split the facts); update targets come from ``kn_lens.datasets.new_objects`` (seeded: another
+object of the relation whose first token differs). Table 2 = N_i/N_g rows split by K_I/K_II
+(static threshold on CS2); Table 3 = N_i/N_g/CAS over all facts.
 
     python experiments/ql_modification.py --quick          # edits q_1 of each fact
     python experiments/ql_modification.py                   # edits every q_i (QL)
@@ -24,12 +26,13 @@ METRICS = ("Rel", "Gen", "Loc", "Avg", "dPPL")
 
 
 def compute(args) -> None:
-    from kn_lens.analysis import (CompareConfig, compare_kn_selections, consistency_by_method,
-                                  default_selection)
+    from kn_lens.analysis import (CASConfig, CompareConfig, compare_kn_selections,
+                                  consistency_by_method, default_selection)
     from kn_lens.datasets import new_objects as draw_new_objects
-    from kn_lens.evaluate import prepare_reference, reference_slices
     from kn_lens.facts import make_query
     from kn_lens.models import model_info
+    from kn_lens.sweep import ReferenceSpec, kn_modification_items
+    from kn_lens.sweep.kinds import prepared_reference
 
     started = time.time()
     args.methods = [args.method]
@@ -43,18 +46,25 @@ def compute(args) -> None:
     locality = [make_query(model, f, ds.relation_of(f).templates[0]) for f in loc_facts]
     n_slices = args.ppl_slices if args.ppl_slices is not None else 4
     slice_len = args.ppl_slice_len or (64 if args.quick else 128)
-    reference = (prepare_reference(model, reference_slices(model, n_slices, slice_len, seed=args.seed))
-                 if n_slices else None)
+    ref_spec = ReferenceSpec(n_slices=n_slices, slice_len=slice_len, seed=args.seed) \
+        if n_slices else None
     # update targets (QL eq. 2): another object of the relation with a different first token
     new_objects = draw_new_objects(facts, seed=args.seed, model=model, dataset=ds)
     edit_queries = args.edit_queries or ("first" if args.quick else "all")
     cfg = CompareConfig(edit_queries=edit_queries, seed=args.seed)
     selection = default_selection(args.method, model.cfg.n_layers)
     t0 = time.perf_counter()
-    comp = compare_kn_selections(model, located.scores[args.method], selection=selection,
-                                 config=cfg, groups=labels, locality=locality, reference=reference,
-                                 new_objects=new_objects)
-    edit_seconds = time.perf_counter() - t0
+    # one sweep item per fact (resumable, shardable: --backend pool --workers 2, --shard i/n)
+    scores = located.scores[args.method]
+    items = kn_modification_items(model, scores, config=cfg, selection=selection,
+                                  cas_config=CASConfig(), new_objects=new_objects,
+                                  locality=locality, reference=ref_spec)
+    done = dict(zip(scores, experiment.sweep_items(args, items, model=model)))
+    reference = prepared_reference(model, ref_spec) if ref_spec else None  # (nothing left to edit)
+    comp = compare_kn_selections(model, scores, selection=selection, config=cfg, groups=labels,
+                                 locality=locality, reference=reference, new_objects=new_objects,
+                                 done=done)
+    edit_seconds = time.perf_counter() - t0  # this run's (a resumed run: only what it computed)
     payload = {"facts": [experiment.fact_dict(f) for f in facts], "method": args.method,
                "threshold": args.threshold, "seconds_per_query": located.seconds_per_query,
                "edit_seconds_per_fact": edit_seconds / len(facts),

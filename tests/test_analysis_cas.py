@@ -101,3 +101,42 @@ def test_compare_kn_selections_tiny_model():
                  and r["selection"] == a["selection"])
         assert {k: v for k, v in a.items() if k != "group"} == {k: v for k, v in b.items() if k != "group"}
     assert one.per_edit[0]["group"] == "K_II" and len(one.per_edit) == len(res.per_edit)
+
+
+def test_kn_modification_items_equal_compare_kn_selections_and_resume(tmp_path):
+    """QL Table 3 through sweep items (one per fact): the same per-edit records as the in-process
+    loop, and a second sweep over the same store computes nothing."""
+    from kn_lens.analysis import KNSelection
+    from kn_lens.analysis.cas import CompareConfig, compare_kn_selections
+    from kn_lens.facts import Relation, queries_for_fact
+    from kn_lens.locate import contribution_scores
+    from kn_lens.sweep import ReferenceSpec, kn_modification_items, sweep, sweep_results
+    from kn_lens.sweep.kinds import prepared_reference
+    from kn_lens.testing import tiny_gpt2
+
+    m = tiny_gpt2()
+    rel = Relation("P36", "capital", ("The capital of {} is", "{}'s capital is"))
+    facts = [Fact("France", "P36", "Paris"), Fact("Germany", "P36", "Berlin"),
+             Fact("Italy", "P36", "Rome")]
+    scores = {f: [contribution_scores(m, q) for q in queries_for_fact(m, f, rel)] for f in facts}
+    new = {facts[0]: "Rome", facts[1]: "Paris", facts[2]: "Berlin"}
+    locality = [scores[facts[2]][0].query, scores[facts[0]][1].query]
+    cfg = CompareConfig(edit_queries="first")
+    ref = ReferenceSpec(n_slices=1, slice_len=8)
+    kw = dict(selection=KNSelection(), config=cfg, new_objects=new, locality=locality)
+    items = kn_modification_items(m, scores, cas_config=CASConfig(), reference=ref, **kw)
+    assert len(items) == 3 and len({it.key for it in items}) == 3
+    # the fact's own queries are not its locality set
+    assert items[2].payload.locality == (locality[1],)
+    recs = sweep_results(items, tmp_path, model=m, progress=False, log=lambda s: None)
+    direct = compare_kn_selections(m, scores, reference=prepared_reference(m, ref), **kw)
+    via = compare_kn_selections(m, scores, reference=prepared_reference(m, ref),
+                                done=dict(zip(scores, recs)), **kw)
+    assert via.per_edit == direct.per_edit and via.rows == direct.rows
+    assert len(direct.per_edit) == 3 * 3 * 2
+    again = sweep(items, tmp_path, model=m, progress=False, log=lambda s: None)
+    assert again.computed == 0 and again.stored_before == 3
+    # the key follows what determines the records: another update target is another item
+    other = kn_modification_items(m, scores, cas_config=CASConfig(), reference=ref,
+                                  **{**kw, "new_objects": {**new, facts[0]: "Berlin"}})
+    assert other[0].key != items[0].key and other[1].key == items[1].key

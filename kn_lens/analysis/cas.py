@@ -26,7 +26,7 @@ from kn_lens.facts import Fact
 from kn_lens.neurons import NeuronScores, NeuronSet, freeze_layers, union
 
 __all__ = ["CASConfig", "CASResult", "consistency_aware_score", "cas_neurons",
-           "cas_neurons_by_fact", "compare_kn_selections", "CompareConfig", "SelectionComparison"]
+           "cas_neurons_by_fact", "compare_kn_selections", "kn_selection_edits", "CompareConfig", "SelectionComparison"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,7 +167,9 @@ def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronSc
                           new_objects: Mapping[Fact, str] | None = None,
                           locality: Sequence | None = None,
                           reference: PreparedReference | Tensor | Sequence[Tensor] | None = None,
-                          edit_config=None) -> SelectionComparison:
+                          edit_config=None,
+                          done: Mapping[Fact, Sequence[dict]] | None = None
+                          ) -> SelectionComparison:
     """QL Table 3: erase / update a fact through three KN selections and measure the edits.
 
     For every fact (its neighbour queries' ``NeuronScores``, each carrying its query) and every
@@ -182,10 +184,10 @@ def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronSc
 
     Rows are means per (operation, selection, group), group "all" plus each label in ``groups``
     (e.g. ``ConsistencyResult.labels["static"]``). Edits whose set is empty are skipped and counted.
+    ``done``: per-edit records of some facts already computed by :func:`kn_selection_edits` with
+    the same settings (a sweep's ``kn_modification`` items): those facts are not edited again.
     """
-    from kn_lens.analysis.consistency import KNSelection, select_kns
-    from kn_lens.edit import kn as kn_edit
-    from kn_lens.evaluate import evaluate_edit, retarget
+    from kn_lens.analysis.consistency import KNSelection
 
     selection = selection or KNSelection()
     facts = list(scores_by_fact)
@@ -199,49 +201,83 @@ def compare_kn_selections(model, scores_by_fact: Mapping[Fact, Sequence[NeuronSc
 
         new_objects = draw_new_objects(facts, seed=config.seed, model=model)
     g = torch.Generator(device="cpu").manual_seed(config.seed)
-    ekw = {} if edit_config is None else {"config": edit_config}
     per_edit = []
     for f in facts:
-        scores = list(scores_by_fact[f])
-        queries = [s.query for s in scores]
-        local = [select_kns(s, selection) for s in scores]
-        sets = {"N_g": union(local), "CAS": cas_neurons(scores, config=cas_config)}
-        if locality is None:
+        if locality is None:  # drawn for every fact (done or not): the same draws either way
             others = [o for o in facts if o != f]
             perm = torch.randperm(len(others), generator=g,
                                   device="cpu")[:config.n_locality].tolist()
             loc = [scores_by_fact[others[j]][0].query for j in perm]
         else:
             loc = [q for q in locality if q.fact != f]
-        targets = range(len(queries)) if config.edit_queries == "all" else range(1)
-        for i in targets:
-            neighbours = [q for j, q in enumerate(queries) if j != i]
-            for sel in config.selections:
-                ns = local[i] if sel == "N_i" else sets[sel]
-                for op in config.operations:
-                    rec = {"fact": f.key(), "query_index": i, "selection": sel, "operation": op,
-                           "group": None if groups is None else groups.get(f), "n_neurons": len(ns)}
-                    if not len(ns):
-                        rec["skipped"] = True
-                        per_edit.append(rec)
-                        continue
-                    if op == "erasure":
-                        edit = kn_edit.erase(model, ns)
-                        m = evaluate_edit(model, edit, edited=[queries[i]], generalisation=neighbours,
-                                          locality=loc, mode="erasure", reference=reference)
-                    else:
-                        new = new_objects[f]
-                        edit = kn_edit.update(model, ns, queries[i], new, **ekw)
-                        m = evaluate_edit(model, edit, edited=[retarget(model, queries[i], new)],
-                                          generalisation=[retarget(model, q, new) for q in neighbours],
-                                          locality=loc, mode="update", reference=reference)
-                    rec.update(m.summary())
-                    rec["skipped"] = False
-                    per_edit.append(rec)
+        if done is not None and f in done:  # computed elsewhere (e.g. a sweep): just regroup
+            per_edit += [{**r, "group": None if groups is None else groups.get(f)}
+                         for r in done[f]]
+            continue
+        per_edit += kn_selection_edits(
+            model, scores_by_fact[f], selection=selection, cas_config=cas_config, config=config,
+            group=None if groups is None else groups.get(f),
+            new_object=None if new_objects is None else new_objects[f], locality=loc,
+            reference=reference, edit_config=edit_config)
     rows = _rows(per_edit, config.operations, config.selections)
     cfg = {"compare": asdict(config), "cas": asdict(cas_config), "selection": asdict(selection),
            "n_facts": len(facts), "reference": reference is not None}
     return SelectionComparison(tuple(rows), tuple(per_edit), cfg)
+
+
+def kn_selection_edits(model, scores: Sequence[NeuronScores], *, selection=None,
+                       cas_config: CASConfig = CASConfig(), config: CompareConfig = CompareConfig(),
+                       group: str | None = None, new_object: str | None = None,
+                       locality: Sequence = (),
+                       reference: PreparedReference | Tensor | Sequence[Tensor] | None = None,
+                       edit_config=None) -> list[dict]:
+    """One fact's part of :func:`compare_kn_selections`: its neighbour queries' ``scores`` (each
+    with its query), every edited query x selection x operation erased / updated and judged;
+    ``locality``: the out-of-scope queries; ``new_object``: the update target. Returns one record
+    per edit (``skipped`` when the selected set is empty)."""
+    from kn_lens.analysis.consistency import KNSelection, select_kns
+    from kn_lens.edit import kn as kn_edit
+    from kn_lens.evaluate import evaluate_edit, retarget
+
+    selection = selection or KNSelection()
+    scores = list(scores)
+    if len(scores) < 2 or any(s.query is None for s in scores):
+        raise InvalidFactError("kn_selection_edits needs >= 2 NeuronScores, each with its query")
+    if "update" in config.operations and new_object is None:
+        raise InvalidFactError("kn_selection_edits: an update needs new_object")
+    fact = scores[0].query.fact
+    ekw = {} if edit_config is None else {"config": edit_config}
+    queries = [s.query for s in scores]
+    local = [select_kns(s, selection) for s in scores]
+    sets = {"N_g": union(local), "CAS": cas_neurons(scores, config=cas_config)}
+    loc = list(locality)
+    out = []
+    targets = range(len(queries)) if config.edit_queries == "all" else range(1)
+    for i in targets:
+        neighbours = [q for j, q in enumerate(queries) if j != i]
+        for sel in config.selections:
+            ns = local[i] if sel == "N_i" else sets[sel]
+            for op in config.operations:
+                rec = {"fact": fact.key(), "query_index": i, "selection": sel, "operation": op,
+                       "group": group, "n_neurons": len(ns)}
+                if not len(ns):
+                    rec["skipped"] = True
+                    out.append(rec)
+                    continue
+                if op == "erasure":
+                    edit = kn_edit.erase(model, ns)
+                    m = evaluate_edit(model, edit, edited=[queries[i]], generalisation=neighbours,
+                                      locality=loc, mode="erasure", reference=reference)
+                else:
+                    edit = kn_edit.update(model, ns, queries[i], new_object, **ekw)
+                    m = evaluate_edit(model, edit, edited=[retarget(model, queries[i], new_object)],
+                                      generalisation=[retarget(model, q, new_object)
+                                                      for q in neighbours],
+                                      locality=loc, mode="update", reference=reference)
+                rec.update(m.summary())
+                rec["skipped"] = False
+                out.append(rec)
+    return out
 
 
 def _rows(per_edit: Sequence[dict], operations: Sequence[str], selections: Sequence[str]

@@ -13,7 +13,8 @@ filter (``store.query(kind=..., method=..., relation=...)``; the index is a SQLi
 
 ``kn-lens sweep SPEC`` runs a sweep described by a JSON file (:mod:`kn_lens.sweep.specfile`).
 """
-from kn_lens.sweep.items import (EditJob, ItemKind, KnownJob, ReferenceSpec, WorkItem,
+from kn_lens.sweep.items import (EditJob, ItemKind, KNModificationJob, KnownJob, ReferenceSpec,
+                                 WorkItem, kn_modification_items,
                                  analysis_items, available_analyses, available_kinds, canonical,
                                  edit_items, fact_queries, get_kind, known_item, locate_items,
                                  register_analysis, register_kind)
@@ -24,7 +25,7 @@ from kn_lens.sweep.run import (BACKENDS, SkippedItem, SweepConfig, SweepResult, 
 from kn_lens.sweep.store import Record, ResultStore
 
 __all__ = [
-    "EditJob", "ItemKind", "KnownJob", "ReferenceSpec", "WorkItem", "analysis_items",
+    "EditJob", "ItemKind", "KNModificationJob", "kn_modification_items", "KnownJob", "ReferenceSpec", "WorkItem", "analysis_items",
     "available_analyses", "available_kinds", "canonical", "edit_items", "fact_queries", "get_kind",
     "known_item", "locate_items",
     "register_analysis", "register_kind", "CompactScores", "EditOutcome", "ModelSpec",

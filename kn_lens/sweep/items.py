@@ -33,7 +33,8 @@ from kn_lens.sweep.modelspec import ModelSpec
 
 __all__ = ["ItemKind", "WorkItem", "EditJob", "KnownJob", "ReferenceSpec", "register_kind",
            "get_kind", "available_kinds", "canonical", "register_analysis", "available_analyses",
-           "locate_items", "analysis_items", "edit_items", "known_item", "fact_queries", "spec_of"]
+           "locate_items", "analysis_items", "edit_items", "known_item", "fact_queries", "spec_of",
+           "KNModificationJob", "kn_modification_items"]
 
 
 # --------------------------------------------------------------------------- canonical JSON
@@ -267,6 +268,40 @@ class EditJob:
 
 
 @dataclass(frozen=True, kw_only=True)
+class KNModificationJob:
+    """The input of a ``kn_modification`` item: one fact erased / updated through its KNs as
+    selected by N_i, N_g and CAS (QL Tables 2-3, :func:`kn_lens.analysis.kn_selection_edits`).
+    The key holds the fact's queries, the locator that scored them (``locator``, its config and
+    version: what determines the scores), the selections, the update target, the locality
+    queries and the dPPL reference; the scores themselves ride along outside the key
+    (``scores``, one per query, in order)."""
+
+    queries: tuple[Query, ...]
+    locator: str
+    locator_config: Any
+    locator_version: int
+    selection: Any  # kn_lens.analysis.KNSelection
+    cas_config: Any  # kn_lens.analysis.CASConfig
+    new_object: str | None
+    locality: tuple[Query, ...] = ()
+    reference: ReferenceSpec | None = None
+    edit_config: Any = None  # KNEditConfig of the updates (None: its defaults)
+    scores: tuple = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("queries", "locality", "scores"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if len(self.queries) < 2 or not all(isinstance(q, Query) for q in self.queries):
+            raise ConfigError("KNModificationJob.queries must be two or more Queries")
+        if len(self.scores) != len(self.queries) or any(
+                getattr(s, "query", None) != q for s, q in zip(self.scores, self.queries)):
+            raise ConfigError("KNModificationJob.scores must be one NeuronScores per query, "
+                              "in the queries' order")
+        if self.reference is not None and not isinstance(self.reference, ReferenceSpec):
+            raise ConfigError("KNModificationJob.reference must be a ReferenceSpec or None")
+
+
+@dataclass(frozen=True, kw_only=True)
 class KnownJob:
     """The input of a ``known`` item: which of ``facts`` the model knows
     (:func:`kn_lens.datasets.known_facts`, every template of each fact's relation, from
@@ -380,6 +415,18 @@ register_kind(ItemKind(
 
 
 register_kind(ItemKind(
+    name="kn_modification", run="kn_lens.sweep.kinds:run_kn_modification",
+    methods=lambda: ["kn_selections"], config_class=lambda m: _compare_config(),
+    payload=KNModificationJob))
+
+
+def _compare_config() -> type:
+    from kn_lens.analysis.cas import CompareConfig
+
+    return CompareConfig
+
+
+register_kind(ItemKind(
     name="known", run="kn_lens.sweep.kinds:run_known", methods=lambda: ["known_facts"],
     config_class=lambda m: _known_config(), payload=KnownJob))
 
@@ -446,6 +493,34 @@ def edit_items(model, requests: Iterable[EditRequest], method: str, config: Any 
     return [WorkItem("edit", method, EditJob(request=r, harness=harness, reference=reference,
                                              keep_edit=keep_edit), spec, config, seed=seed)
             for r in requests]
+
+
+def kn_modification_items(model, scores_by_fact: Mapping[Fact, Sequence[Any]], *, config: Any,
+                          selection: Any, cas_config: Any, new_objects: Mapping[Fact, str] | None,
+                          locality: Sequence[Query] = (), reference: ReferenceSpec | None = None,
+                          edit_config: Any = None) -> list[WorkItem]:
+    """One ``kn_modification`` item per fact (QL Tables 2-3): its located scores (one
+    ``NeuronScores`` per neighbour query, all by one locator), ``config`` a
+    :class:`~kn_lens.analysis.CompareConfig`; locality queries of the fact itself are dropped,
+    as :func:`kn_lens.analysis.compare_kn_selections` does."""
+    from kn_lens.locate import available_methods, method_version
+
+    spec = spec_of(model)
+    out = []
+    for f, scores in scores_by_fact.items():
+        scores = tuple(scores)
+        method = scores[0].method if scores else None
+        job = KNModificationJob(
+            queries=tuple(s.query for s in scores), locator=method,
+            locator_config=scores[0].config if scores else None,
+            # scores from outside the registry (hand-made, a user's own): version 0
+            locator_version=method_version(method) if method in available_methods() else 0,
+            selection=selection,
+            cas_config=cas_config, new_object=None if new_objects is None else new_objects[f],
+            locality=tuple(q for q in locality if q.fact != f), reference=reference,
+            edit_config=edit_config, scores=scores)
+        out.append(WorkItem("kn_modification", "kn_selections", job, spec, config))
+    return out
 
 
 def known_item(model, facts: Iterable[Fact], relations, config: Any = None) -> WorkItem:

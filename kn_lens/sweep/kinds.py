@@ -6,7 +6,9 @@
   ``TraceResult``);
 - ``edit``: the editor ``item.method`` on one request, judged by the harness ->
   :class:`EditOutcome` (the one-request ``EditReport`` and, with ``keep_edit``, the ``Edit``);
-- ``known``: which facts the model knows -> :class:`~kn_lens.datasets.KnownFacts`.
+- ``known``: which facts the model knows -> :class:`~kn_lens.datasets.KnownFacts`;
+- ``kn_modification``: one fact's KN erasure / update through N_i, N_g and CAS, judged -> its
+  per-edit records (:func:`kn_lens.analysis.kn_selection_edits`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["run_locate", "run_analysis", "run_edit", "run_known", "CompactScores", "EditOutcome",
+__all__ = ["run_locate", "run_analysis", "run_edit", "run_known", "run_kn_modification", "CompactScores", "EditOutcome",
            "decode_scores", "prepared_reference"]
 
 
@@ -65,6 +67,18 @@ def run_edit(model, item):
                                reference=reference, seed=item.seed or 0,
                                on_batch=lambda k, e, rows: kept.append(e))
     return EditOutcome(report, kept[0] if job.keep_edit else None)
+
+
+def run_kn_modification(model, item):
+    from kn_lens.analysis.cas import kn_selection_edits
+
+    job = item.payload
+    reference = None if job.reference is None else prepared_reference(model, job.reference)
+    scores = [decode_scores(s) for s in job.scores]
+    return kn_selection_edits(model, scores, selection=job.selection, cas_config=job.cas_config,
+                              config=item.config, new_object=job.new_object,
+                              locality=job.locality, reference=reference,
+                              edit_config=job.edit_config)
 
 
 def prepared_reference(model, spec):
