@@ -198,7 +198,9 @@ def sweep(items: Sequence, store: "ResultStore | str | os.PathLike", *,
         last_log = now
         done = len(stored) + computed + done_elsewhere
         rate = computed / max(now - t_compute, 1e-9)
-        left = total - done - len(failed)
+        # items claimed by other sweeps are theirs to compute (and counted as stored only when
+        # this sweep polls them again, once its own queue is empty): not in this sweep's eta
+        left = total - done - len(failed) - len(deferred)
         eta = f", eta {left / rate:.0f} s" if rate > 0 and left > 0 else ""
         say(f"[sweep] {done}/{total} stored ({computed} computed here, {len(failed)} failed"
             f"{f', {len(deferred)} with other sweeps' if deferred else ''}) {rate:.2f} items/s{eta}")
