@@ -85,6 +85,9 @@ def child(args) -> None:
         t0 = time.perf_counter()
         edit(model, reqs[1:], method=method, config=config, seed=args.seed)
         times.append(time.perf_counter() - t0)
+    out["timed"] = [f"{r.fact.subject} -> {r.new_object} "
+                    f"({len(model.to_tokens(' ' + r.new_object, prepend_bos=False)[0])} tok)"
+                    for r in reqs[1:]]
     out.update({"batch": batch, "times": times,
                 "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
     print("RESULT " + json.dumps(out))
@@ -138,6 +141,9 @@ def main() -> None:
             f"<= {target:g}: {'met' if statistics.median(t) <= target else 'not met'}"
         print(f"| {name} | {res['batch']} | {statistics.median(t):.2f} | {max(t):.2f} | "
               f"{res['peak_gib']:.2f} | {verdict} |")
+    timed = next((res["timed"] for res in results if res.get("batch") == 1), None)
+    if timed:  # the same requests for every editor (same seed and --n)
+        print(f"\ntimed requests (new object, its tokens): {'; '.join(timed)}")
     for res in results:
         if res["editor"] == "stats":
             print("\nKey statistics C = E[k k^T] (100,000 tokens, computed once, then cached):\n")
