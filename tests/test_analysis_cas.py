@@ -140,3 +140,33 @@ def test_kn_modification_items_equal_compare_kn_selections_and_resume(tmp_path):
     other = kn_modification_items(m, scores, cas_config=CASConfig(), reference=ref,
                                   **{**kw, "new_objects": {**new, facts[0]: "Berlin"}})
     assert other[0].key != items[0].key and other[1].key == items[1].key
+
+
+def test_kn_modification_items_key_hand_made_scores_by_value():
+    """Scores from outside the locator registry are keyed by their values (no method version
+    vouches for them); registry scores by locator, config and version only."""
+    from kn_lens.analysis import KNSelection
+    from kn_lens.analysis.cas import CompareConfig
+    from kn_lens.facts import Relation, queries_for_fact
+    from kn_lens.locate import contribution_scores
+    from kn_lens.models import model_info
+    from kn_lens.neurons import NeuronScores
+    from kn_lens.sweep import kn_modification_items
+    from kn_lens.testing import tiny_gpt2
+
+    m = tiny_gpt2()
+    rel = Relation("P36", "capital", ("The capital of {} is", "{}'s capital is"))
+    f = Fact("France", "P36", "Paris")
+    qs = queries_for_fact(m, f, rel)
+    kw = dict(config=CompareConfig(edit_queries="first"), selection=KNSelection(),
+              cas_config=CASConfig(), new_objects={f: "Rome"})
+
+    def hand(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {f: [NeuronScores(torch.rand(m.cfg.n_layers, m.cfg.d_mlp, generator=g), "mine", q,
+                                 None, model_info(m)) for q in qs]}
+
+    a, b, a2 = (kn_modification_items(m, hand(s), **kw)[0] for s in (0, 1, 0))
+    assert a.key != b.key and a.key == a2.key and a.payload.scores_hash
+    reg = kn_modification_items(m, {f: [contribution_scores(m, q) for q in qs]}, **kw)[0]
+    assert reg.payload.scores_hash is None and reg.payload.locator_version >= 1

@@ -286,6 +286,9 @@ class KNModificationJob:
     locality: tuple[Query, ...] = ()
     reference: ReferenceSpec | None = None
     edit_config: Any = None  # KNEditConfig of the updates (None: its defaults)
+    # scores from outside the locator registry (hand-made, a user's own) have no method version
+    # to vouch for them: their bytes' hash is part of the key instead (None for registry scores)
+    scores_hash: str | None = None
     scores: tuple = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -510,11 +513,17 @@ def kn_modification_items(model, scores_by_fact: Mapping[Fact, Sequence[Any]], *
     for f, scores in scores_by_fact.items():
         scores = tuple(scores)
         method = scores[0].method if scores else None
+        registered = method in available_methods()
+        digest = None
+        if not registered:  # no locator version vouches for these numbers: key them by value
+            h = hashlib.sha1()
+            for sc in scores:
+                h.update(sc.scores.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            digest = h.hexdigest()
         job = KNModificationJob(
             queries=tuple(s.query for s in scores), locator=method,
             locator_config=scores[0].config if scores else None,
-            # scores from outside the registry (hand-made, a user's own): version 0
-            locator_version=method_version(method) if method in available_methods() else 0,
+            locator_version=method_version(method) if registered else 0, scores_hash=digest,
             selection=selection,
             cas_config=cas_config, new_object=None if new_objects is None else new_objects[f],
             locality=tuple(q for q in locality if q.fact != f), reference=reference,
