@@ -13,7 +13,8 @@
 """
 from kn_lens.analysis.cas import (CASConfig, CASResult, CompareConfig, SelectionComparison,
                                   cas_neurons, cas_neurons_by_fact,
-                                  compare_kn_selections, consistency_aware_score)
+                                  compare_kn_selections, consistency_aware_score,
+                                  kn_selection_edits)
 from kn_lens.analysis.consistency import (ConsistencyConfig, ConsistencyResult, FactConsistency,
                                           GroupRow, KNSelection, consistency_analysis,
                                           consistency_by_method, cs1, cs2, default_selection,
@@ -33,7 +34,7 @@ from kn_lens.analysis.tracing import (LayerSweep, TraceConfig, TraceResult, caus
 
 __all__ = [
     "CASConfig", "CASResult", "CompareConfig", "SelectionComparison", "cas_neurons", "cas_neurons_by_fact", "compare_kn_selections",
-    "consistency_aware_score",
+    "consistency_aware_score", "kn_selection_edits",
     "ConsistencyConfig", "ConsistencyResult", "FactConsistency", "GroupRow", "KNSelection",
     "consistency_analysis", "consistency_by_method", "cs1", "cs2", "default_selection", "kn_sets_from_scores", "otsu_threshold", "select_kns",
     "shared_k2_ratio", "welch_t_test",

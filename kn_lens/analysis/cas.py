@@ -26,7 +26,8 @@ from kn_lens.facts import Fact
 from kn_lens.neurons import NeuronScores, NeuronSet, freeze_layers, union
 
 __all__ = ["CASConfig", "CASResult", "consistency_aware_score", "cas_neurons",
-           "cas_neurons_by_fact", "compare_kn_selections", "kn_selection_edits", "CompareConfig", "SelectionComparison"]
+           "cas_neurons_by_fact", "compare_kn_selections", "kn_selection_edits", "CompareConfig",
+           "SelectionComparison"]
 
 
 @dataclass(frozen=True, kw_only=True)

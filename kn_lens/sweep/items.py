@@ -516,10 +516,8 @@ def kn_modification_items(model, scores_by_fact: Mapping[Fact, Sequence[Any]], *
         registered = method in available_methods()
         digest = None
         if not registered:  # no locator version vouches for these numbers: key them by value
-            h = hashlib.sha1()
-            for sc in scores:
-                h.update(sc.scores.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-            digest = h.hexdigest()
+            digest = hashlib.sha1(json.dumps(canonical([sc.scores for sc in scores]),
+                                             sort_keys=True).encode()).hexdigest()
         job = KNModificationJob(
             queries=tuple(s.query for s in scores), locator=method,
             locator_config=scores[0].config if scores else None,
