@@ -91,7 +91,12 @@ class FrozenPrefix:
     def final_resid(self, model: "HookedTransformer") -> Float[Tensor, "batch S d_model"]:
         """Blocks ``start..`` on the suffixes (hooks fire as in TransformerLens' blocks)."""
         x = self.resid
+        masks: dict = {}  # one per attention type (global / local window), not one per block
         for j, layer in enumerate(range(self.start, model.cfg.n_layers)):
+            attn = model.blocks[layer].attn
+            if attn.attn_type not in masks:
+                masks[attn.attn_type] = _fast.prefix_mask(attn, x.shape[1], self.P, self.valid,
+                                                          x.device)
             x = _fast.prefix_block(model.blocks[layer], x, self.keys[j], self.values[j],
-                                   valid=self.valid)
+                                   valid=self.valid, mask=masks[attn.attn_type])
         return x
