@@ -128,6 +128,21 @@ def qkv_forward(attn, query_input: Tensor, key_input: Tensor, value_input: Tenso
         q = attn.hook_q(q.unflatten(-1, (n_q, d_head)))
         k = attn.hook_k(k.unflatten(-1, (n_kv, d_head)))
         v = attn.hook_v(v.unflatten(-1, (n_kv, d_head)))
+    elif fused is not False and not weight_grads:
+        # separate inputs (gradients flow into them) in a frozen_weights scope: three matmuls
+        # on column slices of the fused copy (views: no per-call weight copy)
+        if fused is None:
+            fused = _fuse_qkv(attn.W_Q, attn.b_Q, W_K, b_K, W_V, b_V)
+            attn.__dict__["_kn_qkv"] = fused
+        W, b, (n_q, n_kv, d_head) = fused
+        cuts = (0, n_q * d_head, (n_q + n_kv) * d_head, (n_q + 2 * n_kv) * d_head)
+        outs = []
+        for x, lo, hi in zip((query_input, key_input, value_input), cuts[:-1], cuts[1:]):
+            y = x @ W[:, lo:hi]
+            outs.append(y if b is None else y + b[lo:hi])
+        q = attn.hook_q(outs[0].unflatten(-1, (n_q, d_head)))
+        k = attn.hook_k(outs[1].unflatten(-1, (n_kv, d_head)))
+        v = attn.hook_v(outs[2].unflatten(-1, (n_kv, d_head)))
     else:
         q = attn.hook_q(_project(query_input, attn.W_Q, attn.b_Q))
         k = attn.hook_k(_project(key_input, W_K, b_K))
@@ -170,8 +185,12 @@ def attn_forward(attn, query_input: Tensor, key_input: Tensor, value_input: Tens
     else:
         offset = 0
     if attn.cfg.positional_embedding_type == "rotary":
-        q = attn.hook_rot_q(attn.apply_rotary(q, offset, attention_mask))
-        k = attn.hook_rot_k(attn.apply_rotary(k, 0, attention_mask))
+        if offset == 0 and attention_mask is None:  # positions 0..: the same products, fewer ops
+            q = attn.hook_rot_q(_rotary0(attn, q))
+            k = attn.hook_rot_k(_rotary0(attn, k))
+        else:
+            q = attn.hook_rot_q(attn.apply_rotary(q, offset, attention_mask))
+            k = attn.hook_rot_k(attn.apply_rotary(k, 0, attention_mask))
     scores = attn.calculate_attention_scores(q, k)
     if (attn._attention_dir_override or attn.cfg.attention_dir) == "causal":
         scores = attn.apply_causal_mask(scores, offset, attention_mask)
