@@ -23,7 +23,10 @@ Computations that restart from cached state (integrated gradients, causal mediat
 optimisation loop's frozen prefix) run blocks on a few suffix positions with
 :func:`prefix_block`, which attends to prefix keys / values computed once
 (:func:`relative_prefix_keys`: rotary folded into them) instead of copying, rotating and repeating
-them per batch row, and normalises with :func:`norm` (RMS norms with a one-function backward).
+them per batch row, and normalises with :func:`norm` (RMS norms with a one-function backward);
+per-row prefixes (the optimisation loop's) attend through ``scaled_dot_product_attention``, and
+rotary runs without TransformerLens' per-call clone and slice writes (:func:`_rotary0`); with
+these, ROME's v* steps went from 5.87 to 4.42 s per edit on SmolLM2 (17 requests, 2 threads).
 :func:`answer_prob` is P(answer) from final residual rows with its gradient formed in the same
 sweep over the vocabulary, never holding rows x vocabulary logits.
 """
