@@ -295,7 +295,7 @@ PAPER_TABLES = (
       ("Locality (relations)", "tokens", "locality_relation"),
       ("Locality (neighbours)", "tokens", "locality"), ("Fluency", "generation", "fluency")],
      [("FT-L", "ft_l"), ("ROME", "rome"), ("MEMIT", "memit"), ("KNE (W_out)", "kne"),
-      ("KNE W_in (up_proj)", "kne_w_in"), ("KNE W_gate (gate_proj)", "kne_w_gate"),
+      ("KNE (W_out), Adam lr 1e-3", "kne_lr_1e-3"), ("KNE W_in (up_proj)", "kne_w_in"), ("KNE W_gate (gate_proj)", "kne_w_gate"),
       ("KNE W_Q (q_proj)", "kne_w_q"), ("KNE W_K (k_proj)", "kne_w_k"),
       ("KNE W_V (v_proj)", "kne_w_v"), ("KNE W_O (o_proj)", "kne_w_o"),
       ("KNE, ensembles reused (Sec. 4.4)", "kne_reuse")]),

@@ -50,6 +50,10 @@ VARIANTS = {
     "kne_w_k": ("kne", {"module": "W_K"}),
     "kne_w_v": ("kne", {"module": "W_V"}),
     "kne_w_o": ("kne", {"module": "W_O"}),
+    # KNE's Adam lr (the paper gives none) moves every trained entry by ~lr per step, so its
+    # effect scales with the weights: Gemma-3's W_out entries (RMS 0.016) are 12x smaller than
+    # SmolLM2's (0.19), and lr 1e-2 over-edits Gemma (README). A 10x smaller lr tests that.
+    "kne_lr_1e-3": ("kne", {"lr": 1e-3}),
     # TNF-DA with AtP-ranked targeted neurons: exact mediation (the paper's IE, the tnf_da
     # default) takes minutes per edit on this CPU; AtP ranks neurons like it (Spearman >= 0.99,
     # top-1 % overlap >= 0.98 on SmolLM2, README). Its ablations change one thing from tnf_da_atp.
