@@ -119,33 +119,24 @@ def qkv_forward(attn, query_input: Tensor, key_input: Tensor, value_input: Tenso
     fused = attn.__dict__.get("_kn_qkv", False)  # a frozen_weights scope: one cached matrix
     weight_grads = torch.is_grad_enabled() and not attn.__dict__.get("_kn_no_weight_grads") and \
         any(t.requires_grad for t in (attn.W_Q, attn.b_Q, W_K, b_K, W_V, b_V))
-    if fused is not False and _one_input(query_input, key_input, value_input) and not weight_grads:
+    if fused is not False and not weight_grads:  # a frozen_weights scope: the fused copy
         if fused is None:
             fused = _fuse_qkv(attn.W_Q, attn.b_Q, W_K, b_K, W_V, b_V)
             attn.__dict__["_kn_qkv"] = fused
         W, b, (n_q, n_kv, d_head) = fused
-        out = query_input @ W if b is None else query_input @ W + b
-        # split, not three slices: its backward is one concatenation, not three zero-filled
-        # tensors summed
-        q, k, v = out.split([n_q * d_head, n_kv * d_head, n_kv * d_head], dim=-1)
+        sizes = [n_q * d_head, n_kv * d_head, n_kv * d_head]
+        if _one_input(query_input, key_input, value_input):
+            out = query_input @ W if b is None else query_input @ W + b
+            # split, not three slices: its backward is one concatenation, not three
+            # zero-filled tensors summed
+            q, k, v = out.split(sizes, dim=-1)
+        else:  # separate inputs (gradients flow into them): matmuls on column views of W
+            q, k, v = (x @ w if b is None else x @ w + c for x, w, c in zip(
+                (query_input, key_input, value_input), W.split(sizes, dim=1),
+                [None] * 3 if b is None else b.split(sizes)))
         q = attn.hook_q(q.unflatten(-1, (n_q, d_head)))
         k = attn.hook_k(k.unflatten(-1, (n_kv, d_head)))
         v = attn.hook_v(v.unflatten(-1, (n_kv, d_head)))
-    elif fused is not False and not weight_grads:
-        # separate inputs (gradients flow into them) in a frozen_weights scope: three matmuls
-        # on column slices of the fused copy (views: no per-call weight copy)
-        if fused is None:
-            fused = _fuse_qkv(attn.W_Q, attn.b_Q, W_K, b_K, W_V, b_V)
-            attn.__dict__["_kn_qkv"] = fused
-        W, b, (n_q, n_kv, d_head) = fused
-        cuts = (0, n_q * d_head, (n_q + n_kv) * d_head, (n_q + 2 * n_kv) * d_head)
-        outs = []
-        for x, lo, hi in zip((query_input, key_input, value_input), cuts[:-1], cuts[1:]):
-            y = x @ W[:, lo:hi]
-            outs.append(y if b is None else y + b[lo:hi])
-        q = attn.hook_q(outs[0].unflatten(-1, (n_q, d_head)))
-        k = attn.hook_k(outs[1].unflatten(-1, (n_kv, d_head)))
-        v = attn.hook_v(outs[2].unflatten(-1, (n_kv, d_head)))
     else:
         q = attn.hook_q(_project(query_input, attn.W_Q, attn.b_Q))
         k = attn.hook_k(_project(key_input, W_K, b_K))

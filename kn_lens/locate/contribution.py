@@ -30,7 +30,7 @@ from torch import Tensor
 
 from kn_lens import hooks
 from kn_lens._fast import fast_forward
-from kn_lens.backend import has_post_norms, is_bridge, norm_weight
+from kn_lens.backend import has_post_norms, norm_weight, stop_before
 from kn_lens.errors import ConfigError
 from kn_lens.facts import Query
 from kn_lens.locate.integrated_gradients import _check_query
@@ -95,10 +95,7 @@ def contribution_scores(model, query: Query, *, config: ContributionConfig | Non
         fwd += [h for l in range(n) for h in hooks.cache_hook(hooks.ln2_post_scale(l), store)]
     tokens = torch.tensor([query.input_ids], dtype=torch.long, device=model.cfg.device)
     with fast_forward(model, frozen_weights=True), model.hooks(fwd_hooks=fwd):
-        if is_bridge(model):
-            model(tokens, return_type=None)
-        else:
-            model(tokens, stop_at_layer=n)  # the MLP activations only: no unembedding
+        model(tokens, **stop_before(model, n))  # the MLP activations only: no unembedding
     pos = torch.tensor(query.answer_positions, device=model.cfg.device)
     acts = torch.stack([store[hooks.mlp_post(l)][0, pos] for l in range(n)]).float()  # [layer, answer, d_mlp]
     if post:  # the post-MLP RMSNorm divides the layer's whole output by its RMS at that position

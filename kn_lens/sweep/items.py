@@ -516,8 +516,8 @@ def kn_modification_items(model, scores_by_fact: Mapping[Fact, Sequence[Any]], *
         registered = method in available_methods()
         digest = None
         if not registered:  # no locator version vouches for these numbers: key them by value
-            digest = hashlib.sha1(json.dumps(canonical([sc.scores for sc in scores]),
-                                             sort_keys=True).encode()).hexdigest()
+            digest = hashlib.sha1(_dumps(canonical([sc.scores for sc in scores])).encode()
+                                  ).hexdigest()
         job = KNModificationJob(
             queries=tuple(s.query for s in scores), locator=method,
             locator_config=scores[0].config if scores else None,
