@@ -48,7 +48,6 @@ SHOW = {"counterfact": ("Score", "ES", "PS", "NS", "EM", "NM", "ES_argmax", "NS_
 
 
 def compute(args) -> None:
-    import torch
 
     from kn_lens.datasets import builtin_dataset
     from kn_lens.edit import editor_version
@@ -130,8 +129,13 @@ def compute(args) -> None:
 
     n_total = sum(p.numel() for p in model.parameters())
     out = {}
+    # the unedited model's per-request metrics, once (every method's rows carry the same
+    # measurement, up to float noise of 1e-4 between rows computed in different processes)
+    first: dict[int, dict] = {}
     for path in sorted(cache.glob("*.jsonl")):
         rows = experiment.read_jsonl(path, row_id)
+        for it in rows.values():
+            first.setdefault(it["row"]["case_id"], it["row"])
         complete = len(rows) >= len(requests)
         if not complete and not (args.partial and rows):
             print(f"{path.stem}: {len(rows)}/{len(requests)} rows, not aggregated yet (--partial "
@@ -158,7 +162,8 @@ def compute(args) -> None:
             "seconds_per_edit_mean": sum(it["seconds"] for it in per_edit.values()) / len(per_edit),
             "params_changed": sum(it["n_params"] for it in per_edit.values()) / len(per_edit),
             "share_changed": sum(it["n_params"] for it in per_edit.values()) / len(per_edit) / n_total,
-            "rows": [_compact(it["row"]) for it in items],
+            # per-request metrics in columns (the full rows are in the rows archive)
+            "per_request": _columns([it["row"] for it in items], "after"),
             "samples": [{"subject": it["row"]["subject"], "old": it["row"]["old"],
                          "new": it["row"]["new"], "generations": it["row"]["generations"][:1]}
                         for it in items[:5]],
@@ -166,7 +171,9 @@ def compute(args) -> None:
     payload = {"requests": [{"case_id": r.case_id, "subject": r.fact.subject,
                              "relation": r.fact.relation, "old": r.fact.object,
                              "new": r.new_object, "prompt": r.prompts[0]} for r in requests],
-               "methods": out, "stats_seconds": stats_seconds,
+               "methods": out,
+               "before_per_request": _columns([first[i] for i in sorted(first)], "before"),
+               "stats_seconds": stats_seconds,
                "editor_versions": {m: editor_version(m) for m in METHODS},
                "layers": {"rome": rome_layer(model), "memit": list(memit_layers(model))}}
     config = {"editors": configs, "harness": hcfg, "memit_batch": args.memit_batch,
@@ -204,11 +211,29 @@ def _relation_ensembles(model, requests, label: str, config, cache: Path) -> dic
     return out
 
 
-def _compact(row: dict) -> dict:
-    return {"case_id": row["case_id"], "relation": row["relation"],
-            "after": {p: {m: rounded(v) for m, v in ms.items()} for p, ms in row["after"].items()},
-            "before": {p: {m: rounded(v) for m, v in ms.items()}
-                       for p, ms in row["before"].items()}}
+def _columns(rows: list[dict], side: str) -> dict:
+    """One side (``"after"`` / ``"before"``) of judged rows as columns, rounded to 4 digits:
+    ``{"case_id": [...], protocol: {metric: [one value per request]}}`` (a fifth of the size of
+    one dict per request, which every method's 200 rows would repeat)."""
+    cols: dict = {"case_id": [r["case_id"] for r in rows]}
+    for r in rows:
+        for proto, ms in r[side].items():
+            for m in ms:
+                cols.setdefault(proto, {}).setdefault(m, [])
+    for proto, ms in cols.items():
+        if proto != "case_id":
+            for m, vals in ms.items():
+                vals.extend(rounded(r[side].get(proto, {}).get(m)) for r in rows)
+    return cols
+
+
+def _select(cols: dict, ids: set) -> list[dict]:
+    """Per-request metric dicts (``{protocol: {metric: value}}``, None as NaN) of the requests
+    in ``ids``, from :func:`_columns`' layout."""
+    nan = float("nan")
+    keep = [j for j, i in enumerate(cols["case_id"]) if i in ids]
+    return [{p: {m: nan if v[j] is None else v[j] for m, v in ms.items()}
+             for p, ms in cols.items() if p != "case_id"} for j in keep]
 
 
 def _fmt(a: dict, scale: float = 1.0) -> str:
@@ -247,13 +272,12 @@ def report(args) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for k in names:
         v = methods[k]
-        d = [x["after"]["generation"]["dppl"] for x in v["rows"]
-             if x["after"]["generation"].get("dppl") is not None]
+        d = [x for x in v["per_request"]["generation"].get("dppl", []) if x is not None]
         med = statistics.median(d) if d else float("nan")
         print(f"| {label[k]} | {v['n_edits']} | {v.get('n_refused', 0)} | {v['seconds_per_edit']:.2f} | "
               f"{v['params_changed']:.3g} | {v['share_changed']:.2e} | {med:.3g} | "
               f"{sum(x > 1 for x in d)}/{len(d)} |")
-    _papers_tables(methods, first, label)
+    _papers_tables(methods, r["before_per_request"], first, label)
     figs = []
     for proto, metrics in (("counterfact", ("Score", "ES", "PS", "NS")),
                            ("tokens", ("rewrite_acc", "paraphrase_acc", "locality", "portability")),
@@ -311,7 +335,7 @@ PAPER_TABLES = (
 )
 
 
-def _papers_tables(methods: dict, first: dict, label: dict) -> None:
+def _papers_tables(methods: dict, before_cols: dict, first: dict, label: dict) -> None:
     for title, cols, rows in PAPER_TABLES:
         print(f"\n{title}:\n")
         _paper_table(cols, rows, {k: v["after"] for k, v in methods.items()}, first["before"],
@@ -321,23 +345,19 @@ def _papers_tables(methods: dict, first: dict, label: dict) -> None:
             continue
         # a method with rows on part of the requests (e.g. an ablation run with --limit) is
         # compared with the others on the requests they all have, not on different sets
-        ids = set.intersection(*({x["case_id"] for x in methods[k]["rows"]} for k in present))
+        ids = set.intersection(*(set(methods[k]["per_request"]["case_id"]) for k in present))
         if not ids:
             continue
-        sub = {k: _subset_aggs(methods[k]["rows"], ids, "after") for k in present}
+        sub = {k: _subset_aggs(methods[k]["per_request"], ids) for k in present}
         print(f"\nThe same table on the {len(ids)} requests every method above has rows for:\n")
-        _paper_table(cols, rows, sub, _subset_aggs(methods[present[0]]["rows"], ids, "before"),
-                     {k: k for k in present})
+        _paper_table(cols, rows, sub, _subset_aggs(before_cols, ids), {k: k for k in present})
 
 
-def _subset_aggs(rows: list[dict], ids: set, side: str) -> dict:
-    """Aggregates (mean + bootstrap CI) of compact rows whose case_id is in ``ids``."""
+def _subset_aggs(cols: dict, ids: set) -> dict:
+    """Aggregates (mean + bootstrap CI) of the requests in ``ids`` of :func:`_columns`' layout."""
     from kn_lens.evaluate.harness import aggregate
 
-    nan = float("nan")
-    picked = [{p: {m: nan if v is None else v for m, v in ms.items()}
-               for p, ms in x[side].items()} for x in rows if x["case_id"] in ids]
-    return aggregates_to_dict(aggregate(picked))
+    return aggregates_to_dict(aggregate(_select(cols, ids)))
 
 
 def _paper_table(cols, rows, aggs: dict, before: dict, label: dict) -> None:

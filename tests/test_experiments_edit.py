@@ -39,7 +39,8 @@ def test_edit_benchmark_quick(tmp_path, monkeypatch, capsys):
                             "tnf_da", "memit@2"}
     for name, m in methods.items():
         assert set(m["after"]) == {"counterfact", "tokens", "generation"}, name
-        assert len(m["rows"]) == 2 and m["n_edits"] + m["n_refused"] >= 1
+        assert m["per_request"]["case_id"] == [0, 1] and m["n_edits"] + m["n_refused"] >= 1
+        assert len(m["per_request"]["counterfact"]["ES"]) == 2
         assert "Score" in m["after"]["counterfact"]
     assert methods["memit@2"]["batch"] == 2 and methods["memit"]["batch"] == 1
     for name in ("fine", "kne", "tnf_da"):
@@ -187,12 +188,37 @@ def test_benchmark_limit_and_same_request_tables(tmp_path, monkeypatch, capsys):
     doc = json.loads((tmp_path / "quick" / "edit_benchmark_tiny-llama.json").read_text())
     methods = doc["results"]["methods"]
     assert methods["fine_random"]["n_requests_done"] == 1 and methods["ft_l"]["complete"]
-    assert [x["case_id"] for x in methods["fine_random"]["rows"]] == [0]
+    assert methods["fine_random"]["per_request"]["case_id"] == [0]
     assert "The same table on the 1 requests every method above has rows for" in out
     # the subset row of FT-L is its request 0 alone, not its mean over all 3
-    sub = edit_benchmark._subset_aggs(methods["ft_l"]["rows"], {0}, "after")
-    r0 = methods["ft_l"]["rows"][0]["after"]["tokens"]["rewrite_acc"]
+    ft_l = methods["ft_l"]["per_request"]
+    assert ft_l["case_id"] == [0, 1, 2]
+    sub = edit_benchmark._subset_aggs(ft_l, {0})
+    r0 = ft_l["tokens"]["rewrite_acc"][0]
     assert sub["tokens"]["rewrite_acc"]["mean"] == pytest.approx(r0, abs=1e-4)
+    # the unedited model's per-request metrics are stored once, for every request with a row
+    before = doc["results"]["before_per_request"]
+    assert before["case_id"] == [0, 1, 2]
+    for m in ("ES", "NS", "EM"):
+        assert sum(before["counterfact"][m]) / 3 == pytest.approx(
+            methods["ft_l"]["before"]["counterfact"][m]["mean"], abs=1e-4), m
     monkeypatch.setattr(sys, "argv", argv + ["--methods", "fine_random", "--limit", "0"])
     with pytest.raises(SystemExit):
         edit_benchmark.main()
+
+
+def test_per_request_columns_round_trip():
+    """The results file keeps per-request metrics as columns; selecting requests from them gives
+    back each request's (rounded) values, a missing metric (None) as NaN."""
+    rows = [{"case_id": 3, "after": {"counterfact": {"ES": 1.0, "NS": 0.123456},
+                                     "generation": {"dppl": None}}},
+            {"case_id": 7, "after": {"counterfact": {"ES": 0.0, "NS": 0.5},
+                                     "generation": {"dppl": 0.25}}}]
+    cols = edit_benchmark._columns(rows, "after")
+    assert cols == {"case_id": [3, 7], "counterfact": {"ES": [1.0, 0.0], "NS": [0.1235, 0.5]},
+                    "generation": {"dppl": [None, 0.25]}}
+    [r7] = edit_benchmark._select(cols, {7})
+    assert r7 == {"counterfact": {"ES": 0.0, "NS": 0.5}, "generation": {"dppl": 0.25}}
+    [r3] = edit_benchmark._select(cols, {3})
+    assert r3["generation"]["dppl"] != r3["generation"]["dppl"]  # NaN
+    assert edit_benchmark._select(cols, {5}) == []
