@@ -48,7 +48,6 @@ SHOW = {"counterfact": ("Score", "ES", "PS", "NS", "EM", "NM", "ES_argmax", "NS_
 
 
 def compute(args) -> None:
-
     from kn_lens.datasets import builtin_dataset
     from kn_lens.edit import editor_version
     from kn_lens.edit.baselines.stats import second_moments
