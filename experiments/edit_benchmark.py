@@ -287,6 +287,13 @@ def report(args) -> None:
             {m: {k: data[k][m] for k in data} for m in metrics},
             experiment.figure_path(args, f"{NAME}_{proto}"), ylabel="mean over requests",
             title=f"{proto} protocol: {n} requests ({args.model})"))
+    study = _module_study(methods, r["before_per_request"])
+    if study is not None:
+        n_ids, data = study
+        figs.append(plot_grouped_bars(
+            data, experiment.figure_path(args, f"{NAME}_kne_modules"), ylabel="x 100",
+            size=(9.0, 4.0), decimals=0,
+            title=f"KNE Sec. 4.3, the edited module: {n_ids} requests ({args.model})"))
     pts = {}
     for k in names:
         es = methods[k]["after"]["counterfact"]["ES"]
@@ -350,6 +357,37 @@ def _papers_tables(methods: dict, before_cols: dict, first: dict, label: dict) -
         sub = {k: _subset_aggs(methods[k]["per_request"], ids) for k in present}
         print(f"\nThe same table on the {len(ids)} requests every method above has rows for:\n")
         _paper_table(cols, rows, sub, _subset_aggs(before_cols, ids), {k: k for k in present})
+
+
+# KNE's module study (Sec. 4.3, Fig. 2): the matrix the ensemble's delta is trained on
+KNE_MODULES = (("W_out", "kne"), ("W_in", "kne_w_in"), ("W_gate", "kne_w_gate"),
+               ("W_Q", "kne_w_q"), ("W_K", "kne_w_k"), ("W_V", "kne_w_v"), ("W_O", "kne_w_o"))
+
+
+def _module_study(methods: dict, before_cols: dict) -> tuple[int, dict] | None:
+    """KNE's Fig. 2 as bars: ``{metric: {module: mean x 100}}`` on the requests every module run
+    has (a partial run is compared on the same requests only); fluency as a percentage of the
+    unedited model's. None with fewer than two modules run."""
+    present = [(name, k) for name, k in KNE_MODULES if k in methods]
+    if len(present) < 2:
+        return None
+    ids = set.intersection(*(set(methods[k]["per_request"]["case_id"]) for _, k in present))
+    if not ids:
+        return None
+    aggs = {name: _subset_aggs(methods[k]["per_request"], ids) for name, k in present}
+
+    def mean(a: dict, proto: str, metric: str) -> float:
+        v = a.get(proto, {}).get(metric, {}).get("mean")
+        return float("nan") if v is None else v
+
+    fluency0 = mean(_subset_aggs(before_cols, ids), "generation", "fluency")
+    data = {col: {name: 100 * mean(aggs[name], "tokens", m) for name, _ in present}
+            for col, m in (("Edit Succ.", "rewrite_acc"), ("Portability", "portability"),
+                           ("Locality\n(relations)", "locality_relation"),
+                           ("Locality\n(neighbours)", "locality"))}
+    data["Fluency\n(% of unedited)"] = {
+        name: 100 * mean(aggs[name], "generation", "fluency") / fluency0 for name, _ in present}
+    return len(ids), data
 
 
 def _subset_aggs(cols: dict, ids: set) -> dict:

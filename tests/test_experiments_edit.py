@@ -222,3 +222,33 @@ def test_per_request_columns_round_trip():
     [r3] = edit_benchmark._select(cols, {3})
     assert r3["generation"]["dppl"] != r3["generation"]["dppl"]  # NaN
     assert edit_benchmark._select(cols, {5}) == []
+
+
+def test_kne_module_study_compares_modules_on_shared_requests(tmp_path):
+    """KNE's Fig. 2 analogue: one bar per edited module and metric, on the requests every module
+    run has (x 100), fluency relative to the unedited model's; drawn as a figure."""
+    from kn_lens.evaluate.harness import METRICS
+
+    def metrics(**kw):  # every protocol's metrics (0 unless given)
+        return {p: {m: kw.get(m, 0.0) for m in METRICS[p]} for p in METRICS}
+
+    def cols(ids, acc, flu):
+        rows = [{"case_id": i, "after": metrics(rewrite_acc=acc[i], portability=0.5,
+                                                locality_relation=1.0, locality=0.25,
+                                                fluency=flu)} for i in ids]
+        return edit_benchmark._columns(rows, "after")
+
+    methods = {"kne": {"per_request": cols([0, 1, 2], {0: 1.0, 1: 1.0, 2: 0.0}, 400.0)},
+               "kne_w_q": {"per_request": cols([0, 1], {0: 0.0, 1: 1.0}, 300.0)},
+               "ft_l": {"per_request": cols([0, 1, 2], {0: 1.0, 1: 1.0, 2: 1.0}, 1.0)}}
+    before = edit_benchmark._columns(
+        [{"case_id": i, "before": metrics(fluency=500.0)} for i in range(3)], "before")
+    n, data = edit_benchmark._module_study(methods, before)
+    assert n == 2  # request 2 has no W_Q row: left out for W_out too
+    assert data["Edit Succ."] == {"W_out": 100.0, "W_Q": 50.0}
+    assert data["Portability"] == {"W_out": 50.0, "W_Q": 50.0}
+    assert data["Fluency\n(% of unedited)"] == {"W_out": 80.0, "W_Q": 60.0}
+    assert edit_benchmark._module_study({"kne": methods["kne"]}, before) is None
+    from kn_lens.viz import plot_grouped_bars
+    png = plot_grouped_bars(data, tmp_path / "m.png", size=(9.0, 4.0), decimals=0)
+    assert png.stat().st_size > 1000

@@ -268,11 +268,13 @@ def plot_cs_histogram(scores: Mapping[str, Any] | Any, path: str | Path, *,
 
 def plot_grouped_bars(data: Mapping[str, Mapping[str, float]], path: str | Path, *,
                       errors: Mapping[str, Mapping[str, float]] | None = None,
-                      title: str = "", ylabel: str = "value", dpi: int = DPI) -> Path:
+                      title: str = "", ylabel: str = "value", dpi: int = DPI,
+                      size: tuple[float, float] = (6.0, 3.8), decimals: int = 2) -> Path:
     """Grouped bar chart: ``data[group][series]`` (e.g. groups "Self"/"Irrelevant", series
-    "Enh"/"Sup"/"Avg"), optional error bars in the same layout. Values are written on the bars."""
-    fig, axes = _new(6.0, 3.8)
-    _grouped(axes[0, 0], data, errors, ylabel, title)
+    "Enh"/"Sup"/"Avg"), optional error bars in the same layout. Values are written on the bars
+    with ``decimals`` decimals; ``size`` is the figure's (width, height) in inches."""
+    fig, axes = _new(*size)
+    _grouped(axes[0, 0], data, errors, ylabel, title, decimals)
     return _save(fig, path, dpi)
 
 
@@ -281,7 +283,7 @@ def _num(x) -> float:
     return float("nan") if x is None else float(x)
 
 
-def _grouped(ax, data, errors, ylabel, title) -> None:
+def _grouped(ax, data, errors, ylabel, title, decimals: int = 2) -> None:
     if not data:
         raise ValueError("no bars to plot")
     groups = list(data)
@@ -301,7 +303,7 @@ def _grouped(ax, data, errors, ylabel, title) -> None:
         bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, np.nan_to_num(vals), width,
                       yerr=err, capsize=3, label=s)
         for b, v in zip(bars, vals):
-            txt = "n/a" if not np.isfinite(v) else f"{v:.2f}"
+            txt = "n/a" if not np.isfinite(v) else f"{v:.{decimals}f}"
             ax.annotate(txt, (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom" if b.get_height() >= 0 else "top",
                         fontsize=value_size)
