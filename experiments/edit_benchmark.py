@@ -214,16 +214,13 @@ def _columns(rows: list[dict], side: str) -> dict:
     """One side (``"after"`` / ``"before"``) of judged rows as columns, rounded to 4 digits:
     ``{"case_id": [...], protocol: {metric: [one value per request]}}`` (a fifth of the size of
     one dict per request, which every method's 200 rows would repeat)."""
-    cols: dict = {"case_id": [r["case_id"] for r in rows]}
+    keys: dict = {}  # protocol -> metrics, in first-seen order
     for r in rows:
         for proto, ms in r[side].items():
-            for m in ms:
-                cols.setdefault(proto, {}).setdefault(m, [])
-    for proto, ms in cols.items():
-        if proto != "case_id":
-            for m, vals in ms.items():
-                vals.extend(rounded(r[side].get(proto, {}).get(m)) for r in rows)
-    return cols
+            keys.setdefault(proto, dict.fromkeys(ms)).update(dict.fromkeys(ms))
+    return {"case_id": [r["case_id"] for r in rows],
+            **{p: {m: [rounded(r[side].get(p, {}).get(m)) for r in rows] for m in ms}
+               for p, ms in keys.items()}}
 
 
 def _select(cols: dict, ids: set) -> list[dict]:
@@ -351,7 +348,7 @@ def _papers_tables(methods: dict, before_cols: dict, first: dict, label: dict) -
             continue
         # a method with rows on part of the requests (e.g. an ablation run with --limit) is
         # compared with the others on the requests they all have, not on different sets
-        ids = set.intersection(*(set(methods[k]["per_request"]["case_id"]) for k in present))
+        ids = _shared_ids(methods, present)
         if not ids:
             continue
         sub = {k: _subset_aggs(methods[k]["per_request"], ids) for k in present}
@@ -371,7 +368,7 @@ def _module_study(methods: dict, before_cols: dict) -> tuple[int, dict] | None:
     present = [(name, k) for name, k in KNE_MODULES if k in methods]
     if len(present) < 2:
         return None
-    ids = set.intersection(*(set(methods[k]["per_request"]["case_id"]) for _, k in present))
+    ids = _shared_ids(methods, [k for _, k in present])
     if not ids:
         return None
     aggs = {name: _subset_aggs(methods[k]["per_request"], ids) for name, k in present}
@@ -388,6 +385,11 @@ def _module_study(methods: dict, before_cols: dict) -> tuple[int, dict] | None:
     data["Fluency\n(% of unedited)"] = {
         name: 100 * mean(aggs[name], "generation", "fluency") / fluency0 for name, _ in present}
     return len(ids), data
+
+
+def _shared_ids(methods: dict, keys: list[str]) -> set:
+    """The case ids every method in ``keys`` has rows for (same-request comparisons)."""
+    return set.intersection(*(set(methods[k]["per_request"]["case_id"]) for k in keys))
 
 
 def _subset_aggs(cols: dict, ids: set) -> dict:
