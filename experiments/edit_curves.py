@@ -384,7 +384,7 @@ def report(args) -> None:
                     curves.setdefault(x, {}).setdefault(m, []).append((int(n), v, lo, hi))
         figs.append(plot_curves(curves, experiment.figure_path(args, f"{NAME}_sequential"),
                                 xlabel="edits applied (n)", log_x=True,
-                                title=f"sequential editing ({args.model})"))
+                                title=f"sequential editing ({args.model})", symlog_y=("dppl",)))
     if r["batch"]:
         print(f"\nbatch editing ({len(r['requests'])} requests, each judged under its batch's "
               "edit):\n")
@@ -405,7 +405,7 @@ def report(args) -> None:
                     (int(k), d["dppl_median"], None, None))
         figs.append(plot_curves(curves, experiment.figure_path(args, f"{NAME}_batch"),
                                 xlabel="requests per edit (K)", log_x=True,
-                                title=f"batch editing ({args.model})"))
+                                title=f"batch editing ({args.model})", symlog_y=("dppl",)))
     print("\nfigures " + " ".join(str(f) for f in figs))
 
 

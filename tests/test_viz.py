@@ -114,5 +114,11 @@ def test_curves(tmp_path):
               "dppl": {"rome": [(100, 2.5, None, None), (1, 0.01, None, None)]}}  # unsorted
     _check_png(viz.plot_curves(panels, tmp_path / "c.png", xlabel="edits", log_x=True,
                                title="sequential"))
+    # dPPL from -1e-4 to 1e46 (a broken model) on one axis: symmetric-log
+    panels["dppl"]["kn"] = [(1, -1e-4), (10, 1e11), (100, 7e46)]
+    _check_png(viz.plot_curves(panels, tmp_path / "s.png", xlabel="edits", symlog_y=("dppl",)))
+    with pytest.raises(ValueError, match="symlog_y names no panel"):
+        viz.plot_curves(panels, tmp_path / "bad.png", xlabel="x", symlog_y=("PPL",))
+    assert not (tmp_path / "bad.png").exists()
     with pytest.raises(ValueError):
         viz.plot_curves({}, tmp_path / "bad.png", xlabel="x")

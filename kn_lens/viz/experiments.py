@@ -57,13 +57,18 @@ def plot_violins(data: Mapping[str, Mapping[str, Sequence[float]]], path: str | 
 
 def plot_curves(panels: Mapping[str, Mapping[str, Sequence[Sequence[float | None]]]],
                 path: str | Path, *, xlabel: str, log_x: bool = False, title: str = "",
-                dpi: int = DPI) -> Path:
+                symlog_y: Sequence[str] = (), linthresh: float = 1e-2, dpi: int = DPI) -> Path:
     """One panel per metric, one line per series: ``panels[metric][series]`` is a list of
     ``(x, y)`` or ``(x, y, lo, hi)`` points (None / NaN are skipped; lo/hi draw a band).
-    Sequential-editing curves (metric against edits applied) and batch-size curves."""
+    Sequential-editing curves (metric against edits applied) and batch-size curves. Panels named
+    in ``symlog_y`` get a symmetric-log y axis, linear within +-``linthresh`` (values that span
+    many orders of magnitude and may be slightly negative, such as dPPL)."""
     if not panels or not any(panels.values()):
         raise ValueError("no curves to plot")
     names = list(panels)
+    unknown = [s for s in symlog_y if s not in panels]
+    if unknown:
+        raise ValueError(f"symlog_y names no panel: {unknown} (panels: {names})")
     ncols = min(3, len(names))
     nrows = -(-len(names) // ncols)
     fig, axes = _new(4.0 * ncols, 3.2 * nrows, nrows, ncols)
@@ -93,8 +98,14 @@ def plot_curves(panels: Mapping[str, Mapping[str, Sequence[Sequence[float | None
             if 0 < len(xs) <= 8:  # the checkpoints / batch sizes themselves, in plain numbers
                 ax.set_xticks(xs, [f"{v:g}" for v in xs])
                 ax.minorticks_off()
+        if name in symlog_y:
+            ax.set_yscale("symlog", linthresh=linthresh)
+            ys = [p[1] for pts in panels[name].values() for p in pts
+                  if p[1] is not None and math.isfinite(p[1])]
+            if ys and min(ys) > -linthresh:  # no empty negative decades below the data
+                ax.set_ylim(bottom=-linthresh)
         ax.set_xlabel(xlabel, fontsize=9)
-        ax.set_title(name, fontsize=10)
+        ax.set_title(f"{name} (symlog)" if name in symlog_y else name, fontsize=10)
         ax.grid(alpha=0.3)
     for k in range(len(names), nrows * ncols):
         axes[k // ncols, k % ncols].set_visible(False)
