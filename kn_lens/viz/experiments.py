@@ -80,6 +80,7 @@ def plot_curves(panels: Mapping[str, Mapping[str, Sequence[Sequence[float | None
     colour = {s: f"C{i % 10}" for i, s in enumerate(series)}
     for k, name in enumerate(names):
         ax = axes[k // ncols, k % ncols]
+        y_min = math.inf  # of the points drawn
         for s, pts in panels[name].items():
             pts = sorted((p for p in pts if p[1] is not None and math.isfinite(p[1])),
                          key=lambda p: p[0])
@@ -87,6 +88,7 @@ def plot_curves(panels: Mapping[str, Mapping[str, Sequence[Sequence[float | None
                 continue
             x = np.array([p[0] for p in pts], dtype=float)
             y = np.array([p[1] for p in pts], dtype=float)
+            y_min = min(y_min, float(y.min()))
             ax.plot(x, y, "o-", color=colour[s], ms=3, lw=1.2, label=s)
             band = [p for p in pts if len(p) >= 4 and p[2] is not None and p[3] is not None]
             if len(band) == len(pts) and len(pts) > 1:
@@ -100,9 +102,7 @@ def plot_curves(panels: Mapping[str, Mapping[str, Sequence[Sequence[float | None
                 ax.minorticks_off()
         if name in symlog_y:
             ax.set_yscale("symlog", linthresh=linthresh)
-            ys = [p[1] for pts in panels[name].values() for p in pts
-                  if p[1] is not None and math.isfinite(p[1])]
-            if ys and min(ys) > -linthresh:  # no empty negative decades below the data
+            if -linthresh < y_min < math.inf:  # no empty negative decades below the data
                 ax.set_ylim(bottom=-linthresh)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.set_title(f"{name} (symlog)" if name in symlog_y else name, fontsize=10)
