@@ -26,6 +26,7 @@ from that file and continues.
     python experiments/edit_benchmark.py --threads 1              # 200 requests on SmolLM2
     python experiments/edit_benchmark.py --methods fine --backend pool --workers 4 --threads 1
     python experiments/edit_benchmark.py --model gemma-3-270m --n-requests 100
+    python experiments/edit_benchmark.py --plot-only --compare tnf_da_atp,tnf_da_da  # shared rows
 """
 from __future__ import annotations
 
@@ -274,6 +275,8 @@ def report(args) -> None:
               f"{v['params_changed']:.3g} | {v['share_changed']:.2e} | {med:.3g} | "
               f"{sum(x > 1 for x in d)}/{len(d)} |")
     _papers_tables(methods, r["before_per_request"], first, label)
+    for group in args.compare or ():
+        _compare(methods, r["before_per_request"], group)
     figs = []
     for proto, metrics in (("counterfact", ("Score", "ES", "PS", "NS")),
                            ("tokens", ("rewrite_acc", "paraphrase_acc", "locality", "portability")),
@@ -354,6 +357,36 @@ def _papers_tables(methods: dict, before_cols: dict, first: dict, label: dict) -
         sub = {k: _subset_aggs(methods[k]["per_request"], ids) for k in present}
         print(f"\nThe same table on the {len(ids)} requests every method above has rows for:\n")
         _paper_table(cols, rows, sub, _subset_aggs(before_cols, ids), {k: k for k in present})
+
+
+# ``--compare``'s columns: each protocol's headline metrics (x 100; fluency as is)
+COMPARE_COLUMNS = [("Score", "counterfact", "Score"), ("ES", "counterfact", "ES"),
+                   ("PS", "counterfact", "PS"), ("NS", "counterfact", "NS"),
+                   ("rewrite acc.", "tokens", "rewrite_acc"),
+                   ("neighbourhood locality", "tokens", "locality"),
+                   ("relation locality", "tokens", "locality_relation"),
+                   ("portability", "tokens", "portability"), ("fluency", "generation", "fluency")]
+
+
+def _compare(methods: dict, before_cols: dict, group: list[str]) -> None:
+    """``--compare a,b,c``: the methods in ``group`` side by side on the requests they all have
+    rows for (e.g. an ablation run on part of the requests against the full method on the
+    same ones), whichever else has rows for them."""
+    missing = [k for k in group if k not in methods]
+    if missing:
+        from kn_lens.errors import ConfigError
+
+        raise ConfigError(f"--compare {','.join(group)}: no rows for {', '.join(missing)} in "
+                          f"the results (methods with rows: {', '.join(sorted(methods))})")
+    ids = _shared_ids(methods, group)
+    print(f"\n{', '.join(group)} on the {len(ids)} requests they all have rows for "
+          f"(--compare):\n")
+    if not ids:
+        print("no request in common")
+        return
+    sub = {k: _subset_aggs(methods[k]["per_request"], ids) for k in group}
+    _paper_table(COMPARE_COLUMNS, [(k, k) for k in group], sub,
+                 _subset_aggs(before_cols, ids), {k: k for k in group})
 
 
 # KNE's module study (Sec. 4.3, Fig. 2): the matrix the ensemble's delta is trained on
@@ -440,6 +473,11 @@ def main() -> None:
                     help="gzip every raw row next to the results (a later run resumes from it)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="greedy continuation length (default 32; quick 8)")
+    ap.add_argument("--compare", action="append", default=None, metavar="A,B,...",
+                    type=lambda v: [m for m in v.split(",") if m],
+                    help="also print these methods side by side on the requests they all have "
+                    "rows for (repeatable; e.g. with --plot-only --partial: an ablation run on "
+                    "part of the requests against the full method on the same ones)")
     experiment.add_sweep_args(ap)
     args = ap.parse_args()
     if args.n_requests is None:
@@ -448,6 +486,8 @@ def main() -> None:
         args.max_new_tokens = 8 if args.quick else 32
     if args.limit is not None and args.limit < 1:
         ap.error(f"--limit must be >= 1, got {args.limit}")
+    if any(not group for group in args.compare or ()):
+        ap.error("--compare wants a comma list of methods, e.g. tnf_da_atp,tnf_da_da")
     if args.archive_only:  # no model work: the rows already in the cache
         BenchmarkRun.from_args(args).archive()
         return

@@ -202,6 +202,21 @@ def test_benchmark_limit_and_same_request_tables(tmp_path, monkeypatch, capsys):
     for m in ("ES", "NS", "EM"):
         assert sum(before["counterfact"][m]) / 3 == pytest.approx(
             methods["ft_l"]["before"]["counterfact"][m]["mean"], abs=1e-4), m
+    # --compare: chosen methods side by side on the requests they share, from the saved file
+    monkeypatch.setattr(sys, "argv", argv + ["--plot-only", "--compare", "ft_l,fine_random"])
+    edit_benchmark.main()
+    out = capsys.readouterr().out
+    table = out.split("ft_l, fine_random on the 1 requests they all have rows for")[1]
+    ft_l_row = next(line for line in table.splitlines() if line.startswith("| ft_l |"))
+    assert ft_l_row.split(" | ")[5] == f"{r0 * 100:.1f}"  # rewrite acc. x 100 of request 0
+    assert "| fine_random |" in table
+    monkeypatch.setattr(sys, "argv", argv + ["--plot-only", "--compare", "ft_l,rome"])
+    with pytest.raises(SystemExit, match="no rows for rome"):
+        edit_benchmark.main()
+    monkeypatch.setattr(sys, "argv", argv + ["--plot-only", "--compare", ","])
+    with pytest.raises(SystemExit):
+        edit_benchmark.main()
+    assert "--compare wants a comma list" in capsys.readouterr().err
     monkeypatch.setattr(sys, "argv", argv + ["--methods", "fine_random", "--limit", "0"])
     with pytest.raises(SystemExit):
         edit_benchmark.main()
