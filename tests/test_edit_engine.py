@@ -590,3 +590,43 @@ def test_length_buckets_are_optimal_and_exact(tiny_model, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     for a, b in zip(bucketed.history, one.history):
         assert abs(a["loss"] - b["loss"]) < 1e-5
+
+
+def test_rows_over_the_graph_budget_train_in_chunks_with_the_same_gradient(tiny_model):
+    """Rows above ``max_graph_tokens`` (a TNF-DA batch of 100 requests held ~70 GB of graph)
+    run each step in chunks: a no-grad pass for the loss and its gradient on the logits, then
+    each chunk's forward + backward. The training is the one-graph training (every term,
+    including the KL on the prompt positions and the repetition penalty), each forward holds at
+    most the budget, and the model is left as it was."""
+    _, qs = _nll_setup(tiny_model)
+
+    def terms():
+        return [O.NLL(qs), O.KL(O.kl_examples(qs, positions="prompt")),
+                O.RepetitionPenalty(qs, weight=0.5)]
+    targets = [O.Target.rows(1, [2, 5]), O.Target.rows(0, [1], "W_in")]
+    snap = _snapshot(tiny_model)
+    one = O.optimise(tiny_model, targets, terms(), config=O.OptimConfig(steps=4, lr=0.05, l2=0.1))
+    assert one.extras["chunks"] == 0
+    blocks = tiny_model.cfg.n_layers  # targets from block 0: every block runs
+    budget = 12 * blocks  # at most 12 padded tokens per forward
+    shapes = []  # (rows, width) of each forward that builds a graph
+
+    def record(act, hook):
+        if torch.is_grad_enabled():
+            shapes.append(tuple(act.shape[:2]))
+    with tiny_model.hooks(fwd_hooks=[("hook_embed", record)]):
+        chunked = O.optimise(tiny_model, targets, terms(), config=O.OptimConfig(
+            steps=4, lr=0.05, l2=0.1, max_graph_tokens=budget))
+    assert chunked.extras["chunks"] > 1 and len(shapes) == chunked.extras["chunks"] * 4
+    assert all(n * w <= 12 or n == 1 for n, w in shapes)  # a longer row runs alone
+    assert chunked.steps == one.steps and chunked.stopped == one.stopped
+    for a, b in zip(chunked.values, one.values):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(chunked.history, one.history):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-5), k
+    assert _same(tiny_model, snap) and H.active_hook_count(tiny_model) == 0
+    with pytest.raises(ConfigError, match="max_graph_tokens"):
+        O.OptimConfig(max_graph_tokens=0)

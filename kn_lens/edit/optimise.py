@@ -24,6 +24,13 @@ exception. When every target sits in block ``L`` or above, the residual stream e
 ``L`` is computed once and each step runs only blocks ``L..``; when every target is an activation
 delta at the rows' edit sites, each step also runs only the positions from the site on, attending
 to frozen prefix keys / values (exact; :mod:`kn_lens.edit._suffix`).
+
+Memory: a step holds the autograd graph of every training row through every block it runs
+(~40 KB per token and block on SmolLM2-135M). When weight-delta rows exceed
+``OptimConfig.max_graph_tokens`` (padded tokens x blocks; a TNF-DA batch of 100 requests is
+~10x over), the step runs in two passes with the same gradient: a no-grad forward of every row
+gives the logits, the loss is computed and differentiated with respect to them, then each chunk
+of rows is run again with autograd and back-propagated with its part of that gradient.
 """
 from __future__ import annotations
 
@@ -314,8 +321,15 @@ class OptimConfig:
     stop_loss: float | None = None  # stop once the total loss is below (ROME: 5e-2)
     stop_prob: float | None = None  # stop once every NLL query's P(answer) >= this (FiNE: 0.9)
     stop_nll: float | None = None  # stop once the NLL terms' mean loss is <= this (TNF-DA eq. 14)
+    # weight-delta rows above this many padded tokens x blocks run each step in chunks (see the
+    # module doc): bounds the graph's memory; the gradient is the same up to float summation
+    # order. Single edits and the committed batch runs are below it (SmolLM2: FT-L / FiNE / KNE
+    # at 100 requests 28k / 39k / 34k, TNF-DA at 10 requests 72k; TNF-DA at 100: ~0.7M).
+    max_graph_tokens: int = field(default=100_000, compare=False)
 
     def __post_init__(self) -> None:
+        if self.max_graph_tokens < 1:
+            raise ConfigError(f"max_graph_tokens must be >= 1, got {self.max_graph_tokens}")
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
@@ -502,10 +516,17 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
         updates = 0
         # the hooks read the trained tensors, which the optimiser updates in place: attach once
         scope.enter_context(model.hooks(fwd_hooks=_hooks(model, targets, tensors, run_examples)))
+        chunks = None if rows is None else rows.chunks(n_layers - start, config.max_graph_tokens)
+        leaves: list[Tensor] = []
         for step in range(config.steps):
             opt.zero_grad(set_to_none=True)
             if fast:
                 logits = _suffix_logits(model, frozen, run_examples)
+            elif chunks is not None:  # pass 1: every row's logits, no graph (module doc)
+                with torch.no_grad():
+                    got = rows.logits(model, start_at_layer=start, resid=resid, buckets=chunks)
+                leaves = [lg.detach().requires_grad_(True) for lg in got]
+                logits = rows.split(leaves)
             elif rows is not None:
                 logits = rows.split(rows.logits(model, start_at_layer=start, resid=resid))
             else:
@@ -544,6 +565,13 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
                 stopped = "stop_nll"
                 break
             total.backward()
+            if chunks is not None:  # pass 2: each chunk's graph, back-propagated in turn
+                for chunk in chunks:
+                    got = rows.logits(model, start_at_layer=start, resid=resid, buckets=[chunk])
+                    pairs = [(got[i], leaves[i].grad) for i in chunk if leaves[i].grad is not None]
+                    if pairs:
+                        torch.autograd.backward([g for g, _ in pairs], [d for _, d in pairs])
+                    del got, pairs
             for x in tensors:
                 if x.grad is not None and not torch.isfinite(x.grad).all():
                     raise NumericalError(f"non-finite gradient at step {step}")
@@ -570,7 +598,8 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
         for name, p in model.named_parameters():
             p.requires_grad_(requires[name])
     return OptimResult(values, tuple(targets), updates, stopped, tuple(history),
-                       time.perf_counter() - t0, {"start_at_layer": start, "frozen_prefix": fast})
+                       time.perf_counter() - t0, {"start_at_layer": start, "frozen_prefix": fast,
+                                                  "chunks": 0 if chunks is None else len(chunks)})
 
 
 class _SharedRows:
@@ -604,15 +633,29 @@ class _SharedRows:
         return [row_logits[r][idx.to(row_logits[r].device)]
                 for r, idx in zip(self.owner, self.index)]
 
-    def logits(self, model, *, start_at_layer: int = 0, resid: Tensor | None = None
-               ) -> list[Tensor]:
+    def chunks(self, blocks: int, budget: int) -> list[list[int]] | None:
+        """The length buckets split so that each holds at most ``budget`` padded tokens x
+        ``blocks`` (a row longer than that alone); None when all rows fit in one graph."""
+        buckets = _buckets([len(r) for r in self.ids])
+        widths = [max(len(self.ids[i]) for i in b) for b in buckets]
+        if sum(len(b) * w for b, w in zip(buckets, widths)) * blocks <= budget:
+            return None
+        out = []
+        for b, w in zip(buckets, widths):
+            n = max(1, budget // (w * blocks))
+            out.extend(b[k:k + n] for k in range(0, len(b), n))
+        return out
+
+    def logits(self, model, *, start_at_layer: int = 0, resid: Tensor | None = None,
+               buckets: list[list[int]] | None = None) -> list[Tensor]:
         """Logits at each row's positions, the rows run in length buckets (:func:`_buckets`:
         TNF-DA's prefixed rewrite rows are ~3x its augmentation prompts, one padded batch
         would be half padding). Exact: right padding never reaches a row's own positions, and
         weight deltas treat every row alike. ``resid``: the residual stream entering block
-        ``start_at_layer`` for all rows padded together; each bucket reads its rows of it."""
+        ``start_at_layer`` for all rows padded together; each bucket reads its rows of it.
+        ``buckets``: run these groups of rows instead (:meth:`chunks`; rows in none: None)."""
         out: list[Tensor | None] = [None] * len(self.ids)
-        for bucket in _buckets([len(r) for r in self.ids]):
+        for bucket in buckets if buckets is not None else _buckets([len(r) for r in self.ids]):
             width = max(len(self.ids[i]) for i in bucket)
             part = None if resid is None else resid[bucket, :width]
             got = logits_at(model, [self.ids[i] for i in bucket],
