@@ -122,3 +122,40 @@ def test_curves(tmp_path):
     assert not (tmp_path / "bad.png").exists()
     with pytest.raises(ValueError):
         viz.plot_curves({}, tmp_path / "bad.png", xlabel="x")
+
+
+def test_tradeoff_labels_do_not_overlap(tmp_path):
+    """A crowded trade-off figure (the benchmark's 25 methods cluster near ES = 1): every label
+    is placed clear of the other labels and of the other points' markers, inside the axes."""
+    from kn_lens.viz import figures as F
+
+    rng = np.random.default_rng(0)
+    pts = [(f"method_{i}", float(x), float(y)) for i, (x, y) in
+           enumerate(zip(rng.uniform(0.3, 0.6, 14), rng.uniform(0.9, 1.0, 14)))]
+    pts += [("far_away", 0.9, 0.1), ("corner", 1.0, 1.0)]
+    fig, axes = F._new(7.0, 5.4)
+    ax = axes[0, 0]
+    for _, x, y in pts:
+        ax.plot([x], [y], "o")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    anns = F._place_labels(ax, pts)
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(a, r) for a in anns]  # the text, without its leader line
+    assert [a.get_text() for a in anns] == [n for n, _, _ in pts]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b)
+        for j, (_, x, y) in enumerate(pts):  # no label covers another point
+            if j != i:
+                mx, my = ax.transData.transform((x, y))
+                assert not (a.x0 < mx < a.x1 and a.y0 < my < a.y1)
+        frame = ax.get_window_extent(r)
+        assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
+    assert anns[-2].xyann == (6.0, 0.0)  # a lone point keeps its label right next to it
+    png = viz.plot_tradeoff({n: (x, y, x - 0.05, x + 0.05, y - 0.02, y + 0.02) for n, x, y in pts},
+                            tmp_path / "t.png", xlabel="NS", ylabel="ES")
+    assert png.stat().st_size > 1000

@@ -376,14 +376,89 @@ def plot_table(rows: Sequence[Sequence[Any]], columns: Sequence[str], path: str 
     return _save(fig, path, dpi)
 
 
+def _place_labels(ax, points: Sequence[tuple[str, float, float]], *, fontsize: int = 8,
+                  marker_px: float = 4.0,
+                  lines: Sequence[tuple[float, float, float, float]] = ()) -> list:
+    """Annotate each ``(name, x, y)`` of ``ax`` where the label's box overlaps no placed label, no
+    other point's marker, no segment of ``lines`` (``(x0, y0, x1, y1)`` in data coordinates,
+    horizontal or vertical: interval bars) and stays inside the axes: candidate offsets at
+    growing distance around the point (right of it first), the first free one taken, else the
+    one overlapping least; a thin leader line joins a label set away from its point. Freezes the
+    figure's layout (the placement is in display coordinates). Returns the annotations, in
+    ``points`` order."""
+    fig = ax.figure
+    fig.canvas.draw()  # runs the layout: axes positions are final from here
+    fig.set_layout_engine("none")
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    px = fig.dpi / 72.0  # display pixels per point
+    marks = [ax.transData.transform((x, y)) for _, x, y in points]
+    bars = []
+    for x0, y0, x1, y1 in lines:  # thin display boxes around the segments
+        (a0, b0), (a1, b1) = ax.transData.transform([(x0, y0), (x1, y1)])
+        bars.append((min(a0, a1) - 1.5, min(b0, b1) - 1.5, max(a0, a1) + 1.5, max(b0, b1) + 1.5))
+    sizes = []
+    for name, _, _ in points:
+        t = ax.text(0, 0, name, fontsize=fontsize)
+        bb = t.get_window_extent(renderer)
+        sizes.append((bb.width, bb.height))
+        t.remove()
+
+    def overlap(a, b) -> float:
+        w = min(a[2], b[2]) - max(a[0], b[0])
+        h = min(a[3], b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    placed: list[tuple[float, float, float, float]] = []
+    out: list = [None] * len(points)
+    order = sorted(range(len(points)), key=lambda i: (-points[i][2], points[i][1]))
+    angles = (0, 30, -30, 60, -60, 90, -90, 150, -150, 180, 120, -120)
+    for i in order:
+        (mx, my), (w, h) = marks[i], sizes[i]
+        best = None
+        for dist in (6, 12, 20, 30, 42, 56, 72, 90):
+            for deg in angles:
+                c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+                ax_, ay = mx + dist * c * px, my + dist * s * px
+                ha = "left" if c > 0.3 else "right" if c < -0.3 else "center"
+                va = "bottom" if s > 0.3 else "top" if s < -0.3 else "center"
+                x0 = ax_ if ha == "left" else ax_ - w if ha == "right" else ax_ - w / 2
+                y0 = ay if va == "bottom" else ay - h if va == "top" else ay - h / 2
+                box = (x0, y0, x0 + w, y0 + h)
+                cost = sum(overlap(box, b) for b in placed)
+                cost += sum(overlap(box, (qx - marker_px * px, qy - marker_px * px,
+                                          qx + marker_px * px, qy + marker_px * px))
+                            for j, (qx, qy) in enumerate(marks) if j != i)
+                cost += 0.5 * sum(overlap(box, b) for b in bars)
+                inside = overlap(box, (frame.x0, frame.y0, frame.x1, frame.y1))
+                cost += 4 * max(0.0, w * h - inside - 1e-6)  # outside the axes counts more
+                if best is None or cost < best[0]:
+                    best = (cost, dist, c, s, ha, va, box)
+                if cost == 0:
+                    break
+            if best[0] == 0:
+                break
+        _, dist, c, s, ha, va, box = best
+        placed.append((box[0] - 3, box[1] - 1, box[2] + 3, box[3] + 1))  # a gap between labels
+        name, x, y = points[i]
+        line = dict(arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5", shrinkA=0,
+                                    shrinkB=3)) if dist > 6 else {}
+        out[i] = ax.annotate(name, (x, y), xytext=(dist * c, dist * s),
+                             textcoords="offset points", ha=ha, va=va, fontsize=fontsize, **line)
+    return out
+
+
 def plot_tradeoff(points: Mapping[str, Sequence[float]], path: str | Path, *, xlabel: str,
                   ylabel: str, title: str = "", dpi: int = DPI) -> Path:
     """One labelled point per method: ``points[method] = (x, y)`` or ``(x, y, x_lo, x_hi, y_lo,
-    y_hi)`` with interval bars (e.g. edit success against locality, the trade-off at a glance)."""
+    y_hi)`` with interval bars (e.g. edit success against locality, the trade-off at a glance).
+    Labels are placed where they cover no other label or point (:func:`_place_labels`), with a
+    leader line when moved away from their point."""
     if not points:
         raise ValueError("no points to plot")
-    fig, axes = _new(5.2, 4.2)
+    fig, axes = _new(7.0, 5.4)
     ax = axes[0, 0]
+    shown, lines = [], []
     for name, p in points.items():
         p = [_num(v) for v in p]
         x, y = p[0], p[1]
@@ -394,11 +469,14 @@ def plot_tradeoff(points: Mapping[str, Sequence[float]], path: str | Path, *, xl
             xerr = [[x - p[2]], [p[3] - x]]
             yerr = [[y - p[4]], [p[5] - y]]
         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=name)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        shown.append((name, x, y))
+        if xerr is not None:
+            lines += [(p[2], y, p[3], y), (x, p[4], x, p[5])]
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=11)
+    _place_labels(ax, shown, lines=lines)
     return _save(fig, path, dpi)
