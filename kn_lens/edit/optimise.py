@@ -26,11 +26,13 @@ delta at the rows' edit sites, each step also runs only the positions from the s
 to frozen prefix keys / values (exact; :mod:`kn_lens.edit._suffix`).
 
 Memory: a step holds the autograd graph of every training row through every block it runs
-(~40 KB per token and block on SmolLM2-135M). When weight-delta rows exceed
-``OptimConfig.max_graph_tokens`` (padded tokens x blocks; a TNF-DA batch of 100 requests is
-~10x over), the step runs in two passes with the same gradient: a no-grad forward of every row
+(over 30 KB per token and block on SmolLM2-135M: a TNF-DA batch of 100 requests, 672k, held
+more than 22 GB). When weight-delta rows exceed ``OptimConfig.max_graph_tokens`` (padded tokens
+x blocks), the step runs in two passes with the same gradient: a no-grad forward of every row
 gives the logits, the loss is computed and differentiated with respect to them, then each chunk
-of rows is run again with autograd and back-propagated with its part of that gradient.
+of rows is run again with autograd and back-propagated with its part of that gradient (one
+extra forward per step; what remains is the rows' logits at their positions, reference and
+current, ~8 GB for that batch).
 """
 from __future__ import annotations
 
