@@ -630,3 +630,36 @@ def test_rows_over_the_graph_budget_train_in_chunks_with_the_same_gradient(tiny_
     assert _same(tiny_model, snap) and H.active_hook_count(tiny_model) == 0
     with pytest.raises(ConfigError, match="max_graph_tokens"):
         O.OptimConfig(max_graph_tokens=0)
+
+
+def test_a_killed_optimisation_resumes_from_its_saved_state(tiny_model, tmp_path):
+    """Inside ``resumable`` a run saves its state (here after every step); the same call after
+    a kill continues from the last save, makes only the missing steps and returns what an
+    uninterrupted run returns; the state file goes once the run completes. A call with other
+    inputs does not pick it up."""
+    _, qs = _nll_setup(tiny_model)
+    targets = [O.Target.rows(1, [2, 5]), O.Target.rows(0, [1], "W_in")]
+    cfg = O.OptimConfig(steps=6, lr=0.05)
+    full = O.optimise(tiny_model, targets, [_Boom(O.NLL(qs), at=10 ** 9)], config=cfg)
+    snap = _snapshot(tiny_model)
+    with O.resumable(tmp_path, every_s=1e-9):
+        with pytest.raises(RuntimeError, match="injected failure"):  # killed in step 4
+            O.optimise(tiny_model, targets, [_Boom(O.NLL(qs), at=4)], config=cfg)
+        [state_file] = tmp_path.glob("*.pt")
+        assert torch.load(state_file, weights_only=False)["step"] == 4
+        other = _Boom(O.NLL(qs), at=10 ** 9)  # another lr: a different run, from step 0
+        O.optimise(tiny_model, targets, [other], config=O.OptimConfig(steps=2, lr=0.01))
+        assert other.calls == 2 and list(tmp_path.glob("*.pt")) == [state_file]
+        boom = _Boom(O.NLL(qs), at=10 ** 9)
+        resumed = O.optimise(tiny_model, targets, [boom], config=cfg)
+    assert boom.calls == 2  # steps 4 and 5 only
+    assert resumed.steps == full.steps == 6 and resumed.stopped == full.stopped
+    for a, b in zip(resumed.values, full.values):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert [h["step"] for h in resumed.history] == list(range(6))
+    for a, b in zip(resumed.history, full.history):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    assert not list(tmp_path.glob("*.pt")) and _same(tiny_model, snap)
+    with pytest.raises(ConfigError, match="every_s"):
+        with O.resumable(tmp_path, every_s=0):
+            pass

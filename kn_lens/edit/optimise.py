@@ -33,13 +33,23 @@ gives the logits, the loss is computed and differentiated with respect to them, 
 of rows is run again with autograd and back-propagated with its part of that gradient (one
 extra forward per step; what remains is the rows' logits at their positions, reference and
 current, ~8 GB for that batch).
+
+Resumable: inside :func:`resumable` (every sweep item runs in it, :class:`kn_lens.sweep.
+executors.Worker`), an optimisation that runs longer than a few minutes saves its state (the
+deltas, Adam's moments, the step and the loss history) now and then; the same call after a kill
+(same model, targets, examples, terms and settings) continues from the last save and returns
+what an uninterrupted run returns. A TNF-DA batch of 100 requests takes hours on one CPU core.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
@@ -364,6 +374,53 @@ class OptimResult:
         return self.history[-1]["loss"] if self.history else float("nan")
 
 
+# --------------------------------------------------------------------------- resumable runs
+
+_RESUME: ContextVar[tuple[Path, float] | None] = ContextVar("kn_lens_optimise_resume",
+                                                            default=None)
+
+
+@contextmanager
+def resumable(folder: str | Path, *, every_s: float = 300.0):
+    """Inside: :func:`optimise` saves its state to ``folder/<digest>.pt`` at most every
+    ``every_s`` seconds of a run (a short run writes nothing), and a call with the same inputs
+    continues from that file; it is removed when the run completes."""
+    if not every_s > 0:
+        raise ConfigError(f"every_s must be > 0, got {every_s}")
+    token = _RESUME.set((Path(folder), float(every_s)))
+    try:
+        yield
+    finally:
+        _RESUME.reset(token)
+
+
+def _digest(model, targets, terms, examples, config, init) -> str:
+    """What determines a run: the model's weights (a sample of each), the targets, every
+    example, the terms and the settings (``max_graph_tokens`` aside) and the initial values."""
+    h = hashlib.sha1()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    h.update(repr(targets).encode())
+    h.update(repr([(type(t).__name__, t.weight, len(t.examples)) for t in terms]).encode())
+    h.update(repr([(e.ids, e.positions, e.group, e.site) for e in examples]).encode())
+    h.update(repr([(f.name, getattr(config, f.name)) for f in fields(config)
+                   if f.name != "max_graph_tokens"]).encode())
+    for x in init or ():
+        h.update(b"-" if x is None else torch.as_tensor(x).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _save_state(path: Path, state: dict) -> None:
+    """Write ``state`` whole or not at all (a temporary file renamed over the old one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -515,12 +572,24 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
              for t, x in zip(targets, tensors)], lr=config.lr, weight_decay=config.weight_decay)
         history: list[dict] = []
         stopped = "budget"
-        updates = 0
+        updates = first = 0
+        resume = _RESUME.get()
+        state_file = None
+        if resume is not None:
+            state_file = resume[0] / f"{_digest(model, targets, terms, examples, config, init)}.pt"
+            if state_file.exists():  # a run of these inputs was stopped: continue it
+                state = torch.load(state_file, map_location=device, weights_only=False)
+                with torch.no_grad():
+                    for x, v in zip(tensors, state["values"]):
+                        x.copy_(v)
+                opt.load_state_dict(state["opt"])
+                history, updates, first = list(state["history"]), state["updates"], state["step"]
+        saved_at = time.perf_counter()
         # the hooks read the trained tensors, which the optimiser updates in place: attach once
         scope.enter_context(model.hooks(fwd_hooks=_hooks(model, targets, tensors, run_examples)))
         chunks = None if rows is None else rows.chunks(n_layers - start, config.max_graph_tokens)
         leaves: list[Tensor] = []
-        for step in range(config.steps):
+        for step in range(first, config.steps):
             opt.zero_grad(set_to_none=True)
             if fast:
                 logits = _suffix_logits(model, frozen, run_examples)
@@ -591,10 +660,17 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
                         shape = [1] * x.ndim
                         shape[0 if t.kind == "activation" else t.dim] = -1
                         x.mul_(factor.view(shape))
+            if state_file is not None and time.perf_counter() - saved_at >= resume[1]:
+                _save_state(state_file, {"values": [x.detach() for x in tensors],
+                                         "opt": opt.state_dict(), "history": history,
+                                         "updates": updates, "step": step + 1})
+                saved_at = time.perf_counter()
         values = tuple(x.detach().clone() for x in tensors)
         for v in values:
             if not torch.isfinite(v).all():
                 raise NumericalError("the trained delta has NaN or infinite values")
+        if state_file is not None:
+            state_file.unlink(missing_ok=True)  # complete: nothing to resume
     finally:
         scope.close()
         for name, p in model.named_parameters():

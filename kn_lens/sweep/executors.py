@@ -73,7 +73,11 @@ class Worker:
     """What one worker holds: the model it loaded last (one at a time) and its fingerprint."""
 
     def __init__(self, device: str = "cpu", threads: int | None = None,
-                 imports: Sequence[str] = (), worker_id: str = "", model=None, preload=None):
+                 imports: Sequence[str] = (), worker_id: str = "", model=None, preload=None,
+                 partial: str | Path | None = None):
+        # partial: where an item's long optimisations keep their state (the store's
+        # ``partial/<item key>``, kn_lens.edit.optimise.resumable): a killed item resumes
+        self.partial = None if partial is None else Path(partial)
         if threads:
             torch.set_num_threads(int(threads))
         for m in imports:
@@ -130,7 +134,17 @@ class Worker:
         t1 = time.perf_counter()
         hooks_before = 0 if model is None else active_hook_count(model)
         try:
-            result = _resolve(item.runner)(model, item)
+            if self.partial is None:
+                result = _resolve(item.runner)(model, item)
+            else:
+                from kn_lens.edit.optimise import resumable
+
+                with resumable(self.partial / item.key):
+                    result = _resolve(item.runner)(model, item)
+                try:  # each optimisation removed its state when it completed
+                    (self.partial / item.key).rmdir()
+                except OSError:  # never created, or not empty
+                    pass
             error = None
         except Exception as exc:
             result, error = None, f"{type(exc).__name__}: {exc}"
@@ -150,11 +164,11 @@ class InProcess:
     name = "inprocess"
 
     def __init__(self, *, device: str = "cpu", threads: int | None = None,
-                 imports: Sequence[str] = (), model=None, preload=None, **_):
+                 imports: Sequence[str] = (), model=None, preload=None, partial=None, **_):
         self._threads_before = torch.get_num_threads()
         self._threads = threads
         self.worker = Worker(device, threads, imports, f"{os.uname().nodename}:{os.getpid()}",
-                             model=model, preload=preload)
+                             model=model, preload=preload, partial=partial)
         self._queue: deque = deque()
 
     @property
@@ -177,13 +191,14 @@ class InProcess:
 
 
 def _pool_main(conn, device: str, threads: int | None, imports: Sequence[str], worker_id: str,
-               sys_path: Sequence[str], preload) -> None:  # pragma: no cover - runs in the worker
+               sys_path: Sequence[str], preload, partial=None
+               ) -> None:  # pragma: no cover - runs in the worker
     import sys
 
     for p in reversed(sys_path):
         if p not in sys.path:
             sys.path.insert(0, p)
-    worker = Worker(device, threads, imports, worker_id, preload=preload)
+    worker = Worker(device, threads, imports, worker_id, preload=preload, partial=partial)
     conn.send_bytes(_dumps("ready"))
     while True:
         try:
@@ -222,14 +237,15 @@ class Pool:
     name = "pool"
 
     def __init__(self, *, workers: int = 2, device: str = "cpu", threads: int | None = 1,
-                 imports: Sequence[str] = (), prefetch: int = 2, preload=None, **_):
+                 imports: Sequence[str] = (), prefetch: int = 2, preload=None, partial=None,
+                 **_):
         import multiprocessing as mp
         import sys
 
         self._ctx = mp.get_context("spawn")
         self.workers, self.device, self.threads = workers, device, threads
         self.imports, self.prefetch = tuple(imports), max(1, int(prefetch))
-        self.preload = preload
+        self.preload, self.partial = preload, partial
         # the driver's import path, so that workers import the same kn_lens
         pkg_parent = str(Path(__file__).resolve().parents[2])
         self._sys_path = [pkg_parent] + [p for p in sys.path if p and p != pkg_parent]
@@ -269,7 +285,7 @@ class Pool:
             proc = self._ctx.Process(target=_pool_main, name=f"kn-lens-{wid}", daemon=True,
                                      args=(child, _device_of(self.device, i), self.threads,
                                            self.imports, wid, self._sys_path,
-                                           self.preload if preload else None))
+                                           self.preload if preload else None, self.partial))
             proc.start()
         finally:
             if old is None:
@@ -375,8 +391,9 @@ def import_ray():
 
 
 class _RayWorker:  # wrapped by ray.remote in RayExecutor
-    def __init__(self, device, threads, imports, worker_id, preload=None):
-        self.worker = Worker(device, threads, imports, worker_id, preload=preload)
+    def __init__(self, device, threads, imports, worker_id, preload=None, partial=None):
+        self.worker = Worker(device, threads, imports, worker_id, preload=preload,
+                             partial=partial)
 
     def ready(self) -> str:
         return self.worker.id
@@ -399,7 +416,7 @@ class RayExecutor:
     def __init__(self, *, workers: int = 2, device: str = "cpu", threads: int | None = 1,
                  imports: Sequence[str] = (), prefetch: int = 2, address: str | None = None,
                  cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-                 start_timeout: float = 600.0, preload=None, **_):
+                 start_timeout: float = 600.0, preload=None, partial=None, **_):
         ray = import_ray()
         self.ray = ray
         self._started_ray = False
@@ -417,7 +434,7 @@ class RayExecutor:
         self._cls = ray.remote(_RayWorker).options(
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0,
             max_task_retries=0, runtime_env={"env_vars": env})
-        self._args = (device, threads, tuple(imports), preload)
+        self._args = (device, threads, tuple(imports), preload, partial)
         self._n = 0
         self._actors: list = [None] * workers
         self._queues: list[deque] = [deque() for _ in range(workers)]
@@ -443,9 +460,9 @@ class RayExecutor:
 
     def _spawn(self, i: int, preload: bool = True) -> None:
         self._n += 1
-        device, threads, imports, spec = self._args
+        device, threads, imports, spec, partial = self._args
         self._actors[i] = self._cls.remote(device, threads, imports, f"ray{i}.{self._n}",
-                                           spec if preload else None)
+                                           spec if preload else None, partial)
 
     @property
     def capacity(self) -> int:
@@ -505,11 +522,13 @@ class RayExecutor:
             self.ray.shutdown()
 
 
-def make_executor(config, model=None, preload=None):
+def make_executor(config, model=None, preload=None, partial=None):
     """The executor ``config.backend`` names (see :class:`kn_lens.sweep.SweepConfig`);
-    ``preload``: a ModelSpec workers load while they start."""
+    ``preload``: a ModelSpec workers load while they start; ``partial``: the folder where
+    items keep the state of long optimisations (:class:`Worker`)."""
     kw = dict(workers=config.workers, device=config.device, threads=config.threads,
-              imports=config.imports, prefetch=config.prefetch, preload=preload)
+              imports=config.imports, prefetch=config.prefetch, preload=preload,
+              partial=partial)
     if config.backend == "inprocess":
         return InProcess(model=model, **kw)
     if model is not None:

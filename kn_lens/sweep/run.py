@@ -248,7 +248,8 @@ def sweep(items: Sequence, store: "ResultStore | str | os.PathLike", *,
     try:
         if todo:
             first = next((it.model for it in todo if it.needs_model), None)
-            executor = make_executor(config, model=model, preload=first)
+            executor = make_executor(config, model=model, preload=first,
+                                     partial=st.root / "partial")
             startup = time.perf_counter() - t_start
             t_compute = time.perf_counter()
         in_flight = 0
