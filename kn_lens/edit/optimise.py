@@ -395,14 +395,11 @@ def resumable(folder: str | Path, *, every_s: float = 300.0):
 
 
 def _digest(model, targets, terms, examples, config, init) -> str:
-    """What determines a run: the model's weights (a sample of each), the targets, every
+    """What determines a run: the model's weights (the sweep's fingerprint), the targets, every
     example, the terms and the settings (``max_graph_tokens`` aside) and the initial values."""
-    h = hashlib.sha1()
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    from kn_lens.sweep.modelspec import weights_fingerprint
+
+    h = hashlib.sha1(weights_fingerprint(model).encode())
     h.update(repr(targets).encode())
     h.update(repr([(type(t).__name__, t.weight, len(t.examples)) for t in terms]).encode())
     h.update(repr([(e.ids, e.positions, e.group, e.site) for e in examples]).encode())
