@@ -1,5 +1,7 @@
 """The editing engine on tiny random models: low-rank / dense deltas, the shared optimisation
 loop, the editor registry (FT-L, ROME, MEMIT, KN erasure / update) and their guarantees."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -594,40 +596,61 @@ def test_length_buckets_are_optimal_and_exact(tiny_model, monkeypatch):
 
 def test_rows_over_the_graph_budget_train_in_chunks_with_the_same_gradient(tiny_model):
     """Rows above ``max_graph_tokens`` (a TNF-DA batch of 100 requests held ~70 GB of graph)
-    run each step in chunks: a no-grad pass for the loss and its gradient on the logits, then
-    each chunk's forward + backward. The training is the one-graph training (every term,
-    including the KL on the prompt positions and the repetition penalty), each forward holds at
-    most the budget, and the model is left as it was."""
+    run each step in chunks. With the editors' terms (each a mean over its examples) every
+    chunk's forward is scored and back-propagated at once: one forward per row and step, as
+    unchunked. A term that is not such a mean takes two passes: a no-grad pass for the loss and
+    its gradient on the logits, then each chunk's forward + backward. Either way the training is
+    the one-graph training (every term, including the KL on the prompt positions and the
+    repetition penalty, and the L2 on the deltas; the stop on P(answer) on the same step), each
+    forward holds at most the budget, and the model is left as it was."""
     _, qs = _nll_setup(tiny_model)
 
-    def terms():
+    class Squared(O.LossTerm):  # not a mean over examples: the square of the NLL term's mean
+        name = "squared"
+
+        def __init__(self):
+            self.inner = O.NLL(qs)
+            self.examples = self.inner.examples
+
+        def loss(self, logits):
+            return self.inner.loss(logits) ** 2
+
+    def terms(extra=()):
         return [O.NLL(qs), O.KL(O.kl_examples(qs, positions="prompt")),
-                O.RepetitionPenalty(qs, weight=0.5)]
+                O.RepetitionPenalty(qs, weight=0.5), *extra]
     targets = [O.Target.rows(1, [2, 5]), O.Target.rows(0, [1], "W_in")]
     snap = _snapshot(tiny_model)
-    one = O.optimise(tiny_model, targets, terms(), config=O.OptimConfig(steps=4, lr=0.05, l2=0.1))
-    assert one.extras["chunks"] == 0
     blocks = tiny_model.cfg.n_layers  # targets from block 0: every block runs
     budget = 12 * blocks  # at most 12 padded tokens per forward
-    shapes = []  # (rows, width) of each forward that builds a graph
+    for extra, passes in (((), 1), ((Squared(),), 2)):
+        cfg = O.OptimConfig(steps=4, lr=0.05, l2=0.1)
+        one = O.optimise(tiny_model, targets, terms(extra), config=cfg)
+        assert one.extras["chunks"] == 0
+        shapes, seq = [], []  # (rows, width) of each forward with a graph; g / n in order
 
-    def record(act, hook):
-        if torch.is_grad_enabled():
-            shapes.append(tuple(act.shape[:2]))
-    with tiny_model.hooks(fwd_hooks=[("hook_embed", record)]):
-        chunked = O.optimise(tiny_model, targets, terms(), config=O.OptimConfig(
-            steps=4, lr=0.05, l2=0.1, max_graph_tokens=budget))
-    assert chunked.extras["chunks"] > 1 and len(shapes) == chunked.extras["chunks"] * 4
-    assert all(n * w <= 12 or n == 1 for n, w in shapes)  # a longer row runs alone
-    assert chunked.steps == one.steps and chunked.stopped == one.stopped
-    for a, b in zip(chunked.values, one.values):
-        assert a.abs().max() > 0
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    for a, b in zip(chunked.history, one.history):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert a[k] == pytest.approx(b[k], abs=1e-5), k
-    assert _same(tiny_model, snap) and H.active_hook_count(tiny_model) == 0
+        def record(act, hook):
+            seq.append("g" if torch.is_grad_enabled() else "n")
+            if torch.is_grad_enabled():
+                shapes.append(tuple(act.shape[:2]))
+        with tiny_model.hooks(fwd_hooks=[("hook_embed", record)]):
+            chunked = O.optimise(tiny_model, targets, terms(extra), config=replace(
+                cfg, max_graph_tokens=budget))
+        n = chunked.extras["chunks"]
+        assert n > 1 and len(shapes) == n * 4 and chunked.extras["passes"] == passes
+        # the KL's reference logits (no graph), then per step each chunk's forward with a
+        # graph, preceded by a no-grad forward of every chunk only in two passes
+        ref = len("".join(seq).split("g")[0]) - (n if passes == 2 else 0)
+        assert "".join(seq) == "n" * ref + ("n" * n * (passes - 1) + "g" * n) * 4
+        assert all(n_ * w <= 12 or n_ == 1 for n_, w in shapes)  # a longer row runs alone
+        assert chunked.steps == one.steps and chunked.stopped == one.stopped
+        for a, b in zip(chunked.values, one.values):
+            assert a.abs().max() > 0
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        for a, b in zip(chunked.history, one.history):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert a[k] == pytest.approx(b[k], abs=1e-5), k
+        assert _same(tiny_model, snap) and H.active_hook_count(tiny_model) == 0
     with pytest.raises(ConfigError, match="max_graph_tokens"):
         O.OptimConfig(max_graph_tokens=0)
 

@@ -28,11 +28,14 @@ to frozen prefix keys / values (exact; :mod:`kn_lens.edit._suffix`).
 Memory: a step holds the autograd graph of every training row through every block it runs
 (over 30 KB per token and block on SmolLM2-135M: a TNF-DA batch of 100 requests, 672k, held
 more than 22 GB). When weight-delta rows exceed ``OptimConfig.max_graph_tokens`` (padded tokens
-x blocks), the step runs in two passes with the same gradient: a no-grad forward of every row
-gives the logits, the loss is computed and differentiated with respect to them, then each chunk
-of rows is run again with autograd and back-propagated with its part of that gradient (one
-extra forward per step; what remains is the rows' logits at their positions, reference and
-current, ~8 GB for that batch).
+x blocks), the step runs in chunks of rows with the same gradient (up to float summation
+order). When every term is a mean over its examples (``LossTerm.decomposable``: NLL, KL and the
+repetition penalty), each chunk's forward is scored and its part of every term back-propagated
+at once (one pass: one forward and one backward of every row per step, as unchunked). Otherwise
+two passes: a no-grad forward of every row gives the logits, the loss is computed and
+differentiated with respect to them, then each chunk is run again with autograd and
+back-propagated with its part of that gradient (one extra forward per step, and every row's
+logits at its positions held at once).
 
 Resumable: inside :func:`resumable` (every sweep item runs in it, :class:`kn_lens.sweep.
 executors.Worker`), an optimisation that runs longer than a few minutes saves its state (the
@@ -97,11 +100,21 @@ class LossTerm:
     weight: float = 1.0
     examples: tuple[Example, ...] = ()
     needs_reference = False  # whether prepare() needs the unedited model's logits
+    # whether loss() is the mean of per_example() over the examples: chunked steps then back-
+    # propagate each chunk's part in one pass (module doc); otherwise they take two passes
+    decomposable = False
 
     def prepare(self, reference: list[Tensor]) -> None:
         """Called once with the *unedited* model's logits at this term's examples."""
 
     def loss(self, logits: list[Float[Tensor, "_n d_vocab"]]) -> Float[Tensor, ""]:
+        raise NotImplementedError
+
+    def per_example(self, logits: list[Float[Tensor, "_n d_vocab"]],
+                    which: Sequence[int]) -> Float[Tensor, " n"]:
+        """The loss of examples ``which`` (indices into ``examples``), given their logits in that
+        order; only for ``decomposable`` terms, whose ``loss`` is the mean of these over all
+        examples."""
         raise NotImplementedError
 
 
@@ -127,16 +140,26 @@ class NLL(LossTerm):
                               for q, g, s in zip(queries, groups, sites))
         self.last_probs: list[float] = []
 
+    decomposable = True
+
     def per_query(self, logits: list[Tensor]) -> Tensor:
         """Mean per-token NLL of each query."""
+        return self.per_example(logits, range(len(self.answers)))
+
+    def per_example(self, logits: list[Tensor], which: Sequence[int]) -> Tensor:
         from kn_lens.evaluate.scoring import token_logprobs
 
-        return torch.stack([-token_logprobs(lg, a).mean() for lg, a in zip(logits, self.answers)])
+        return torch.stack([-token_logprobs(lg, self.answers[j]).mean()
+                            for lg, j in zip(logits, which)])
+
+    def record(self, per: Tensor) -> None:
+        """Keep each query's whole-answer probability from its mean per-token NLL ``per``."""
+        lengths = torch.tensor([len(a) for a in self.answers], dtype=per.dtype, device=per.device)
+        self.last_probs = [float(x) for x in torch.exp(-per.detach() * lengths)]
 
     def loss(self, logits: list[Tensor]) -> Tensor:
         per = self.per_query(logits)
-        self.last_probs = [float(x) for x in torch.exp(-per.detach() * torch.tensor(
-            [len(a) for a in self.answers], dtype=per.dtype, device=per.device))]  # whole-answer P
+        self.record(per)
         return per.mean()
 
 
@@ -163,17 +186,25 @@ class KL(LossTerm):
     def prepare(self, reference: list[Tensor]) -> None:
         self._ref = [torch.log_softmax(r.detach().float(), -1) for r in reference]
 
+    decomposable = True
+
     def loss(self, logits: list[Tensor]) -> Tensor:
         if len(self._ref) != len(logits):
             raise ConfigError("KL term used before prepare()")
+        return self.per_example(logits, range(len(logits))).mean()
+
+    def per_example(self, logits: list[Tensor], which: Sequence[int]) -> Tensor:
+        if len(self._ref) != len(self.examples):
+            raise ConfigError("KL term used before prepare()")
         out = []
-        for lg, ref in zip(logits, self._ref):
+        for lg, j in zip(logits, which):
+            ref = self._ref[j]
             lp = torch.log_softmax(lg.float(), -1)
             if self.direction == "ref||edit":
                 out.append((ref.exp() * (ref - lp)).sum(-1).mean())
             else:
                 out.append((lp.exp() * (lp - ref)).sum(-1).mean())
-        return torch.stack(out).mean()
+        return torch.stack(out)
 
 
 def kl_examples(queries: Sequence[Query], *, positions: Literal["last", "prompt"] = "last",
@@ -208,15 +239,20 @@ class RepetitionPenalty(LossTerm):
             ex.append(Example(ids[:-1], tuple(range(start, start + len(q.answer_ids)))))
         self.examples = tuple(ex)
 
+    decomposable = True
+
     def loss(self, logits: list[Tensor]) -> Tensor:
+        return self.per_example(logits, range(len(logits))).mean()
+
+    def per_example(self, logits: list[Tensor], which: Sequence[int]) -> Tensor:
         from kn_lens.evaluate.scoring import token_logprobs
 
         out = []
-        for lg, a in zip(logits, self.answers):
-            logp = token_logprobs(lg, a).sum()
+        for lg, j in zip(logits, which):
+            logp = token_logprobs(lg, self.answers[j]).sum()
             # -log(1 - p) = -log1p(-exp(logp)), stable near p -> 1
             out.append(-torch.log1p(-torch.exp(logp).clamp(max=1 - 1e-6)))
-        return torch.stack(out).mean()
+        return torch.stack(out)
 
 
 # --------------------------------------------------------------------------- targets
@@ -550,6 +586,7 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
                     reference = logits_at(model, ids, positions)
                 for term, sl in zip(terms, spans):
                     term.prepare(reference[sl])
+                del reference  # the terms keep what they need (KL: its positions' log-probs)
             run_ids = rows.ids if rows is not None else ids
             resid = model(pad_ids(model, run_ids), stop_at_layer=start) \
                 if (start and not fast) else None
@@ -585,10 +622,14 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
         # the hooks read the trained tensors, which the optimiser updates in place: attach once
         scope.enter_context(model.hooks(fwd_hooks=_hooks(model, targets, tensors, run_examples)))
         chunks = None if rows is None else rows.chunks(n_layers - start, config.max_graph_tokens)
+        one_pass = chunks is not None and all(term.decomposable for term in terms)
         leaves: list[Tensor] = []
         for step in range(first, config.steps):
             opt.zero_grad(set_to_none=True)
-            if fast:
+            if one_pass:  # each chunk's forward and its part of the loss, back-propagated
+                values = [v.to(device) for v in rows.train_chunks(
+                    model, terms, spans, chunks, start_at_layer=start, resid=resid)]
+            elif fast:
                 logits = _suffix_logits(model, frozen, run_examples)
             elif chunks is not None:  # pass 1: every row's logits, no graph (module doc)
                 with torch.no_grad():
@@ -602,8 +643,13 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
             parts = {}
             total = torch.zeros((), device=device)
             min_p = None
-            for term, sl in zip(terms, spans):
-                value = term.loss(logits[sl])
+            for k, (term, sl) in enumerate(zip(terms, spans)):
+                if one_pass:  # already back-propagated: its value only
+                    value = values[k].mean()
+                    if isinstance(term, NLL):
+                        term.record(values[k])
+                else:
+                    value = term.loss(logits[sl])
                 parts[term.name] = parts.get(term.name, 0.0) + float(value.detach())
                 total = total + term.weight * value
                 if isinstance(term, NLL) and term.last_probs:
@@ -632,8 +678,9 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
             if config.stop_nll is not None and "nll" in parts and parts["nll"] <= config.stop_nll:
                 stopped = "stop_nll"
                 break
-            total.backward()
-            if chunks is not None:  # pass 2: each chunk's graph, back-propagated in turn
+            if total.requires_grad:  # one pass: only the regularisers are left
+                total.backward()
+            if chunks is not None and not one_pass:  # pass 2: each chunk's graph in turn
                 for chunk in chunks:
                     got = rows.logits(model, start_at_layer=start, resid=resid, buckets=[chunk])
                     pairs = [(got[i], leaves[i].grad) for i in chunk if leaves[i].grad is not None]
@@ -674,7 +721,9 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
             p.requires_grad_(requires[name])
     return OptimResult(values, tuple(targets), updates, stopped, tuple(history),
                        time.perf_counter() - t0, {"start_at_layer": start, "frozen_prefix": fast,
-                                                  "chunks": 0 if chunks is None else len(chunks)})
+                                                  "chunks": 0 if chunks is None else len(chunks),
+                                                  "passes": 1 if chunks is None or one_pass
+                                                  else 2})
 
 
 class _SharedRows:
@@ -707,6 +756,33 @@ class _SharedRows:
     def split(self, row_logits: list[Tensor]) -> list[Tensor]:
         return [row_logits[r][idx.to(row_logits[r].device)]
                 for r, idx in zip(self.owner, self.index)]
+
+    def train_chunks(self, model, terms: Sequence[LossTerm], spans: Sequence[slice],
+                     chunks: list[list[int]], *, start_at_layer: int = 0,
+                     resid: Tensor | None = None) -> list[Tensor]:
+        """One pass of a chunked step for decomposable terms: each chunk of rows runs with
+        autograd, the examples it owns are scored and ``weight * sum / n`` of each term is back-
+        propagated at once, so no chunk's graph outlives it. Returns each term's per-example
+        losses (detached, on the CPU); their means are the terms' values."""
+        out = [torch.zeros(len(t.examples), dtype=torch.float32) for t in terms]
+        for chunk in chunks:
+            got = self.logits(model, start_at_layer=start_at_layer, resid=resid, buckets=[chunk])
+            inside = set(chunk)
+            part = None
+            for k, (term, sl) in enumerate(zip(terms, spans)):
+                which = [j for j in range(sl.stop - sl.start) if self.owner[sl.start + j] in inside]
+                if not which:
+                    continue
+                lg = [got[self.owner[sl.start + j]][self.index[sl.start + j].to(
+                    got[self.owner[sl.start + j]].device)] for j in which]
+                per = term.per_example(lg, which)
+                out[k][which] = per.detach().float().cpu()
+                add = term.weight * per.sum() / len(term.examples)
+                part = add if part is None else part + add
+            if part is not None and part.requires_grad:
+                part.backward()
+            del got, part
+        return out
 
     def chunks(self, blocks: int, budget: int) -> list[list[int]] | None:
         """The length buckets split so that each holds at most ``budget`` padded tokens x

@@ -33,7 +33,8 @@ import torch
 
 from kn_lens.edit.delta import Edit, w_in_columns, w_out_rows
 from kn_lens.edit.kn import _by_layer, _check_neurons
-from kn_lens.edit.optimise import KL, NLL, OptimConfig, Target, kl_examples, optimise
+from kn_lens.edit.optimise import (KL, NLL, LossTerm, OptimConfig, Target, kl_examples,
+                                   optimise)
 from kn_lens.edit.requests import check_requests, rewrite_queries
 from kn_lens.errors import ConfigError
 from kn_lens.facts import EditRequest, query_from_prompt
@@ -139,21 +140,26 @@ def augmentation_prompts(request: EditRequest, config: TNFDAConfig,
     return [ds.relation_of(facts[i]).render(facts[i].subject) for i in order[:cfg.n_augment]]
 
 
-def tnf_da(model: "HookedTransformer", requests: Sequence[EditRequest], *,
-           config: TNFDAConfig | None = None, neurons: NeuronSet | None = None,
-           generator: torch.Generator | None = None) -> Edit:
-    """TNF-DA as an :class:`Edit`: trained deltas on the targeted neurons' W_in / W_gate columns
-    and W_out rows."""
-    cfg = config or TNFDAConfig()
-    requests = check_requests(model, requests)
-    generator = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
-    if neurons is None:
-        neurons = targeted_neurons(model, requests, config=cfg, generator=generator)
-    neurons = neurons if isinstance(neurons, NeuronSet) else NeuronSet(neurons)
+@dataclass(frozen=True)
+class TNFDAProblem:
+    """What TNF-DA trains for some requests and neurons: the targets (the neurons' W_in /
+    W_gate columns and W_out rows), the loss terms (eq. 13) and the loop's settings."""
+
+    targets: tuple[Target, ...]
+    terms: tuple[LossTerm, ...]
+    optim: OptimConfig
+    n_train: int  # teacher-forced rewrite rows (prefixes x prompts)
+    n_augment: int  # augmentation prompts held by the KL
+
+
+def training_problem(model: "HookedTransformer", requests: Sequence[EditRequest],
+                     neurons: NeuronSet, *, config: TNFDAConfig,
+                     generator: torch.Generator) -> TNFDAProblem:
+    """TNF-DA's optimisation for ``requests`` on ``neurons`` (checked), without running it."""
+    cfg = config
     _check_neurons(model, neurons)  # typed errors: empty, outside the model
-    by_layer = _by_layer(neurons)
     kinds = ["W_in", "W_gate", "W_out"] if model.cfg.gated_mlp else ["W_in", "W_out"]
-    targets = [Target.rows(layer, idx, kind) for layer, idx in sorted(by_layer.items())
+    targets = [Target.rows(layer, idx, kind) for layer, idx in sorted(_by_layer(neurons).items())
                for kind in kinds]
     queries, loc = [], []
     for r in requests:
@@ -166,11 +172,27 @@ def tnf_da(model: "HookedTransformer", requests: Sequence[EditRequest], *,
             queries += rewrite_queries(model, r)
         loc += [query_from_prompt(model, p, r.fact.object)  # KL reads the next-token distribution
                 for p in augmentation_prompts(r, cfg, generator)]
-    terms = [NLL(queries)]
+    terms: list[LossTerm] = [NLL(queries)]
     if loc and cfg.alpha:
         terms.append(KL(kl_examples(loc), weight=cfg.alpha, direction="edit||ref"))
-    res = optimise(model, targets, terms, config=OptimConfig(
-        steps=cfg.steps, lr=cfg.lr, stop_nll=cfg.delta))
+    return TNFDAProblem(tuple(targets), tuple(terms), OptimConfig(
+        steps=cfg.steps, lr=cfg.lr, stop_nll=cfg.delta), len(queries), len(loc))
+
+
+def tnf_da(model: "HookedTransformer", requests: Sequence[EditRequest], *,
+           config: TNFDAConfig | None = None, neurons: NeuronSet | None = None,
+           generator: torch.Generator | None = None) -> Edit:
+    """TNF-DA as an :class:`Edit`: trained deltas on the targeted neurons' W_in / W_gate columns
+    and W_out rows."""
+    cfg = config or TNFDAConfig()
+    requests = check_requests(model, requests)
+    generator = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
+    if neurons is None:
+        neurons = targeted_neurons(model, requests, config=cfg, generator=generator)
+    neurons = neurons if isinstance(neurons, NeuronSet) else NeuronSet(neurons)
+    problem = training_problem(model, requests, neurons, config=cfg, generator=generator)
+    targets = problem.targets
+    res = optimise(model, targets, problem.terms, config=problem.optim)
     deltas = []
     for t, v in zip(targets, res.values):
         v = v.cpu()
@@ -179,10 +201,12 @@ def tnf_da(model: "HookedTransformer", requests: Sequence[EditRequest], *,
         else:
             deltas.append(w_in_columns(t.block, t.index, v, gate=t.weight_kind == "W_gate"))
     n_params = sum(math.prod(v.shape) for v in res.values)
-    desc = (f"TNF-DA {len(neurons)} neurons ({', '.join(kinds)}) in {len(by_layer)} layers: " +
+    kinds = list(dict.fromkeys(t.weight_kind for t in targets))
+    layers = len({t.block for t in targets})
+    desc = (f"TNF-DA {len(neurons)} neurons ({', '.join(kinds)}) in {layers} layers: " +
             "; ".join(f"{r.fact.subject} -> {r.new_object}" for r in requests[:3]))
     return Edit(tuple(deltas), desc, "tnf_da", model_info(model),
-                {"config": cfg, "neurons": neurons.to_list(), "n_train": len(queries),
-                 "n_augment": len(loc), "n_params": n_params, "steps": res.steps,
+                {"config": cfg, "neurons": neurons.to_list(), "n_train": problem.n_train,
+                 "n_augment": problem.n_augment, "n_params": n_params, "steps": res.steps,
                  "stopped": res.stopped, "final_loss": res.final_loss,
                  "history_nll": [h.get("nll") for h in res.history]})
