@@ -686,3 +686,42 @@ def test_a_killed_optimisation_resumes_from_its_saved_state(tiny_model, tmp_path
     with pytest.raises(ConfigError, match="every_s"):
         with O.resumable(tmp_path, every_s=0):
             pass
+
+
+def test_a_long_benchmark_edit_killed_while_judged_is_not_made_again(tiny_model, tmp_path,
+                                                                    monkeypatch):
+    """A sweep's benchmark item (edit + judgement) runs inside ``resumable``: an edit that took
+    longer than the save interval is kept in the item's folder until its judgement is done, so
+    a kill during the judgement costs the judgement only. The resumed item returns the rows an
+    uninterrupted item returns (and the first edit's seconds), and leaves the folder empty."""
+    import kn_lens.edit as E
+    import kn_lens.evaluate.harness as HS
+    from kn_lens.edit.benchmark import benchmark_item, run_benchmark_edit
+    from kn_lens.evaluate.probes import ProbeSet
+
+    cfg = HS.HarnessConfig(protocols=("counterfact", "tokens"), n_bootstrap=0)
+    req = _request()
+    ps = ProbeSet.from_request(tiny_model, req, n_prefix_probes=1, seed=0)
+    before = HS.measure(tiny_model, [ps], config=cfg)
+    item = benchmark_item(tiny_model, [req], [ps], before, method="ft_l",
+                          config=FTLConfig(steps=3), harness=cfg)
+    full = run_benchmark_edit(tiny_model, item)  # outside a sweep: nothing kept
+    assert not list(tmp_path.iterdir())
+    judge = HS.judge
+
+    def killed(*a, **k):
+        raise RuntimeError("killed while judging")
+    folder = tmp_path / item.key
+    with O.resumable(folder, every_s=1e-9):
+        monkeypatch.setattr(HS, "judge", killed)
+        with pytest.raises(RuntimeError, match="killed while judging"):
+            run_benchmark_edit(tiny_model, item)
+        assert (folder / "finished_edit" / "seconds.json").exists()
+        monkeypatch.setattr(HS, "judge", judge)
+        made = []
+        monkeypatch.setattr(E, "edit", lambda *a, **k: made.append(1) or 1 / 0)
+        resumed = run_benchmark_edit(tiny_model, item)
+    assert not made and not list(folder.iterdir())
+    assert [r["row"] for r in resumed] == [r["row"] for r in full]
+    assert resumed[0]["n_params"] == full[0]["n_params"] > 0
+    assert H.active_hook_count(tiny_model) == 0

@@ -430,6 +430,13 @@ def resumable(folder: str | Path, *, every_s: float = 300.0):
         _RESUME.reset(token)
 
 
+def resume_state() -> tuple[Path, float] | None:
+    """The folder and save interval of the enclosing :func:`resumable` (None outside one): work
+    around an optimisation (e.g. a sweep item's judgement of a long edit) may keep its own state
+    there."""
+    return _RESUME.get()
+
+
 def _digest(model, targets, terms, examples, config, init) -> str:
     """What determines a run: the model's weights (the sweep's fingerprint), the targets, every
     example, the terms and the settings (``max_graph_tokens`` aside) and the initial values."""
