@@ -116,3 +116,31 @@ def test_tnf_da_errors_are_typed(tiny_model):
             TNFDAConfig(**bad)
     assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in snap.items())
     assert H.active_hook_count(tiny_model) == 0
+
+
+def test_a_killed_tnf_da_resumes_without_localising_again(tiny_model, tmp_path, monkeypatch):
+    """Inside ``optimise.resumable`` (a sweep item) a localisation longer than the save interval
+    (a batch of 100 requests: ~12 min) is kept with the generator's state after it: a run killed
+    in training resumes without localising again and returns the uninterrupted run's edit (the
+    same random neurons and the same augmentation draws); the file goes once the edit is made."""
+    import kn_lens.edit.tnf_da as T
+    from kn_lens.edit import optimise as O
+
+    r = [_request()]
+    rn = TNFDAConfig(**{**CFG.__dict__, "neurons": "random"})  # the generator picks the neurons
+    full = edit(tiny_model, r, method="tnf_da", config=rn, seed=3)
+    train = T.optimise
+
+    def killed(*a, **k):
+        raise RuntimeError("killed in training")
+    with O.resumable(tmp_path, every_s=1e-9):
+        monkeypatch.setattr(T, "optimise", killed)
+        with pytest.raises(RuntimeError, match="killed in training"):
+            edit(tiny_model, r, method="tnf_da", config=rn, seed=3)
+        assert (tmp_path / "targeted_neurons.pt").exists()
+        monkeypatch.setattr(T, "optimise", train)
+        monkeypatch.setattr(T, "targeted_neurons", lambda *a, **k: 1 / 0)
+        resumed = edit(tiny_model, r, method="tnf_da", config=rn, seed=3)
+    assert resumed.config["details"]["neurons"] == full.config["details"]["neurons"]
+    assert all(torch.equal(a.values, b.values) for a, b in zip(resumed.deltas, full.deltas))
+    assert not list(tmp_path.iterdir()) and H.active_hook_count(tiny_model) == 0

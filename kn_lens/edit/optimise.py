@@ -453,7 +453,7 @@ def _digest(model, targets, terms, examples, config, init) -> str:
     return h.hexdigest()[:16]
 
 
-def _save_state(path: Path, state: dict) -> None:
+def save_state(path: Path, state: dict) -> None:
     """Write ``state`` whole or not at all (a temporary file renamed over the old one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -712,7 +712,7 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
                         shape[0 if t.kind == "activation" else t.dim] = -1
                         x.mul_(factor.view(shape))
             if state_file is not None and time.perf_counter() - saved_at >= resume[1]:
-                _save_state(state_file, {"values": [x.detach() for x in tensors],
+                save_state(state_file, {"values": [x.detach() for x in tensors],
                                          "opt": opt.state_dict(), "history": history,
                                          "updates": updates, "step": step + 1})
                 saved_at = time.perf_counter()
