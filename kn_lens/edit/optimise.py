@@ -713,8 +713,8 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
                         x.mul_(factor.view(shape))
             if state_file is not None and time.perf_counter() - saved_at >= resume[1]:
                 save_state(state_file, {"values": [x.detach() for x in tensors],
-                                         "opt": opt.state_dict(), "history": history,
-                                         "updates": updates, "step": step + 1})
+                                        "opt": opt.state_dict(), "history": history,
+                                        "updates": updates, "step": step + 1})
                 saved_at = time.perf_counter()
         values = tuple(x.detach().clone() for x in tensors)
         for v in values:
