@@ -601,8 +601,8 @@ def test_rows_over_the_graph_budget_train_in_chunks_with_the_same_gradient(tiny_
     unchunked. A term that is not such a mean takes two passes: a no-grad pass for the loss and
     its gradient on the logits, then each chunk's forward + backward. Either way the training is
     the one-graph training (every term, including the KL on the prompt positions and the
-    repetition penalty, and the L2 on the deltas; the stop on P(answer) on the same step), each
-    forward holds at most the budget, and the model is left as it was."""
+    repetition penalty, and the L2 on the deltas), each forward holds at most the budget, and
+    the model is left as it was."""
     _, qs = _nll_setup(tiny_model)
 
     class Squared(O.LossTerm):  # not a mean over examples: the square of the NLL term's mean
@@ -716,12 +716,14 @@ def test_a_long_benchmark_edit_killed_while_judged_is_not_made_again(tiny_model,
         monkeypatch.setattr(HS, "judge", killed)
         with pytest.raises(RuntimeError, match="killed while judging"):
             run_benchmark_edit(tiny_model, item)
-        assert (folder / "finished_edit" / "seconds.json").exists()
+        import json
+
+        took = json.loads((folder / "finished_edit" / "seconds.json").read_text())["seconds"]
         monkeypatch.setattr(HS, "judge", judge)
         made = []
         monkeypatch.setattr(E, "edit", lambda *a, **k: made.append(1) or 1 / 0)
         resumed = run_benchmark_edit(tiny_model, item)
     assert not made and not list(folder.iterdir())
     assert [r["row"] for r in resumed] == [r["row"] for r in full]
-    assert resumed[0]["n_params"] == full[0]["n_params"] > 0
+    assert resumed[0]["n_params"] == full[0]["n_params"] > 0 and resumed[0]["seconds"] == took
     assert H.active_hook_count(tiny_model) == 0
