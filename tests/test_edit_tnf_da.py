@@ -137,7 +137,7 @@ def test_a_killed_tnf_da_resumes_without_localising_again(tiny_model, tmp_path, 
         monkeypatch.setattr(T, "optimise", killed)
         with pytest.raises(RuntimeError, match="killed in training"):
             edit(tiny_model, r, method="tnf_da", config=rn, seed=3)
-        assert (tmp_path / "targeted_neurons.pt").exists()
+        assert (tmp_path / "targeted_neurons.kept.pt").exists()
         monkeypatch.setattr(T, "optimise", train)
         monkeypatch.setattr(T, "targeted_neurons", lambda *a, **k: 1 / 0)
         resumed = edit(tiny_model, r, method="tnf_da", config=rn, seed=3)

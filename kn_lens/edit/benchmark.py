@@ -20,10 +20,7 @@ never computed again, whatever code wrote them.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import pickle
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -301,47 +298,34 @@ def run_benchmark_edit(model, item) -> list[dict]:
     ``{"row", "seconds", "n_params", "n_requests_in_edit", "refused"}`` (+ ``"dppl"`` when the
     harness does not generate)."""
     from kn_lens.edit import Edit, edit
-    from kn_lens.edit.optimise import resume_state
+    from kn_lens.edit.optimise import forget, kept
     from kn_lens.errors import KnLensError
     from kn_lens.evaluate.harness import edit_dppl, judge
     from kn_lens.models import model_info
     from kn_lens.sweep.kinds import prepared_reference
 
     job = item.payload
-    # inside a sweep (kn_lens.edit.optimise.resumable, one folder per item) an edit that took
-    # longer than the save interval is kept until its judgement is done: a batch edit of hours
-    # killed while being judged is not made again
-    resume = resume_state()
-    kept = None if resume is None else resume[0] / "finished_edit"
-    refused = None
-    if kept is not None and (kept / "seconds.json").exists():
-        e = Edit.load(kept)
-        secs = json.loads((kept / "seconds.json").read_text())["seconds"]
-    else:
+
+    def make():
         t0 = time.perf_counter()
+        refused = None
         try:
             e = edit(model, list(job.requests), method=item.method, config=item.config,
                      neurons=job.neurons, seed=item.seed or 0)
         except KnLensError as exc:  # the method cannot make this edit: judged as no edit
             refused = f"{type(exc).__name__}: {exc}"
             e = Edit((), "refused", item.method, model_info(model))
-        secs = time.perf_counter() - t0
-        if kept is not None and refused is None and secs >= resume[1]:
-            tmp = kept.with_name(f"{kept.name}.{os.getpid()}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            e.save(tmp)
-            (tmp / "seconds.json").write_text(json.dumps({"seconds": secs}))
-            shutil.rmtree(kept, ignore_errors=True)
-            os.replace(tmp, kept)  # whole or not at all
+        return e, time.perf_counter() - t0, refused
+    # inside a sweep (every item runs in optimise.resumable) a long edit is kept until its
+    # judgement is done: a batch edit of hours killed while being judged is not made again
+    e, secs, refused = kept("finished_edit", make)
     reference = None if job.reference is None else prepared_reference(model, job.reference)
     rows = judge(model, e, list(job.probes), list(job.before), config=job.harness,
                  reference=reference, edit_index=job.requests[0].case_id)
     extra = {}
     if reference is not None and "generation" not in job.harness.protocols:
         extra["dppl"] = edit_dppl(model, e, reference)
-    if kept is not None:
-        for stale in [kept, *kept.parent.glob(f"{kept.name}.*.tmp")]:
-            shutil.rmtree(stale, ignore_errors=True)
+    forget("finished_edit")
     return [{"row": r.to_dict(), "seconds": secs, "n_params": e.n_params, **extra,
              "n_requests_in_edit": len(job.requests), "refused": refused} for r in rows]
 

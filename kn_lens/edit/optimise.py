@@ -47,13 +47,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import torch
 from jaxtyping import Float
@@ -430,11 +429,30 @@ def resumable(folder: str | Path, *, every_s: float = 300.0):
         _RESUME.reset(token)
 
 
-def resume_state() -> tuple[Path, float] | None:
-    """The folder and save interval of the enclosing :func:`resumable` (None outside one): work
-    around an optimisation (e.g. a sweep item's judgement of a long edit) may keep its own state
-    there."""
-    return _RESUME.get()
+def kept(name: str, compute: Callable[[], Any]) -> Any:
+    """Inside :func:`resumable`: what ``compute()`` returned in an earlier run of the same item
+    that was killed later (kept when it took at least the save interval), else ``compute()``,
+    kept now if it took that long; outside, ``compute()``. The work around an optimisation (a
+    long localisation before it, the judgement of a long edit after it) resumes with it;
+    :func:`forget` drops the value once the work that needed it is done."""
+    resume = _RESUME.get()
+    if resume is None:
+        return compute()
+    path = resume[0] / f"{name}.kept.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    t0 = time.perf_counter()
+    value = compute()
+    if time.perf_counter() - t0 >= resume[1]:
+        _save_state(path, value)
+    return value
+
+
+def forget(name: str) -> None:
+    """Drop what :func:`kept` kept under ``name`` (nothing outside :func:`resumable`)."""
+    resume = _RESUME.get()
+    if resume is not None:
+        (resume[0] / f"{name}.kept.pt").unlink(missing_ok=True)
 
 
 def _digest(model, targets, terms, examples, config, init) -> str:
@@ -453,12 +471,12 @@ def _digest(model, targets, terms, examples, config, init) -> str:
     return h.hexdigest()[:16]
 
 
-def save_state(path: Path, state: dict) -> None:
-    """Write ``state`` whole or not at all (a temporary file renamed over the old one)."""
+def _save_state(path: Path, state: Any) -> None:
+    """Write ``state`` whole or not at all (the sweep store's temporary file and rename)."""
+    from kn_lens.sweep.store import _atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: torch.save(state, f), fsync=False)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -712,9 +730,9 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
                         shape[0 if t.kind == "activation" else t.dim] = -1
                         x.mul_(factor.view(shape))
             if state_file is not None and time.perf_counter() - saved_at >= resume[1]:
-                save_state(state_file, {"values": [x.detach() for x in tensors],
-                                        "opt": opt.state_dict(), "history": history,
-                                        "updates": updates, "step": step + 1})
+                _save_state(state_file, {"values": [x.detach() for x in tensors],
+                                         "opt": opt.state_dict(), "history": history,
+                                         "updates": updates, "step": step + 1})
                 saved_at = time.perf_counter()
         values = tuple(x.detach().clone() for x in tensors)
         for v in values:

@@ -26,7 +26,6 @@ edit (README: how they were chosen).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Sequence
 
@@ -34,8 +33,8 @@ import torch
 
 from kn_lens.edit.delta import Edit, w_in_columns, w_out_rows
 from kn_lens.edit.kn import _by_layer, _check_neurons
-from kn_lens.edit.optimise import (KL, NLL, LossTerm, OptimConfig, Target, kl_examples,
-                                   optimise, resume_state, save_state)
+from kn_lens.edit.optimise import (KL, NLL, LossTerm, OptimConfig, Target, forget, kept,
+                                   kl_examples, optimise)
 from kn_lens.edit.requests import check_requests, rewrite_queries
 from kn_lens.errors import ConfigError
 from kn_lens.facts import EditRequest, query_from_prompt
@@ -188,26 +187,19 @@ def tnf_da(model: "HookedTransformer", requests: Sequence[EditRequest], *,
     cfg = config or TNFDAConfig()
     requests = check_requests(model, requests)
     generator = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
-    # inside optimise.resumable (a sweep item), a localisation longer than the save interval
-    # (a batch of 100: ~12 min of AtP) is kept with the generator's state after it, so a run
-    # killed in training resumes without it and draws the same augmentation
-    resume = resume_state()
-    kept = None if resume is None or neurons is not None else resume[0] / "targeted_neurons.pt"
-    if kept is not None and kept.exists():
-        state = torch.load(kept, weights_only=False)
-        neurons = NeuronSet.from_list(state["neurons"])
-        generator.set_state(state["generator"])
-    elif neurons is None:
-        t0 = time.perf_counter()
-        neurons = targeted_neurons(model, requests, config=cfg, generator=generator)
-        if kept is not None and time.perf_counter() - t0 >= resume[1]:
-            save_state(kept, {"neurons": neurons.to_list(), "generator": generator.get_state()})
+    located = neurons is None
+    if located:  # in a sweep a long localisation (a batch of 100: ~7-12 min of AtP) is kept
+        # with the generator's state after it: a run killed in training resumes without it
+        # and draws the same augmentation
+        neurons, state = kept("targeted_neurons", lambda: (targeted_neurons(
+            model, requests, config=cfg, generator=generator), generator.get_state()))
+        generator.set_state(state)
     neurons = neurons if isinstance(neurons, NeuronSet) else NeuronSet(neurons)
     problem = training_problem(model, requests, neurons, config=cfg, generator=generator)
     targets = problem.targets
     res = optimise(model, targets, problem.terms, config=problem.optim)
-    if kept is not None:
-        kept.unlink(missing_ok=True)  # trained: the edit is complete
+    if located:
+        forget("targeted_neurons")  # trained: the edit is complete
     deltas = []
     for t, v in zip(targets, res.values):
         v = v.cpu()
