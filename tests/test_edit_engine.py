@@ -726,3 +726,48 @@ def test_a_long_benchmark_edit_killed_while_judged_is_not_made_again(tiny_model,
     assert [r["row"] for r in resumed] == [r["row"] for r in full]
     assert resumed[0]["n_params"] == full[0]["n_params"] > 0 and resumed[0]["seconds"] == took
     assert H.active_hook_count(tiny_model) == 0
+
+
+def test_a_resumed_item_counts_the_seconds_its_killed_runs_spent(tiny_model, tmp_path):
+    """Each save inside ``resumable`` records the seconds spent on the item so far; the next
+    run of a killed item starts from them (``earlier_seconds``), a benchmark item adds them to
+    its edit's seconds (a batch edit resumed after a kill reports what it cost in all, not its
+    last part), and the record goes once the item completes."""
+    import json
+    import time
+
+    import kn_lens.evaluate.harness as HS
+    from kn_lens.edit.benchmark import benchmark_item, run_benchmark_edit
+    from kn_lens.evaluate.probes import ProbeSet
+
+    _, qs = _nll_setup(tiny_model)
+    targets = [O.Target.rows(1, [2, 5])]
+    cfg = O.OptimConfig(steps=6, lr=0.05)
+    assert O.earlier_seconds() == 0.0
+    with pytest.raises(RuntimeError, match="injected failure"):  # a killed run
+        with O.resumable(tmp_path, every_s=1e-9):
+            assert O.earlier_seconds() == 0.0
+            time.sleep(0.05)
+            O.optimise(tiny_model, targets, [_Boom(O.NLL(qs), at=4)], config=cfg)
+    spent = json.loads((tmp_path / "seconds.json").read_text())
+    assert spent >= 0.05
+    with O.resumable(tmp_path, every_s=1e-9):  # its next run
+        assert O.earlier_seconds() == spent
+        boom = _Boom(O.NLL(qs), at=10 ** 9)
+        O.optimise(tiny_model, targets, [boom], config=cfg)
+        assert boom.calls == 2 and json.loads((tmp_path / "seconds.json").read_text()) > spent
+    assert not list(tmp_path.iterdir()) and O.earlier_seconds() == 0.0
+
+    hcfg = HS.HarnessConfig(protocols=("counterfact", "tokens"), n_bootstrap=0)
+    req = _request()
+    ps = ProbeSet.from_request(tiny_model, req, n_prefix_probes=1, seed=0)
+    item = benchmark_item(tiny_model, [req], [ps], HS.measure(tiny_model, [ps], config=hcfg),
+                          method="ft_l", config=FTLConfig(steps=3), harness=hcfg)
+    alone = run_benchmark_edit(tiny_model, item)[0]["seconds"]
+    folder = tmp_path / item.key
+    folder.mkdir()
+    (folder / "seconds.json").write_text("1000.0")  # as a killed run of 1,000 s leaves it
+    with O.resumable(folder):
+        resumed = run_benchmark_edit(tiny_model, item)
+    assert 1000.0 < resumed[0]["seconds"] < 1000.0 + 20 * alone + 5
+    assert not list(folder.iterdir()) and H.active_hook_count(tiny_model) == 0

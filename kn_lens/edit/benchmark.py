@@ -298,7 +298,7 @@ def run_benchmark_edit(model, item) -> list[dict]:
     ``{"row", "seconds", "n_params", "n_requests_in_edit", "refused"}`` (+ ``"dppl"`` when the
     harness does not generate)."""
     from kn_lens.edit import Edit, edit
-    from kn_lens.edit.optimise import forget, kept
+    from kn_lens.edit.optimise import earlier_seconds, forget, kept
     from kn_lens.errors import KnLensError
     from kn_lens.evaluate.harness import edit_dppl, judge
     from kn_lens.models import model_info
@@ -315,7 +315,9 @@ def run_benchmark_edit(model, item) -> list[dict]:
         except KnLensError as exc:  # the method cannot make this edit: judged as no edit
             refused = f"{type(exc).__name__}: {exc}"
             e = Edit((), "refused", item.method, model_info(model))
-        return e, time.perf_counter() - t0, refused
+        # a resumed edit (a killed batch continued from its saved optimisation) reports what
+        # it cost in all: the killed runs' seconds up to their last save, then this run's
+        return e, earlier_seconds() + time.perf_counter() - t0, refused
     # inside a sweep (every item runs in optimise.resumable) a long edit is kept until its
     # judgement is done: a batch edit of hours killed while being judged is not made again
     e, secs, refused = kept("finished_edit", make)

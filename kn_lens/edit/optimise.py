@@ -46,6 +46,7 @@ what an uninterrupted run returns. A TNF-DA batch of 100 requests takes hours on
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from contextlib import ExitStack, contextmanager
@@ -411,22 +412,54 @@ class OptimResult:
 
 # --------------------------------------------------------------------------- resumable runs
 
-_RESUME: ContextVar[tuple[Path, float] | None] = ContextVar("kn_lens_optimise_resume",
-                                                            default=None)
+@dataclass(frozen=True)
+class _Resume:
+    folder: Path
+    every_s: float
+    earlier: float  # seconds killed runs of this item spent up to their last save
+    entered: float  # perf_counter() when this run entered :func:`resumable`
+
+    def save(self, path: Path, state: Any) -> None:
+        """``state`` to ``path``, then the item's clock: the seconds spent on it up to this
+        save, earlier runs included (what a run resumed from here has already cost)."""
+        from kn_lens.sweep.store import _atomic_write
+
+        _save_state(path, state)
+        seconds = self.earlier + time.perf_counter() - self.entered
+        _atomic_write(self.folder / _CLOCK, lambda f: f.write(json.dumps(seconds).encode()),
+                      fsync=False)
+
+
+_RESUME: ContextVar[_Resume | None] = ContextVar("kn_lens_optimise_resume", default=None)
+_CLOCK = "seconds.json"
 
 
 @contextmanager
 def resumable(folder: str | Path, *, every_s: float = 300.0):
     """Inside: :func:`optimise` saves its state to ``folder/<digest>.pt`` at most every
     ``every_s`` seconds of a run (a short run writes nothing), and a call with the same inputs
-    continues from that file; it is removed when the run completes."""
+    continues from that file; it is removed when the run completes. Each save also records the
+    seconds spent inside so far, earlier killed runs included (:func:`earlier_seconds`); that
+    record goes when the block completes without an error."""
     if not every_s > 0:
         raise ConfigError(f"every_s must be > 0, got {every_s}")
-    token = _RESUME.set((Path(folder), float(every_s)))
+    folder = Path(folder)
+    clock = folder / _CLOCK
+    earlier = float(json.loads(clock.read_text())) if clock.exists() else 0.0
+    token = _RESUME.set(_Resume(folder, float(every_s), earlier, time.perf_counter()))
     try:
         yield
     finally:
         _RESUME.reset(token)
+    clock.unlink(missing_ok=True)  # completed: nothing left to resume (an error keeps it)
+
+
+def earlier_seconds() -> float:
+    """Seconds that killed runs of the current :func:`resumable` item spent up to their last
+    save (what this run resumes from); 0 outside one or for a fresh item. A benchmark item adds
+    it to the edit's time, so a resumed edit reports what it cost in all, not its last part."""
+    resume = _RESUME.get()
+    return 0.0 if resume is None else resume.earlier
 
 
 def kept(name: str, compute: Callable[[], Any]) -> Any:
@@ -438,13 +471,13 @@ def kept(name: str, compute: Callable[[], Any]) -> Any:
     resume = _RESUME.get()
     if resume is None:
         return compute()
-    path = resume[0] / f"{name}.kept.pt"
+    path = resume.folder / f"{name}.kept.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
     t0 = time.perf_counter()
     value = compute()
-    if time.perf_counter() - t0 >= resume[1]:
-        _save_state(path, value)
+    if time.perf_counter() - t0 >= resume.every_s:
+        resume.save(path, value)
     return value
 
 
@@ -452,7 +485,7 @@ def forget(name: str) -> None:
     """Drop what :func:`kept` kept under ``name`` (nothing outside :func:`resumable`)."""
     resume = _RESUME.get()
     if resume is not None:
-        (resume[0] / f"{name}.kept.pt").unlink(missing_ok=True)
+        (resume.folder / f"{name}.kept.pt").unlink(missing_ok=True)
 
 
 def _digest(model, targets, terms, examples, config, init) -> str:
@@ -635,7 +668,7 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
         resume = _RESUME.get()
         state_file = None
         if resume is not None:
-            state_file = resume[0] / f"{_digest(model, targets, terms, examples, config, init)}.pt"
+            state_file = resume.folder / f"{_digest(model, targets, terms, examples, config, init)}.pt"
             if state_file.exists():  # a run of these inputs was stopped: continue it
                 state = torch.load(state_file, map_location=device, weights_only=False)
                 with torch.no_grad():
@@ -729,8 +762,8 @@ def optimise(model: "HookedTransformer", targets: Sequence[Target], terms: Seque
                         shape = [1] * x.ndim
                         shape[0 if t.kind == "activation" else t.dim] = -1
                         x.mul_(factor.view(shape))
-            if state_file is not None and time.perf_counter() - saved_at >= resume[1]:
-                _save_state(state_file, {"values": [x.detach() for x in tensors],
+            if state_file is not None and time.perf_counter() - saved_at >= resume.every_s:
+                resume.save(state_file, {"values": [x.detach() for x in tensors],
                                          "opt": opt.state_dict(), "history": history,
                                          "updates": updates, "step": step + 1})
                 saved_at = time.perf_counter()
