@@ -103,6 +103,25 @@ def test_tnwp_random_neurons_and_stopping(tiny_model):
     assert stop["stopped"] == "stop_nll" and stop["steps"] == 0  # L_gen <= delta at once
 
 
+def test_bare_prompt_trains_the_bare_prompt_with_the_prefixed_ones(tiny_model):
+    """``bare_prompt=True`` (eq. 9, Table 3's text) adds the bare rewrite prompt to eq. 8's
+    prefixed rows: the NLL's examples are TNWP's bare row followed by TWP's prefixed rows."""
+    from kn_lens.edit.tnf_da import training_problem
+
+    r = [_request()]
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    neurons = targeted_neurons(tiny_model, r, config=CFG)
+    rows = {}
+    for name, changes in (("twp", {}), ("tnwp", {"prefixes": False}), ("bare", {"bare_prompt": True})):
+        p = training_problem(tiny_model, r, neurons, config=TNFDAConfig(**{**CFG.__dict__, **changes}),
+                             generator=g())
+        rows[name] = [e.ids for e in p.terms[0].examples]
+        assert p.n_train == len(rows[name])
+    assert rows["bare"] == rows["tnwp"] + rows["twp"] and len(rows["bare"]) == 3
+    e = edit(tiny_model, r, method="tnf_da", config=TNFDAConfig(**{**CFG.__dict__, "bare_prompt": True}))
+    assert e.config["details"]["n_train"] == 3
+
+
 def test_tnf_da_errors_are_typed(tiny_model):
     snap = _snapshot(tiny_model)
     no_prefix = EditRequest(Fact("France", "capital", "Paris"), "Rome", ("The capital of France is",))
@@ -111,7 +130,8 @@ def test_tnf_da_errors_are_typed(tiny_model):
     with pytest.raises(ConfigError, match="empty"):
         edit(tiny_model, [_request()], method="tnf_da", config=CFG, neurons=NeuronSet())
     for bad in (dict(fraction=0.0), dict(locator="ig"), dict(prune="x"), dict(augment="x"),
-                dict(delta=0.0), dict(lr=0.0), dict(n_noise=0)):
+                dict(delta=0.0), dict(lr=0.0), dict(n_noise=0),
+                dict(prefixes=False, bare_prompt=True)):
         with pytest.raises(ConfigError):
             TNFDAConfig(**bad)
     assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in snap.items())

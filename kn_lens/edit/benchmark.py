@@ -61,6 +61,8 @@ VARIANTS = {
     "tnf_da_tnwp": ("tnf_da", {"locator": "atp", "prefixes": False}),  # Table 3 TNWP
     "tnf_da_rn": ("tnf_da", {"locator": "atp", "neurons": "random"}),  # Table 4 Ours-RN
     "tnf_da_da": ("tnf_da", {"locator": "atp", "augment": "random"}),  # Table 4 Ours-DA
+    # the bare prompt trained with the prefixed ones (eq. 9, Table 3's text; README: batches)
+    "tnf_da_atp_bare": ("tnf_da", {"locator": "atp", "bare_prompt": True}),
 }
 
 # KNE Sec. 4.4: ensembles located on a share of each relation's requests (the first quarter, by

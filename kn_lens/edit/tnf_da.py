@@ -8,7 +8,8 @@
 2. **Parameters** (theta_okn): only those neurons' input vectors (columns of ``W_in``, and of
    ``W_gate`` for gated MLPs) and output vectors (rows of ``W_out``); everything else frozen.
 3. **Data** (eq. 8, 11): the rewrite prompt behind each of the request's N random prefixes
-   (``x_j + p``, "TWP"; ``prefixes=False`` trains on the bare prompt, "TNWP"), teacher-forcing the
+   (``x_j + p``, "TWP"; ``bare_prompt=True`` adds the bare prompt, as eq. 9 and Table 3's text
+   have it; ``prefixes=False`` trains on the bare prompt only, "TNWP"), teacher-forcing the
    new object; plus the relation-based augmentation: the same prompt with ``n_augment`` other
    subjects of the request's relation (S_r), whose next-token distributions are held to the
    unedited model's by ``KL(P_edited || P_unedited)`` (eq. 12). Loss ``L = L_gen + alpha L_loc``
@@ -54,6 +55,10 @@ class TNFDAConfig:
     n_noise: int = 3  # noise samples of the IE (MediationConfig default)
     neurons: Literal["located", "random"] = "located"  # "random": Table 4 Ours-RN
     prefixes: bool = True  # eq. 8 TWP; False: TNWP (Table 3)
+    # with prefixes, also the bare prompt (eq. 9's L_gen(p); Table 3's text trains TWP on "(p, o)
+    # and (x_j + p, o)"; ROME's contexts begin with the bare "{}"). False: eq. 8's rows only, as
+    # every committed TNF-DA row was made (README: a batch of 100 then misses the bare prompt)
+    bare_prompt: bool = False
     augment: Literal["relation", "random", "none"] = "relation"  # eq. 11; "random": Ours-DA
     n_augment: int = 10  # |S_r| (paper: no value)
     augment_subjects: tuple[str, ...] | None = None  # S_r pool; None: the built-in dataset
@@ -75,6 +80,9 @@ class TNFDAConfig:
             raise ConfigError("TNFDAConfig: n_augment >= 0, alpha >= 0, delta > 0")
         if self.steps < 0 or not self.lr > 0 or self.n_noise < 1:
             raise ConfigError("TNFDAConfig: steps >= 0, lr > 0, n_noise >= 1")
+        if self.bare_prompt and not self.prefixes:
+            raise ConfigError("TNFDAConfig.bare_prompt adds the bare prompt to the prefixed rows; "
+                              "with prefixes=False (TNWP) the bare prompt is all it trains on")
         if self.augment_subjects is not None:
             object.__setattr__(self, "augment_subjects", tuple(self.augment_subjects))
 
@@ -167,7 +175,8 @@ def training_problem(model: "HookedTransformer", requests: Sequence[EditRequest]
             if not r.prefixes:
                 raise ConfigError(f"request {r.fact.subject!r} has no random prefixes for eq. 8 "
                                   "(build_edit_requests(n_prefixes=...)), or pass prefixes=False")
-            queries += rewrite_queries(model, r, prefixes=tuple(r.prefixes))
+            queries += rewrite_queries(model, r, prefixes=("",) * cfg.bare_prompt
+                                       + tuple(r.prefixes))
         else:
             queries += rewrite_queries(model, r)
         loc += [query_from_prompt(model, p, r.fact.object)  # KL reads the next-token distribution
