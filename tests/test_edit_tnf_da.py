@@ -109,12 +109,11 @@ def test_bare_prompt_trains_the_bare_prompt_with_the_prefixed_ones(tiny_model):
     from kn_lens.edit.tnf_da import training_problem
 
     r = [_request()]
-    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     neurons = targeted_neurons(tiny_model, r, config=CFG)
     rows = {}
     for name, changes in (("twp", {}), ("tnwp", {"prefixes": False}), ("bare", {"bare_prompt": True})):
         p = training_problem(tiny_model, r, neurons, config=TNFDAConfig(**{**CFG.__dict__, **changes}),
-                             generator=g())
+                             generator=torch.Generator().manual_seed(0))
         rows[name] = [e.ids for e in p.terms[0].examples]
         assert p.n_train == len(rows[name])
     assert rows["bare"] == rows["tnwp"] + rows["twp"] and len(rows["bare"]) == 3

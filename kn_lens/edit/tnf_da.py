@@ -175,8 +175,8 @@ def training_problem(model: "HookedTransformer", requests: Sequence[EditRequest]
             if not r.prefixes:
                 raise ConfigError(f"request {r.fact.subject!r} has no random prefixes for eq. 8 "
                                   "(build_edit_requests(n_prefixes=...)), or pass prefixes=False")
-            queries += rewrite_queries(model, r, prefixes=("",) * cfg.bare_prompt
-                                       + tuple(r.prefixes))
+            bare = ("",) if cfg.bare_prompt else ()
+            queries += rewrite_queries(model, r, prefixes=bare + tuple(r.prefixes))
         else:
             queries += rewrite_queries(model, r)
         loc += [query_from_prompt(model, p, r.fact.object)  # KL reads the next-token distribution
